@@ -1,0 +1,136 @@
+/*
+ * Syscall shims for OpenLambda's sandboxes: mechanism only, no policy.
+ *
+ * Each shim returns the syscall's result, or -errno on failure, so the
+ * Python side can raise an error naming the operation and its object
+ * without racing on a global errno.
+ *
+ * This library is loaded both by the host's Python (the worker) and by the
+ * rootfs's Python (zygotes and handlers), whose C libraries may differ.  So
+ * it calls the kernel through syscall(2) and uses no glibc wrapper newer
+ * than glibc 2.2.5: one .so then works on both sides of the pivot_root.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/close_range.h>
+#include <linux/sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "olsys.h"
+
+#define RET(expr) do { long r_ = (expr); return r_ < 0 ? -errno : (int)r_; } while (0)
+
+int ol_unshare(int flags) { RET(syscall(SYS_unshare, flags)); }
+
+int ol_setns(int fd, int nstype) { RET(syscall(SYS_setns, fd, nstype)); }
+
+int ol_mount(const char *source, const char *target, const char *fstype,
+             unsigned long flags, const char *data)
+{
+    RET(syscall(SYS_mount, source, target, fstype, flags, data));
+}
+
+int ol_umount2(const char *target, int flags) { RET(syscall(SYS_umount2, target, flags)); }
+
+int ol_pivot_root(const char *new_root, const char *put_old)
+{
+    RET(syscall(SYS_pivot_root, new_root, put_old));
+}
+
+int ol_open_tree(int dirfd, const char *path, unsigned int flags)
+{
+    RET(syscall(SYS_open_tree, dirfd, path, flags));
+}
+
+int ol_move_mount(int from_dirfd, const char *from_path, int to_dirfd,
+                  const char *to_path, unsigned int flags)
+{
+    RET(syscall(SYS_move_mount, from_dirfd, from_path, to_dirfd, to_path, flags));
+}
+
+int ol_mount_setattr(int dirfd, const char *path, unsigned int flags,
+                     uint64_t attr_set, uint64_t attr_clr, uint64_t propagation)
+{
+    struct {
+        uint64_t attr_set, attr_clr, propagation, userns_fd;
+    } attr = { attr_set, attr_clr, propagation, 0 };
+    RET(syscall(SYS_mount_setattr, dirfd, path, flags, &attr, sizeof attr));
+}
+
+int ol_prctl(int option, unsigned long arg2, unsigned long arg3)
+{
+    RET(syscall(SYS_prctl, option, arg2, arg3, 0, 0));
+}
+
+/* Runs in the child of ol_spawn: only async-signal-safe calls until execve. */
+static void spawn_child(const char *path, char *const argv[], char *const envp[],
+                        const int *fds, int nfds, int err_fd)
+{
+    int high[OL_SPAWN_MAX_FDS];
+    sigset_t none;
+    int i, e;
+
+    /* Move every kept fd (and the error pipe) out of the way first, so that
+     * placing fd i never clobbers a source still to be placed. */
+    err_fd = (int)syscall(SYS_fcntl, err_fd, F_DUPFD_CLOEXEC, 1000);
+    if (err_fd < 0)
+        syscall(SYS_exit_group, 127);
+    for (i = 0; i < nfds; i++) {
+        high[i] = (int)syscall(SYS_fcntl, fds[i], F_DUPFD_CLOEXEC, 1000);
+        if (high[i] < 0)
+            goto fail;
+    }
+    for (i = 0; i < nfds; i++)
+        if (syscall(SYS_dup3, high[i], i, 0) < 0)
+            goto fail;
+    /* Nothing else crosses the exec: no worker socket, no listening port. */
+    if (syscall(SYS_close_range, nfds, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+        goto fail;
+
+    /* The parent is a Python process: it ignores SIGPIPE and may block
+     * signals.  An exec'd program must start with default dispositions. */
+    signal(SIGPIPE, SIG_DFL);
+    signal(SIGXFSZ, SIG_DFL);
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+
+    /* Die with the process that spawned us: a sandbox never outlives its
+     * worker, even when the worker is SIGKILLed. */
+    if (syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+        goto fail;
+    syscall(SYS_execve, path, argv, envp);
+fail:
+    e = errno;
+    syscall(SYS_write, err_fd, &e, sizeof e);
+    syscall(SYS_exit_group, 127);
+}
+
+int ol_spawn(uint64_t flags, int cgroup_fd, const char *path, char *const argv[],
+             char *const envp[], const int *fds, int nfds, int err_fd, int *pidfd)
+{
+    struct clone_args args;
+    long pid;
+
+    if (nfds < 0 || nfds > OL_SPAWN_MAX_FDS)
+        return -EINVAL;
+    memset(&args, 0, sizeof args);
+    args.flags = flags | CLONE_PIDFD;
+    args.pidfd = (uint64_t)(uintptr_t)pidfd;
+    args.exit_signal = SIGCHLD;
+    if (cgroup_fd >= 0) {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = (uint64_t)cgroup_fd;
+    }
+    pid = syscall(SYS_clone3, &args, sizeof args);
+    if (pid < 0)
+        return -errno;
+    if (pid == 0)
+        spawn_child(path, argv, envp, fds, nfds, err_fd);
+    return (int)pid;
+}

@@ -1,0 +1,7 @@
+"""Host-side Linux primitives and the sandbox lifecycle.
+
+Public modules: `sandbox.manager` (SandboxManager, Sandbox, SandboxConfig),
+`sandbox.cgroups` (Cgroup, Limits, mode) and `sandbox.errors`.  This file
+imports nothing, so that `bin/admin` can use `sandbox.cgroups` with any
+python3 and no third-party packages.
+"""

@@ -1,0 +1,283 @@
+"""cgroups behind one interface, over three host layouts:
+
+- "v2": controllers on the unified hierarchy (recent Debian, Ubuntu, Fedora);
+- "hybrid": memory/pids/cpu on v1 hierarchies, plus a cgroup2 tree without
+  controllers (these dev and CI machines).  Limits go through v1; freeze,
+  kill and population events through v2's core files, which work there;
+- "v1": v1 only.  Freeze through the freezer hierarchy, kill by signals.
+
+The mode is detected once per process.  Only the standard library is used,
+so `bin/admin` can clean up with any python3.
+"""
+import errno
+import functools
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+
+from .errors import CgroupError
+
+LIMITED = ("memory", "pids", "cpu")
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    mem_mb: int = 256
+    procs: int = 64
+    cpu_percent: int = 100
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str                        # "v2", "hybrid" or "v1"
+    v2_root: str = None              # where cgroup2 is mounted, if anywhere
+    v1_roots: dict = field(default_factory=dict)  # controller -> mount point
+
+
+def _cgroup_mounts(mountinfo="/proc/self/mountinfo"):
+    """(fstype, mount point, super options) of every cgroup mount."""
+    with open(mountinfo) as f:
+        for line in f:
+            left, right = line.split(" - ", 1)
+            fstype, _source, super_opts = right.split()[:3]
+            if fstype in ("cgroup", "cgroup2"):
+                yield fstype, left.split()[4], super_opts.split(",")
+
+
+def detect_mode(mountinfo="/proc/self/mountinfo"):
+    v2_root = None
+    v1_roots = {}
+    for fstype, point, opts in _cgroup_mounts(mountinfo):
+        if fstype == "cgroup2":
+            v2_root = v2_root or point
+        else:
+            for controller in LIMITED:
+                if controller in opts:
+                    v1_roots.setdefault(controller, point)
+    if v2_root:
+        try:
+            with open(os.path.join(v2_root, "cgroup.controllers")) as f:
+                controllers = f.read().split()
+        except OSError:
+            controllers = []
+        if set(LIMITED) <= set(controllers):
+            return Mode("v2", v2_root)
+    missing = [c for c in LIMITED if c not in v1_roots]
+    if missing:
+        raise CgroupError("detect cgroups", mountinfo,
+                          "no hierarchy offers the %s controller(s)" % ", ".join(missing))
+    return Mode("hybrid" if v2_root else "v1", v2_root, v1_roots)
+
+
+@functools.lru_cache(maxsize=None)
+def mode():
+    """The host's cgroup layout, detected once."""
+    return detect_mode()
+
+
+def _write(path, value):
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        raise CgroupError("write %r to" % value, path, e.strerror) from None
+
+
+class Cgroup:
+    """One cgroup, by its path relative to each hierarchy's root."""
+
+    def __init__(self, path, mode_=None):
+        self.path = path.strip("/")
+        self.mode = mode_ or mode()
+
+    def __repr__(self):
+        return "Cgroup(%r, %s)" % (self.path, self.mode.name)
+
+    # -- where it lives ---------------------------------------------------
+    def v2_dir(self):
+        return os.path.join(self.mode.v2_root, self.path) if self.mode.v2_root else None
+
+    def limit_dirs(self):
+        """controller -> directory for the hierarchies that hold limits."""
+        if self.mode.name == "v2":
+            return {c: self.v2_dir() for c in LIMITED}
+        return {c: os.path.join(root, self.path) for c, root in self.mode.v1_roots.items()}
+
+    def dirs(self):
+        """Every directory of this cgroup, in every hierarchy, deduplicated."""
+        found = list(dict.fromkeys(self.limit_dirs().values()))
+        if self.v2_dir() and self.v2_dir() not in found:
+            found.append(self.v2_dir())
+        return found
+
+    # -- lifecycle ----------------------------------------------------------
+    def create(self, limits=None):
+        for d in self.dirs():
+            self._mkdirs(d)
+        if limits:
+            self.set_limits(limits)
+        return self
+
+    def _mkdirs(self, d):
+        if self.mode.name == "v2":
+            # Controllers must be enabled in every ancestor for a leaf to
+            # get memory.max and friends.
+            parent = os.path.dirname(d)
+            if parent != self.mode.v2_root.rstrip("/") and not os.path.isdir(parent):
+                self._mkdirs(parent)
+            self._enable_controllers(parent)
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise CgroupError("mkdir", d, e.strerror) from None
+
+    @staticmethod
+    def _enable_controllers(d):
+        with open(os.path.join(d, "cgroup.subtree_control")) as f:
+            enabled = f.read().split()
+        wanted = [c for c in LIMITED if c not in enabled]
+        if wanted:
+            _write(os.path.join(d, "cgroup.subtree_control"), " ".join("+" + c for c in wanted))
+
+    def set_limits(self, limits):
+        d = self.limit_dirs()
+        quota = max(1000, CPU_PERIOD_US * limits.cpu_percent // 100)
+        if self.mode.name == "v2":
+            _write(os.path.join(d["memory"], "memory.max"), str(limits.mem_mb << 20))
+            swap = os.path.join(d["memory"], "memory.swap.max")
+            if os.path.exists(swap):  # absent when swap accounting is off
+                _write(swap, "0")
+            _write(os.path.join(d["pids"], "pids.max"), str(limits.procs))
+            _write(os.path.join(d["cpu"], "cpu.max"), "%d %d" % (quota, CPU_PERIOD_US))
+        else:
+            _write(os.path.join(d["memory"], "memory.limit_in_bytes"), str(limits.mem_mb << 20))
+            _write(os.path.join(d["pids"], "pids.max"), str(limits.procs))
+            _write(os.path.join(d["cpu"], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+            _write(os.path.join(d["cpu"], "cpu.cfs_quota_us"), str(quota))
+
+    def open_procs(self):
+        """fds of cgroup.procs in every hierarchy.  Writing "0" to each moves
+        the writer in, even from inside a sandbox where /sys is not mounted."""
+        fds = []
+        try:
+            for d in self.dirs():
+                fds.append(os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise CgroupError("open", os.path.join(d, "cgroup.procs"), e.strerror) from None
+        return fds
+
+    def open_dir(self):
+        """An fd for clone3's CLONE_INTO_CGROUP (v2 only), else -1."""
+        d = self.v2_dir()
+        if not d:
+            return -1
+        try:
+            return os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise CgroupError("open", d, e.strerror) from None
+
+    def pids(self):
+        d = self.v2_dir() or self.dirs()[0]
+        try:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                return [int(p) for p in f.read().split()]
+        except FileNotFoundError:
+            return []
+
+    def kill(self):
+        """SIGKILL every process in this cgroup and below."""
+        d = self.v2_dir()
+        if d and os.path.exists(os.path.join(d, "cgroup.kill")):
+            try:
+                _write(os.path.join(d, "cgroup.kill"), "1")
+                return
+            except CgroupError:
+                if not os.path.isdir(d):
+                    return
+                raise
+        for sub in self._walk_bottom_up(self.dirs()[0]):
+            for pid in _read_pids(sub):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def wait_empty(self, timeout=5.0):
+        """Wait until no process is left in this cgroup's subtree."""
+        deadline = time.monotonic() + timeout
+        d = self.v2_dir()
+        if d and os.path.exists(os.path.join(d, "cgroup.events")):
+            # cgroup.events signals POLLPRI when "populated" changes.
+            with open(os.path.join(d, "cgroup.events"), "rb", buffering=0) as f:
+                poller = select.poll()
+                poller.register(f, select.POLLPRI)
+                while b"populated 1" in (f.seek(0) or f.read()):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    poller.poll(left * 1000)
+                return True
+        while any(_read_pids(sub) for sub in self._walk_bottom_up(self.dirs()[0])):
+            if time.monotonic() > deadline:
+                return False
+            self.kill()
+            time.sleep(0.005)
+        return True
+
+    def remove(self):
+        """Kill what is left, then remove this cgroup and all below it in
+        every hierarchy.  A cgroup that is already gone is fine."""
+        if not any(os.path.isdir(d) for d in self.dirs()):
+            return
+        self.kill()
+        if not self.wait_empty():
+            raise CgroupError("empty", self.v2_dir() or self.dirs()[0], "processes still alive after SIGKILL")
+        for top in self.dirs():
+            for d in self._walk_bottom_up(top):
+                _rmdir(d)
+
+    def remove_empty_parents(self):
+        """rmdir each ancestor of this cgroup that is left empty."""
+        parent = os.path.dirname(self.path)
+        while parent:
+            for d in Cgroup(parent, self.mode).dirs():
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    return  # not empty (another worker or cluster), or gone
+            parent = os.path.dirname(parent)
+
+    @staticmethod
+    def _walk_bottom_up(top):
+        if not os.path.isdir(top):
+            return []
+        return [root for root, _dirs, _files in os.walk(top, topdown=False)]
+
+
+def _read_pids(d):
+    try:
+        with open(os.path.join(d, "cgroup.procs")) as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _rmdir(d):
+    # A cgroup can report EBUSY for a moment after its last process was
+    # reaped, while the kernel finishes tearing it down.
+    for _ in range(200):
+        try:
+            os.rmdir(d)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise CgroupError("rmdir", d, e.strerror) from None
+            time.sleep(0.005)
+    raise CgroupError("rmdir", d, "still busy after 1 s")

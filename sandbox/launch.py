@@ -1,0 +1,85 @@
+"""Builds a zygote's sandbox root, then execs the rootfs's python3 in it.
+
+Run by the worker as `python -m sandbox.launch SPEC` through clone3 with new
+mount, PID, IPC and UTS namespaces, so this process is already pid 1 of its
+namespace; after the exec the zygote is.  SPEC is a JSON object with
+"rootfs", "hostname" and "scratch_mb".
+"""
+import json
+import os
+import socket
+import sys
+
+from .runtime import mounts as m
+from .runtime import proto
+from .runtime.syscalls import SyscallError
+
+RUNTIME_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime")
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+ZYGOTE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "PYTHONPATH": "/ol/lib",
+    "LANG": "C.UTF-8",
+    "HOME": "/tmp",
+}
+
+
+def zygote_root_plan(rootfs, scratch_mb, runtime_dir=RUNTIME_DIR):
+    """The mount tree of a zygote's sandbox, as data."""
+    def at(path):
+        return os.path.join(rootfs, path)
+
+    plan = [
+        m.MakePrivate(),
+        # The root: the rootfs, bound read-only.
+        m.Bind(rootfs, rootfs, readonly=True),
+        # /ol holds only the runtime, read-only.
+        m.Tmpfs(at("ol"), 1, 0o755),
+        m.Mkdir(at("ol/lib"), 0o755),
+        m.Mkdir(at("ol/lib/olrt"), 0o755),
+        m.Bind(runtime_dir, at("ol/lib/olrt"), readonly=True),
+        m.RemountReadonly(at("ol")),
+        m.Proc(at("proc")),
+        # A minimal /dev: a few harmless devices bound from the host, its own
+        # ptys and shm, nothing else (no disks, no /dev/mem, no kmsg).
+        m.Tmpfs(at("dev"), 1, 0o755),
+    ]
+    for dev in DEVICES:
+        plan += [m.Touch(at("dev/" + dev)),
+                 m.Bind("/dev/" + dev, at("dev/" + dev), readonly=False)]
+    plan += [
+        m.Mkdir(at("dev/pts"), 0o755),
+        m.Devpts(at("dev/pts")),
+        m.Symlink("pts/ptmx", at("dev/ptmx")),
+        m.Mkdir(at("dev/shm"), 0o1777),
+        m.Tmpfs(at("dev/shm"), scratch_mb, 0o1777),
+        m.Symlink("/proc/self/fd", at("dev/fd")),
+        m.Symlink("/proc/self/fd/0", at("dev/stdin")),
+        m.Symlink("/proc/self/fd/1", at("dev/stdout")),
+        m.Symlink("/proc/self/fd/2", at("dev/stderr")),
+        m.RemountReadonly(at("dev")),
+        m.Tmpfs(at("tmp"), scratch_mb, 0o1777),
+        m.PivotRoot(rootfs),
+    ]
+    return plan
+
+
+def main():
+    spec = json.loads(sys.argv[1])
+    try:
+        m.apply(zygote_root_plan(spec["rootfs"], spec["scratch_mb"]))
+        socket.sethostname(spec["hostname"])
+    except (SyscallError, OSError) as e:
+        print("launch zygote in %s: %s" % (spec["rootfs"], e), file=sys.stderr)
+        sys.exit(proto.EXIT_BOOT_SETUP)
+    argv = ["python3", "-s", "-B", "-m", "olrt.zygote"]
+    try:
+        os.execve("/usr/bin/python3", argv, ZYGOTE_ENV)
+    except OSError as e:
+        print("launch zygote: exec /usr/bin/python3 in %s: %s" % (spec["rootfs"], e.strerror),
+              file=sys.stderr)
+        sys.exit(proto.EXIT_BOOT_SETUP)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""A handler process: loads a function's code once from /handler, then
+serves calls on its channel until the worker closes it.
+
+Requests are msgpack maps {"id", "body"} where body is the JSON event.
+Replies are {"status": "ok", "body": JSON} or {"status": "error" |
+"init_error", "errorType", "errorMessage", "stackTrace"}.
+"""
+import importlib
+import inspect
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+
+from . import proto
+
+CODE_DIR = "/handler"
+# (file, module, function) in the order they are looked for.
+ENTRIES = (("lambda_func.py", "lambda_func", "handler"), ("f.py", "f", "f"))
+
+
+class LoadError(Exception):
+    def __init__(self, error_type, message, stack=()):
+        super().__init__(message)
+        self.error_type = error_type
+        self.stack = list(stack)
+
+
+class Context:
+    """What handler(event, context) receives, named as AWS users expect."""
+
+    def __init__(self, function_name, request_id):
+        self.function_name = function_name
+        self.aws_request_id = self.request_id = request_id
+        self._start = time.monotonic()
+
+    def get_remaining_time_in_millis(self):
+        return 0  # no deadline is enforced yet
+
+
+def load(code_dir=CODE_DIR):
+    """Import the function's entry; returns (callable, wants_context)."""
+    for filename, module, attr in ENTRIES:
+        if not os.path.exists(os.path.join(code_dir, filename)):
+            continue
+        if code_dir not in sys.path:
+            sys.path.insert(0, code_dir)
+        try:
+            mod = importlib.import_module(module)
+        except SyntaxError as e:
+            raise LoadError("Runtime.UserCodeSyntaxError",
+                            "syntax error in %s, line %s: %s" % (filename, e.lineno, e.msg)) from None
+        except Exception as e:
+            raise LoadError("Runtime.ImportModuleError",
+                            "importing %s raised %s: %s" % (filename, type(e).__name__, e),
+                            _stack(e)) from None
+        fn = getattr(mod, attr, None)
+        if not callable(fn):
+            raise LoadError("Runtime.HandlerNotFound",
+                            "%s defines no function %s(event)" % (filename, attr))
+        return fn, _wants_context(fn)
+    raise LoadError("Runtime.HandlerNotFound",
+                    "no entry file: expected lambda_func.py with handler(event) or f.py with f(event)")
+
+
+def _wants_context(fn):
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def _stack(exc):
+    # Drop the runtime's own frame: users want to see their code.
+    frames = traceback.extract_tb(exc.__traceback__)[1:]
+    return traceback.format_list(frames)
+
+
+def _error(exc, error_type=None):
+    return {"status": "error", "errorType": error_type or type(exc).__name__,
+            "errorMessage": str(exc), "stackTrace": _stack(exc)}
+
+
+def invoke(fn, wants_context, function_name, request):
+    try:
+        event = json.loads(request["body"]) if request["body"] else {}
+    except ValueError as e:
+        return _error(e, "Runtime.UnmarshalError")
+    try:
+        if wants_context:
+            result = fn(event, Context(function_name, request["id"]))
+        else:
+            result = fn(event)
+    except Exception as e:
+        return _error(e)
+    try:
+        body = json.dumps(result).encode()
+    except (TypeError, ValueError) as e:
+        return {"status": "error", "errorType": "Runtime.MarshalError",
+                "errorMessage": "the return value is not JSON: %s" % e, "stackTrace": []}
+    return {"status": "ok", "body": body}
+
+
+def serve(channel_fd, spec):
+    channel = socket.socket(fileno=channel_fd)
+    try:
+        fn, wants_context = load()
+    except LoadError as e:
+        channel.sendall(proto.pack({"status": "init_error", "errorType": e.error_type,
+                                    "errorMessage": str(e), "stackTrace": e.stack}))
+        return
+    unpacker = proto.unpacker()
+    name = spec.get("function", "")
+    while True:
+        data = channel.recv(1 << 16)
+        if not data:
+            return
+        unpacker.feed(data)
+        for request in unpacker:
+            reply = invoke(fn, wants_context, name, request)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            channel.sendall(proto.pack(reply))
+
+
+def report_setup_failure(channel_fd, exc):
+    """Tell the worker why this sandbox could not be built, then give up."""
+    try:
+        with socket.socket(fileno=channel_fd) as channel:
+            channel.sendall(proto.pack({
+                "status": "init_error", "errorType": "Runtime.SandboxError",
+                "errorMessage": "sandbox setup failed: %s" % exc, "stackTrace": []}))
+    except OSError:
+        pass

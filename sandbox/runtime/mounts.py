@@ -1,0 +1,125 @@
+"""A sandbox's mount tree, planned as a list of plain records and applied by
+one function, so a plan can be read and tested without root.
+
+Both sides use it: the host's launcher builds a zygote's root with it, and a
+zygote's forked child builds its own handler sandbox with it.
+"""
+import os
+from collections import namedtuple
+
+from . import syscalls as sc
+
+# Make every mount in this namespace private: nothing we mount propagates
+# back to the host, and nothing the host mounts later appears in here.
+MakePrivate = namedtuple("MakePrivate", "")
+# Bind `src` at `dst`; read-only binds also get nosuid+nodev.
+Bind = namedtuple("Bind", "src dst readonly")
+Tmpfs = namedtuple("Tmpfs", "dst size_mb mode")
+Proc = namedtuple("Proc", "dst")
+Devpts = namedtuple("Devpts", "dst")
+Mkdir = namedtuple("Mkdir", "path mode")
+Symlink = namedtuple("Symlink", "target path")
+# An empty file, to bind a device node onto.
+Touch = namedtuple("Touch", "path")
+RemountReadonly = namedtuple("RemountReadonly", "dst")
+# Attach a detached mount (an open_tree fd from the host) at `dst`.
+AttachTree = namedtuple("AttachTree", "fd dst")
+# Make `new_root` the root and detach the old one, so no host path stays
+# reachable through it.
+PivotRoot = namedtuple("PivotRoot", "new_root")
+
+_SAFE = sc.MS_NOSUID | sc.MS_NODEV
+
+
+def _bind(op):
+    sc.mount(op.src, op.dst, None, sc.MS_BIND | sc.MS_REC)
+    if op.readonly:
+        # A bind ignores MS_RDONLY on creation; only a remount applies it.
+        sc.mount(None, op.dst, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | _SAFE)
+
+
+def _tmpfs(op):
+    sc.mount("tmpfs", op.dst, "tmpfs", _SAFE, "size=%dm,mode=%o" % (op.size_mb, op.mode))
+
+
+def _proc(op):
+    sc.mount("proc", op.dst, "proc", _SAFE | sc.MS_NOEXEC)
+
+
+def _devpts(op):
+    # A new instance: the sandbox's ptys are its own, not the host's.
+    sc.mount("devpts", op.dst, "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+             "newinstance,ptmxmode=0666,mode=620")
+
+
+def _mkdir(op):
+    try:
+        os.mkdir(op.path, op.mode)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise sc.SyscallError("mkdir", op.path, e.errno) from None
+
+
+def _symlink(op):
+    try:
+        os.symlink(op.target, op.path)
+    except OSError as e:
+        raise sc.SyscallError("symlink", op.path, e.errno) from None
+
+
+def _touch(op):
+    try:
+        os.close(os.open(op.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    except OSError as e:
+        raise sc.SyscallError("create", op.path, e.errno) from None
+
+
+def _remount_readonly(op):
+    sc.mount(None, op.dst, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | _SAFE)
+
+
+def _attach_tree(op):
+    sc.move_mount(op.fd, op.dst)
+    os.close(op.fd)
+
+
+def _pivot_root(op):
+    # pivot_root(".", ".") stacks the old root on top of the new one; the
+    # lazy unmount then drops it without needing a directory to park it in.
+    os.chdir(op.new_root)
+    sc.pivot_root(".", ".")
+    sc.umount2(".", sc.MNT_DETACH)
+    os.chdir("/")
+
+
+_APPLY = {
+    MakePrivate: lambda op: sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE),
+    Bind: _bind,
+    Tmpfs: _tmpfs,
+    Proc: _proc,
+    Devpts: _devpts,
+    Mkdir: _mkdir,
+    Symlink: _symlink,
+    Touch: _touch,
+    RemountReadonly: _remount_readonly,
+    AttachTree: _attach_tree,
+    PivotRoot: _pivot_root,
+}
+
+
+def apply(ops):
+    """Apply a plan in order; the first failure raises a SyscallError."""
+    for op in ops:
+        _APPLY[type(op)](op)
+
+
+def handler_plan(code_fd, scratch_mb):
+    """What a zygote's child mounts over the zygote's tree to become a
+    handler sandbox: its own /proc, scratch /tmp, /dev/shm and code."""
+    return [
+        Proc("/proc"),
+        Tmpfs("/tmp", scratch_mb, 0o1777),
+        Tmpfs("/dev/shm", scratch_mb, 0o1777),
+        AttachTree(code_fd, "/handler"),
+    ]

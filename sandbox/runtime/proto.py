@@ -1,0 +1,43 @@
+"""Messages between the worker, zygotes and handlers: msgpack maps.
+
+Zygote control channels are SOCK_SEQPACKET (one message per packet, fds
+alongside with SCM_RIGHTS).  Handler channels are SOCK_STREAM carrying a
+msgpack stream, because bodies can be larger than a packet.
+"""
+import array
+import socket
+
+import msgpack
+
+MAX_PACKET = 64 * 1024
+MAX_FDS = 16
+
+# Zygote exit statuses that mean "could not boot": the worker reports them
+# once and does not restart the zygote in a loop.
+EXIT_BOOT_IMPORT = 3
+EXIT_BOOT_SETUP = 4
+
+
+def pack(msg):
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def unpacker():
+    return msgpack.Unpacker(raw=False, max_buffer_size=1 << 31)
+
+
+def send_packet(sock, msg, fds=()):
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([pack(msg)], anc)
+
+
+def recv_packet(sock):
+    """One message and its fds, or (None, []) at EOF."""
+    fds = array.array("i")
+    data, anc, _flags, _addr = sock.recvmsg(MAX_PACKET, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    if not data:
+        return None, list(fds)
+    return msgpack.unpackb(data, raw=False), list(fds)

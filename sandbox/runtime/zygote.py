@@ -1,0 +1,150 @@
+"""The root zygote: pid 1 of its own sandbox, started from the rootfs's
+python3 with the runtime and common modules already imported.
+
+It serves one control channel (fd 3, SOCK_SEQPACKET) from the worker.  For
+each "fork" request it forks a child straight into a fresh PID namespace;
+the child finishes its own sandbox (mount, IPC, UTS and cgroup namespaces,
+its cgroup, /proc, /tmp, code) and becomes a handler process.  The zygote
+reaps its children and reports each exit status to the worker.
+"""
+import os
+import selectors
+import signal
+import socket
+import sys
+
+try:
+    from . import handler, mounts, proto
+    from . import syscalls as sc
+except ImportError as e:  # a rootfs without msgpack or the cffi backend
+    print("zygote: cannot boot: %s" % e, file=sys.stderr)
+    sys.exit(3)  # proto.EXIT_BOOT_IMPORT, which may be what failed to import
+
+CONTROL_FD = 3
+
+# Imported here once so that every forked handler starts with them loaded.
+PREIMPORTS = (
+    "json", "traceback", "importlib", "inspect", "base64", "collections",
+    "datetime", "functools", "hashlib", "itertools", "math", "random", "re",
+    "string", "struct", "time", "typing", "uuid",
+)
+
+HANDLER_NS = sc.CLONE_NEWNS | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP
+
+
+class Zygote:
+    def __init__(self, control):
+        self.control = control
+        self.children = {}  # pid in our namespace -> sandbox id
+        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The handler only wakes the loop; reaping happens in the loop.
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wake_w)
+
+    def serve(self):
+        sel = selectors.DefaultSelector()
+        sel.register(self.control, selectors.EVENT_READ, self.on_control)
+        sel.register(self.wake_r, selectors.EVENT_READ, self.on_wakeup)
+        proto.send_packet(self.control, {"op": "ready"})
+        while True:
+            for key, _ in sel.select():
+                key.data()
+
+    def on_control(self):
+        msg, fds = proto.recv_packet(self.control)
+        if msg is None:
+            sys.exit(0)  # the worker is gone; as pid 1 we take every sandbox with us
+        if msg.get("op") == "fork":
+            self.fork(msg, fds)
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    def on_wakeup(self):
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            sandbox_id = self.children.pop(pid, None)
+            if sandbox_id is not None:
+                proto.send_packet(self.control, {"op": "exit", "id": sandbox_id, "status": status})
+
+    def fork(self, msg, fds):
+        # unshare(CLONE_NEWPID) only changes where our *next* child goes: it
+        # becomes pid 1 of a new namespace, with no second fork.  setns back
+        # to our own namespace right after, so the next unshare is allowed.
+        try:
+            sc.unshare(sc.CLONE_NEWPID)
+            try:
+                pid = os.fork()
+            except OSError as e:
+                sc.setns(self.own_pidns, sc.CLONE_NEWPID)
+                raise sc.SyscallError("fork", "sandbox %s" % msg["id"], e.errno) from None
+        except sc.SyscallError as e:
+            for fd in fds:
+                os.close(fd)
+            proto.send_packet(self.control, {"op": "fork_failed", "id": msg["id"], "error": str(e)})
+            return
+        if pid == 0:
+            self.become_handler(msg, fds)
+        sc.setns(self.own_pidns, sc.CLONE_NEWPID)
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = msg["id"]
+
+    def become_handler(self, msg, fds):
+        """In the child: finish the sandbox, then serve calls.  Never returns."""
+        channel_fd, code_fd, cgroup_fds = fds[0], fds[1], fds[2:]
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self.control.close()
+            for fd in (self.wake_r, self.wake_w, self.own_pidns):
+                os.close(fd)
+            # Join the sandbox's cgroups first, so that everything the
+            # handler allocates from here on is charged to it.
+            for fd in cgroup_fds:
+                os.write(fd, b"0")
+                os.close(fd)
+            sc.unshare(HANDLER_NS)
+            mounts.apply(mounts.handler_plan(code_fd, msg["scratch_mb"]))
+            socket.sethostname(msg["hostname"])
+            os.chdir("/handler")
+        except Exception as e:
+            handler.report_setup_failure(channel_fd, e)
+            os._exit(proto.EXIT_BOOT_SETUP)
+        handler.serve(channel_fd, msg)
+        os._exit(0)
+
+
+def warm_up():
+    for name in PREIMPORTS:
+        __import__(name)
+    # The first use of each cffi function costs page faults and a dlsym;
+    # pay them here once instead of in every child.
+    for name in dir(sc.lib):
+        getattr(sc.lib, name)
+    sc.ffi.new("int *")
+
+
+def main():
+    try:
+        control = socket.socket(fileno=CONTROL_FD)
+        warm_up()
+    except Exception as e:
+        print("zygote: cannot boot: %s: %s" % (type(e).__name__, e), file=sys.stderr)
+        sys.exit(proto.EXIT_BOOT_IMPORT)
+    Zygote(control).serve()
+
+
+if __name__ == "__main__":
+    main()

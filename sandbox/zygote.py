@@ -1,0 +1,185 @@
+"""The worker's side of a root zygote: starts it in its own sandbox, sends it
+fork requests, and hears of every child's exit."""
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+
+from .errors import SandboxError, ZygoteBootError
+from .runtime import proto
+from .runtime import syscalls as sc
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZYGOTE_NS = sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
+BOOT_FAILURES = {
+    proto.EXIT_BOOT_IMPORT: "its python3 cannot import the runtime (does the rootfs have "
+                            "python3-msgpack and python3-cffi-backend?)",
+    proto.EXIT_BOOT_SETUP: "its sandbox could not be built",
+}
+
+
+def _reap(pidfd, block=False):
+    """The wait status of our child behind `pidfd`, or None while it runs."""
+    info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | (0 if block else os.WNOHANG))
+    if info is None:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status << 8
+    return info.si_status  # the signal number, as in a waitpid status
+
+
+def describe_status(status):
+    """A wait status in words, e.g. "exited with status 3"."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "signal %d" % sig
+        return "killed by signal %d (%s)" % (sig, name)
+    return "exited with status %d" % os.WEXITSTATUS(status)
+
+
+class Zygote:
+    def __init__(self, rootfs, cgroup, log_fd, hostname, scratch_mb, on_child_exit, on_death):
+        self.rootfs = rootfs
+        self.cgroup = cgroup
+        self.log_fd = log_fd
+        self.hostname = hostname
+        self.scratch_mb = scratch_mb
+        self.on_child_exit = on_child_exit  # (sandbox id, wait status)
+        self.on_death = on_death            # (zygote, description)
+        self.pid = None
+        self.control = None
+        self.pidfd = None
+        self.alive = False
+
+    async def start(self, timeout=30.0):
+        loop = asyncio.get_running_loop()
+        control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        spec = json.dumps({"rootfs": self.rootfs, "hostname": self.hostname,
+                           "scratch_mb": self.scratch_mb})
+        argv = [sys.executable, "-s", "-m", "sandbox.launch", spec]
+        env = {"PYTHONPATH": REPO_ROOT, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        cgroup_fd = self.cgroup.open_dir()
+        try:
+            self.pid, self.pidfd = sc.spawn(argv, env, [devnull, self.log_fd, self.log_fd,
+                                                        child_end.fileno()],
+                                            ZYGOTE_NS, cgroup_fd)
+        except sc.SyscallError as e:
+            raise ZygoteBootError("start zygote", self.rootfs, str(e)) from None
+        finally:
+            os.close(devnull)
+            child_end.close()
+            if cgroup_fd >= 0:
+                os.close(cgroup_fd)
+        if self.cgroup.mode.name == "v1":
+            for fd in self.cgroup.open_procs():
+                os.write(fd, str(self.pid).encode())
+                os.close(fd)
+        self.control = control
+        control.setblocking(False)
+
+        ready = loop.create_future()
+        loop.add_reader(self.pidfd, lambda: ready.done() or ready.set_result(False))
+        loop.add_reader(control.fileno(), lambda: ready.done() or ready.set_result(True))
+        try:
+            booted = await asyncio.wait_for(ready, timeout)
+        except asyncio.TimeoutError:
+            booted = False
+        loop.remove_reader(control.fileno())
+        loop.remove_reader(self.pidfd)
+        msg = None
+        if booted:
+            try:
+                msg, _ = proto.recv_packet(control)
+            except OSError:
+                pass
+        if not msg or msg.get("op") != "ready":
+            raise ZygoteBootError("start zygote", self.rootfs, self._boot_failure(timeout))
+        self.alive = True
+        loop.add_reader(control.fileno(), self._on_control)
+        loop.add_reader(self.pidfd, self._on_pidfd)
+
+    def _boot_failure(self, timeout):
+        status = _reap(self.pidfd)
+        if status is None:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            _reap(self.pidfd, block=True)
+            self._close()
+            return "no answer within %.0f s" % timeout
+        self._close()
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        return "%s; see the worker log" % (BOOT_FAILURES.get(code) or describe_status(status))
+
+    def fork(self, sandbox_id, channel_fd, code_fd, cgroup_fds, scratch_mb, function):
+        if not self.alive:
+            raise SandboxError("fork sandbox", sandbox_id, "the zygote is not running")
+        msg = {"op": "fork", "id": sandbox_id, "hostname": sandbox_id,
+               "scratch_mb": scratch_mb, "function": function}
+        try:
+            proto.send_packet(self.control, msg, [channel_fd, code_fd, *cgroup_fds])
+        except BlockingIOError:
+            raise SandboxError("fork sandbox", sandbox_id, "the zygote's queue is full") from None
+        except OSError as e:
+            raise SandboxError("fork sandbox", sandbox_id, "zygote channel: %s" % e.strerror) from None
+
+    def _on_control(self):
+        while True:
+            try:
+                msg, fds = proto.recv_packet(self.control)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg, fds = None, []
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                return  # EOF: the pidfd tells us how it died
+            if msg.get("op") == "exit":
+                self.on_child_exit(msg["id"], msg["status"])
+            elif msg.get("op") == "fork_failed":
+                self.on_child_exit(msg["id"], None, msg.get("error"))
+
+    def _on_pidfd(self):
+        status = _reap(self.pidfd)
+        self._close()
+        self.on_death(self, describe_status(status or 0))
+
+    def _close(self):
+        loop = asyncio.get_event_loop()
+        self.alive = False
+        if self.control is not None:
+            loop.remove_reader(self.control.fileno())
+            self.control.close()
+            self.control = None
+        if self.pidfd is not None:
+            loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    async def stop(self, timeout=5.0):
+        """Close its channel (it exits, taking its sandboxes along), and
+        SIGKILL it if it has not gone within `timeout`."""
+        if self.pidfd is None:
+            return
+        loop = asyncio.get_running_loop()
+        pidfd = self.pidfd
+        loop.remove_reader(pidfd)
+        gone = loop.create_future()
+        loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+        self.control.close()
+        self.control = None
+        try:
+            await asyncio.wait_for(gone, timeout)
+        except asyncio.TimeoutError:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            await gone
+        loop.remove_reader(pidfd)
+        _reap(pidfd, block=True)
+        os.close(pidfd)
+        self.pidfd = None
+        self.alive = False

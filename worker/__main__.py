@@ -1,0 +1,30 @@
+"""Run one worker in the foreground: python -m worker -c CONFIG.json"""
+import argparse
+import logging
+import sys
+
+import uvloop
+
+from .config import ConfigError, load
+from .server import StartError, run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="worker", description=__doc__)
+    parser.add_argument("-c", "--config", required=True, help="the worker's JSON config")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s worker[%(process)d] %(message)s")
+    try:
+        config = load(args.config)
+        uvloop.run(run(config))
+    except (ConfigError, StartError) as e:
+        print("worker: %s" % e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

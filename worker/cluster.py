@@ -1,0 +1,124 @@
+"""A cluster directory's layout and its cgroup name.  Standard library only:
+`bin/admin` uses it with any python3.
+
+    DIR/config/template.json   settings every worker starts from
+    DIR/registry/<name>/       one directory per function
+    DIR/logs/worker-<port>.log
+    DIR/workers/<port>/        a running worker's config.json and pid
+"""
+import hashlib
+import json
+import os
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_ROOTFS = os.path.join(REPO_ROOT, "build", "rootfs")
+MARKER = os.path.join("config", "template.json")
+
+
+class ClusterError(Exception):
+    """A cluster directory is missing, invalid, or cannot be created."""
+
+
+def template_defaults():
+    return {
+        "rootfs": DEFAULT_ROOTFS,
+        "host": "127.0.0.1",
+        "max_sandboxes": 128,
+        "limits": {
+            "mem_mb": 256,
+            "procs": 64,
+            "cpu_percent": 100,
+            "scratch_mb": 64,
+            "request_kb": 6144,
+        },
+    }
+
+
+class Cluster:
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+
+    @property
+    def template(self):
+        return os.path.join(self.path, MARKER)
+
+    @property
+    def registry(self):
+        return os.path.join(self.path, "registry")
+
+    def log_file(self, port):
+        return os.path.join(self.path, "logs", "worker-%d.log" % port)
+
+    def worker_dir(self, port):
+        return os.path.join(self.path, "workers", str(port))
+
+    def worker_ports(self):
+        """Ports of the workers this cluster has state for."""
+        try:
+            names = os.listdir(os.path.join(self.path, "workers"))
+        except FileNotFoundError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
+
+    @property
+    def cgroup(self):
+        """The cluster's cgroup, relative to each hierarchy's root.  The hash
+        keeps two clusters with the same basename apart."""
+        real = os.path.realpath(self.path)
+        digest = hashlib.sha1(real.encode()).hexdigest()[:8]
+        return "openlambda/%s-%s" % (os.path.basename(real)[:32], digest)
+
+    def worker_cgroup(self, port):
+        return "%s/w%d" % (self.cgroup, port)
+
+    def create(self, rootfs=None):
+        if os.path.lexists(self.path):
+            raise ClusterError("cluster %s already exists; nothing was changed" % self.path)
+        template = template_defaults()
+        if rootfs:
+            template["rootfs"] = os.path.abspath(rootfs)
+        try:
+            for sub in ("config", "registry", "logs", "workers"):
+                os.makedirs(os.path.join(self.path, sub))
+            self.write_template(template)
+        except OSError as e:
+            raise ClusterError("create cluster %s: %s" % (self.path, e.strerror)) from None
+
+    def check(self):
+        """Raise ClusterError unless this looks like a cluster directory."""
+        if not os.path.isdir(self.path):
+            raise ClusterError("no cluster at %s (create one with: admin new -cluster %s)"
+                               % (self.path, self.path))
+        if not os.path.isfile(self.template):
+            raise ClusterError("%s is not a cluster: it has no %s" % (self.path, MARKER))
+        self.read_template()
+
+    def read_template(self):
+        try:
+            with open(self.template) as f:
+                template = json.load(f)
+        except OSError as e:
+            raise ClusterError("read %s: %s" % (self.template, e.strerror)) from None
+        except ValueError as e:
+            raise ClusterError("%s is not valid JSON: %s" % (self.template, e)) from None
+        if not isinstance(template, dict):
+            raise ClusterError("%s must hold a JSON object" % self.template)
+        return template
+
+    def write_template(self, template):
+        tmp = self.template + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(template, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, self.template)
+
+
+def merge(base, update):
+    """Deep-merge JSON objects: nested objects merge, other values replace."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out

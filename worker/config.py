@@ -1,0 +1,95 @@
+"""A worker's configuration: one frozen record, read and checked once at
+start-up, then passed explicitly to whatever needs it."""
+import json
+import os
+from dataclasses import dataclass, fields
+
+from .cluster import Cluster, merge, template_defaults
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Limits:
+    mem_mb: int
+    procs: int
+    cpu_percent: int
+    scratch_mb: int
+    request_kb: int
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    cluster: str
+    port: int
+    host: str
+    rootfs: str
+    max_sandboxes: int
+    limits: Limits
+
+    @property
+    def registry(self):
+        return Cluster(self.cluster).registry
+
+    @property
+    def cgroup(self):
+        return Cluster(self.cluster).worker_cgroup(self.port)
+
+
+def _positive_int(where, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError("%s must be a positive integer, not %r" % (where, value))
+    return value
+
+
+def from_dict(raw, source):
+    known = {f.name for f in fields(WorkerConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError("%s: unknown key(s) %s" % (source, ", ".join(unknown)))
+    raw = merge(template_defaults(), raw)
+    raw.setdefault("port", 8080)
+    if "cluster" not in raw:
+        # A cluster's own template (DIR/config/template.json) names its cluster.
+        config_dir = os.path.dirname(os.path.abspath(source))
+        if os.path.basename(config_dir) != "config":
+            raise ConfigError("%s: missing key 'cluster'" % source)
+        raw["cluster"] = os.path.dirname(config_dir)
+    limits = raw["limits"]
+    if not isinstance(limits, dict):
+        raise ConfigError("%s: limits must be an object" % source)
+    limit_names = {f.name for f in fields(Limits)}
+    unknown = sorted(set(limits) - limit_names)
+    if unknown:
+        raise ConfigError("%s: unknown limit(s) %s" % (source, ", ".join(unknown)))
+    for name in limit_names:
+        _positive_int("%s: limits.%s" % (source, name), limits[name])
+    for key in ("cluster", "rootfs", "host"):
+        if not isinstance(raw[key], str) or not raw[key]:
+            raise ConfigError("%s: %s must be a non-empty string" % (source, key))
+    port = _positive_int("%s: port" % source, raw["port"])
+    if port > 65535:
+        raise ConfigError("%s: port must be at most 65535, not %d" % (source, port))
+    return WorkerConfig(
+        cluster=os.path.abspath(raw["cluster"]),
+        port=port,
+        host=raw["host"],
+        rootfs=os.path.abspath(raw["rootfs"]),
+        max_sandboxes=_positive_int("%s: max_sandboxes" % source, raw["max_sandboxes"]),
+        limits=Limits(**limits),
+    )
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise ConfigError("read config %s: %s" % (path, e.strerror)) from None
+    except ValueError as e:
+        raise ConfigError("config %s is not valid JSON: %s" % (path, e)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("config %s must hold a JSON object" % path)
+    return from_dict(raw, path)

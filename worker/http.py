@@ -1,0 +1,140 @@
+"""A small HTTP/1.1 server over asyncio protocols and httptools' parser:
+keep-alive, Content-Length and chunked bodies, a body-size limit enforced
+before the body is read, and one request in flight per connection."""
+import asyncio
+import json
+
+import httptools
+
+REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+           413: b"Payload Too Large", 429: b"Too Many Requests", 500: b"Internal Server Error",
+           502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
+# After answering 413 we read and drop at most this much more, so the client
+# sees the answer instead of a connection reset; then we hang up.
+DISCARD_LIMIT = 64 << 20
+
+
+class Request:
+    __slots__ = ("method", "path", "headers", "body", "keep_alive")
+
+    def __init__(self, method, path, headers, body, keep_alive):
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+
+
+class Response:
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status, body, content_type=b"application/json", headers=()):
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+
+def json_response(status, obj, headers=()):
+    return Response(status, json.dumps(obj).encode(), headers=headers)
+
+
+class HttpProtocol(asyncio.Protocol):
+    """`app` has `max_body` and `handle(request) -> Response` (a coroutine),
+    and may answer some requests at once with `handle_now(request)`."""
+
+    def __init__(self, app):
+        self.app = app
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport = None
+        self._reset()
+
+    def _reset(self):
+        self.url = b""
+        self.headers = {}
+        self.body = []
+        self.size = 0
+        self.rejected = None  # a Response sent before the body was read
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self.rejected is None:
+                self._send(json_response(400, {"errorType": "Http.BadRequest",
+                                               "errorMessage": "malformed HTTP request"}), False)
+            self.transport.close()
+
+    # -- httptools callbacks ----------------------------------------------------
+    def on_message_begin(self):
+        self._reset()
+
+    def on_url(self, url):
+        self.url += url
+
+    def on_header(self, name, value):
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self):
+        length = self.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.app.max_body:
+            self._reject_too_large()
+
+    def on_body(self, chunk):
+        self.size += len(chunk)
+        if self.rejected is not None:
+            if self.size > DISCARD_LIMIT:
+                self.transport.close()
+            return
+        if self.size > self.app.max_body:  # chunked bodies have no length up front
+            self.body = []
+            self._reject_too_large()
+            return
+        self.body.append(chunk)
+
+    def on_message_complete(self):
+        if self.rejected is not None:
+            self.transport.close()
+            return
+        request = Request(self.parser.get_method().decode(), self.url.split(b"?", 1)[0].decode(
+            "latin-1"), self.headers, b"".join(self.body), self.parser.should_keep_alive())
+        response = self.app.handle_now(request)
+        if response is not None:
+            self._send(response, request.keep_alive)
+            return
+        self.transport.pause_reading()
+        task = asyncio.ensure_future(self.app.handle(request))
+        task.add_done_callback(lambda t: self._finish(t, request.keep_alive))
+
+    # -- answers ------------------------------------------------------------------
+    def _reject_too_large(self):
+        self.rejected = json_response(413, {
+            "errorType": "Http.RequestTooLarge",
+            "errorMessage": "request body over the limit of %d bytes" % self.app.max_body})
+        self._send(self.rejected, False)
+
+    def _finish(self, task, keep_alive):
+        if task.cancelled():
+            self.transport.close()
+            return
+        self._send(task.result(), keep_alive)
+        if keep_alive and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _send(self, response, keep_alive):
+        if self.transport.is_closing():
+            return
+        head = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+            response.status, REASONS.get(response.status, b"Unknown"), response.content_type,
+            len(response.body))]
+        for name, value in response.headers:
+            head.append(b"%s: %s\r\n" % (name, value))
+        if not keep_alive:
+            head.append(b"Connection: close\r\n")
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head) + response.body)
+        if not keep_alive:
+            self.transport.close()

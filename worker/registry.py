@@ -1,0 +1,100 @@
+"""Where functions live: `<registry>/<name>/`, with `lambda_func.py` defining
+handler(event) or `f.py` defining f(event).
+
+Changes are tracked with inotify, drained at each lookup, so the next call
+after an edit always sees the new code, with no polling and no stat of the
+whole tree per call.
+"""
+import os
+import re
+
+from inotify_simple import INotify, flags
+
+from .errors import InitFailed, NotFound
+
+ENTRY_FILES = ("lambda_func.py", "f.py")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+WATCH = (flags.MODIFY | flags.ATTRIB | flags.CLOSE_WRITE | flags.CREATE | flags.DELETE
+         | flags.MOVED_FROM | flags.MOVED_TO | flags.DELETE_SELF | flags.MOVE_SELF)
+
+
+class Function:
+    """A function's code as last seen: `version` grows with every change."""
+
+    def __init__(self, name, path, version):
+        self.name = name
+        self.path = path
+        self.version = version
+
+
+class Registry:
+    def __init__(self, root):
+        self.root = root
+        self.inotify = INotify(nonblocking=True)
+        self.inotify.add_watch(root, flags.CREATE | flags.DELETE | flags.MOVED_FROM
+                               | flags.MOVED_TO | flags.ATTRIB)
+        self.watches = {}   # watch descriptor -> function name
+        self.cache = {}     # name -> Function
+        self.versions = {}  # name -> version counter
+        self.on_change = lambda name: None
+
+    def close(self):
+        self.inotify.close()
+
+    def lookup(self, name):
+        self.drain_changes()
+        fn = self.cache.get(name)
+        if fn is not None:
+            return fn
+        if not NAME.match(name) or name.startswith(".."):
+            raise NotFound("no function named %r" % name)
+        path = os.path.join(self.root, name)
+        if not os.path.isdir(path):
+            raise NotFound("no function named %r in %s" % (name, self.root))
+        if not any(os.path.isfile(os.path.join(path, e)) for e in ENTRY_FILES):
+            raise InitFailed("function %r has no entry file: expected lambda_func.py with "
+                             "handler(event) or f.py with f(event) in %s" % (name, path),
+                             "Runtime.HandlerNotFound")
+        self._watch_tree(name, path)
+        fn = Function(name, path, self.versions.setdefault(name, 0))
+        self.cache[name] = fn
+        return fn
+
+    def _watch_tree(self, name, path):
+        for root, dirs, _files in os.walk(path):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            try:
+                self.watches[self.inotify.add_watch(root, WATCH)] = name
+            except OSError:
+                pass  # vanished while we walked; the parent's watch saw it
+
+    def drain_changes(self):
+        try:
+            events = self.inotify.read(timeout=0)
+        except BlockingIOError:
+            return
+        for event in events:
+            if event.mask & flags.Q_OVERFLOW:
+                for name in list(self.cache):
+                    self._changed(name)
+                continue
+            if event.mask & flags.IGNORED:
+                self.watches.pop(event.wd, None)
+                continue
+            name = self.watches.get(event.wd)
+            if name is None:  # an event on the registry root itself
+                name = event.name
+            if event.name.endswith((".pyc", ".swp")) or "__pycache__" == event.name:
+                continue
+            self._changed(name)
+
+    def _changed(self, name):
+        if self.cache.pop(name, None) is not None or name in self.versions:
+            self.versions[name] = self.versions.get(name, 0) + 1
+            for wd in [wd for wd, n in self.watches.items() if n == name]:
+                del self.watches[wd]
+                try:
+                    self.inotify.rm_watch(wd)
+                except OSError:
+                    pass
+            self.on_change(name)

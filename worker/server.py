@@ -1,0 +1,68 @@
+"""A worker's life: check the rootfs, bind the port, start the zygote, serve,
+and on SIGTERM or SIGINT drain and remove every sandbox and cgroup."""
+import asyncio
+import logging
+import signal
+
+from sandbox.cgroups import Limits
+from sandbox.errors import SandboxError
+from sandbox.manager import SandboxConfig, SandboxManager
+
+from rootfs.prepare import RootfsError, prepare
+
+from .app import App
+from .cluster import Cluster
+from .functions import FunctionTable
+from .http import HttpProtocol
+from .registry import Registry
+
+log = logging.getLogger("worker")
+
+
+class StartError(Exception):
+    pass
+
+
+async def run(config):
+    loop = asyncio.get_running_loop()
+    try:
+        rootfs = prepare(config.rootfs, cache_dir=Cluster(config.cluster).path + "/rootfs")
+    except RootfsError as e:
+        raise StartError(str(e)) from None
+    limits = config.limits
+    manager = SandboxManager(SandboxConfig(
+        rootfs=rootfs, cgroup_root=config.cgroup, log_fd=2, hostname="ol-%d" % config.port,
+        limits=Limits(limits.mem_mb, limits.procs, limits.cpu_percent),
+        scratch_mb=limits.scratch_mb))
+    try:
+        registry = Registry(config.registry)
+    except OSError as e:
+        raise StartError("watch registry %s: %s" % (config.registry, e.strerror)) from None
+    table = FunctionTable(manager, registry, config.max_sandboxes)
+    app = App(table, limits.request_kb * 1024)
+    try:
+        server = await loop.create_server(lambda: HttpProtocol(app), config.host, config.port,
+                                          reuse_address=True, backlog=1024, start_serving=False)
+    except OSError as e:
+        raise StartError("listen on %s:%d: %s" % (config.host, config.port, e.strerror)) from None
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await manager.start()
+        await server.start_serving()
+        app.ready = True
+        log.info("ready on http://%s:%d (rootfs %s, cgroups %s)", config.host, config.port,
+                 rootfs, manager.root.mode.name)
+        await stop.wait()
+        log.info("stopping")
+    except SandboxError as e:
+        raise StartError(str(e)) from None
+    finally:
+        app.ready = False
+        server.close()
+        await table.close()
+        await manager.shutdown()
+        registry.close()
+    log.info("stopped; every sandbox and cgroup removed")
