@@ -114,7 +114,9 @@ class HttpProtocol(asyncio.Protocol):
         self.rejected = json_response(413, {
             "errorType": "Http.RequestTooLarge",
             "errorMessage": "request body over the limit of %d bytes" % self.app.max_body})
-        self._send(self.rejected, False)
+        # Say "Connection: close" but keep reading (and dropping) the body, so
+        # the client reads our answer instead of a reset.
+        self._send(self.rejected, False, hang_up=False)
 
     def _finish(self, task, keep_alive):
         if task.cancelled():
@@ -124,7 +126,7 @@ class HttpProtocol(asyncio.Protocol):
         if keep_alive and not self.transport.is_closing():
             self.transport.resume_reading()
 
-    def _send(self, response, keep_alive):
+    def _send(self, response, keep_alive, hang_up=True):
         if self.transport.is_closing():
             return
         head = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
@@ -136,5 +138,5 @@ class HttpProtocol(asyncio.Protocol):
             head.append(b"Connection: close\r\n")
         head.append(b"\r\n")
         self.transport.write(b"".join(head) + response.body)
-        if not keep_alive:
+        if not keep_alive and hang_up:
             self.transport.close()

@@ -1,0 +1,60 @@
+"""A test handler with subcommands: event["op"] says what to do, from inside
+the sandbox, and the result says what it saw."""
+import ctypes
+import errno
+import os
+import socket
+import time
+
+
+def _try(fn, *args):
+    try:
+        return {"ok": True, "value": fn(*args)}
+    except OSError as e:
+        return {"ok": False, "errno": errno.errorcode.get(e.errno, str(e.errno))}
+
+
+def _write(path, data):
+    with open(path, "w") as f:
+        f.write(data)
+    return len(data)
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def facts(_event):
+    return {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "uid": os.getuid(),
+        "hostname": socket.gethostname(),
+        "root": sorted(os.listdir("/")),
+        "dev": sorted(os.listdir("/dev")),
+        "proc_pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+        "mountinfo": _read("/proc/self/mountinfo").splitlines(),
+        "cgroup": _read("/proc/self/cgroup").splitlines(),
+        "cwd": os.getcwd(),
+        "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+    }
+
+
+OPS = {
+    "echo": lambda e: e,
+    "facts": facts,
+    "write": lambda e: _try(_write, e["path"], e.get("data", "x") * e.get("repeat", 1)),
+    "read": lambda e: _try(_read, e["path"]),
+    "exists": lambda e: os.path.exists(e["path"]),
+    "listdir": lambda e: _try(os.listdir, e["path"]),
+    "raise": lambda e: (_ for _ in ()).throw(RuntimeError(e.get("message", "boom"))),
+    "exit": lambda e: os._exit(e.get("code", 3)),
+    "segv": lambda e: ctypes.string_at(0),
+    "sleep": lambda e: (time.sleep(e.get("seconds", 0.1)), socket.gethostname())[1],
+    "unjsonable": lambda e: {1, 2},
+}
+
+
+def handler(event):
+    return OPS[event["op"]](event)

@@ -1,0 +1,202 @@
+"""bin/admin end to end: the quickstart, flag forms, bad input, and cleanup
+after `kill`, also when the worker was SIGKILLed."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import ADMIN, REPO, admin, cluster_leftovers, free_port
+
+
+def port_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def curl(*args):
+    return subprocess.run(["curl", "-sS", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.skipif(not port_free(8080), reason="port 8080 is in use on this host")
+def test_quickstart_exactly_as_in_the_readme(tmp_path):
+    """The README's commands, copied, from a fresh directory."""
+    run = lambda cmd: subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True,
+                                     text=True, timeout=90)
+    os.symlink(os.path.join(REPO, "bin"), tmp_path / "bin")
+    os.symlink(os.path.join(REPO, "quickstart"), tmp_path / "quickstart")
+    try:
+        assert run("./bin/admin new -cluster my-cluster").returncode == 0
+        assert run("./bin/admin workers -cluster=my-cluster").returncode == 0
+        status = run("./bin/admin status -cluster=my-cluster")
+        assert status.returncode == 0
+        assert status.stdout.startswith(
+            "Worker Pings:\n  http://localhost:8080/status => ready [200 OK]\n\n"
+            "Cluster containers:\n")
+        assert run("cp -r ./quickstart/handlers/hello ./my-cluster/registry/hello").returncode == 0
+        hello = run("""curl -X POST localhost:8080/runLambda/hello -d '{"name": "Alice"}'""")
+        assert hello.stdout == '"Hello, Alice!"'
+        status = run("./bin/admin status -cluster=my-cluster").stdout
+        line = status.split("Cluster containers:\n")[1].splitlines()[0].split()
+        assert line[0].endswith("sb-1") and line[1:3] == ["hello", "idle"] and line[3].isdigit()
+    finally:
+        killed = run("./bin/admin kill -cluster=my-cluster")
+    assert killed.returncode == 0, killed.stderr
+    assert cluster_leftovers(tmp_path / "my-cluster") == []
+
+
+@pytest.mark.parametrize("form", ["-cluster DIR", "-cluster=DIR", "--cluster DIR", "--cluster=DIR"])
+def test_cluster_flag_forms_relative_and_absolute(tmp_path, form):
+    for path in ("rel", str(tmp_path / "abs")):
+        args = form.replace("DIR", path).split()
+        done = admin("new", *args, cwd=tmp_path)
+        assert os.path.isfile(os.path.join(tmp_path, path, "config", "template.json")), done.stdout
+
+
+def test_new_makes_the_layout_and_refuses_an_existing_dir(tmp_path):
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    for sub in ("registry", "logs", "workers", "config/template.json"):
+        assert (d / sub).exists(), sub
+    template = json.loads((d / "config" / "template.json").read_text())
+    assert template["limits"]["mem_mb"] > 0 and os.path.isabs(template["rootfs"])
+    (d / "registry" / "mine").mkdir()
+    done = admin("new", "-cluster", d, check=False)
+    assert done.returncode == 1 and "already exists" in done.stderr
+    assert (d / "registry" / "mine").is_dir()  # untouched
+    other = tmp_path / "file"
+    other.write_text("keep me")
+    assert admin("new", "-cluster", other, check=False).returncode == 1
+    assert other.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["workers", "status", "kill", "setconf"])
+def test_missing_or_invalid_cluster_is_one_line_and_status_1(tmp_path, command):
+    extra = ['{"a": 1}'] if command == "setconf" else []
+    for target in (tmp_path / "missing", tmp_path):  # tmp_path exists but is no cluster
+        done = admin(command, "-cluster=%s" % target, *extra, check=False)
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("admin: ")
+        assert "Traceback" not in done.stderr
+
+
+def test_invalid_template_is_one_line(tmp_path):
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    (d / "config" / "template.json").write_text("{not json")
+    done = admin("workers", "-cluster", d, check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "template.json" in done.stderr
+
+
+def test_help_on_each_command():
+    for command in ("new", "workers", "status", "kill", "setconf", "worker-exec"):
+        done = admin(command, "--help")
+        assert done.stdout.startswith("usage: admin " + command)
+    assert admin("--help").returncode == 0
+    assert admin("frobnicate", check=False).returncode == 2
+
+
+def test_setconf_merges_and_validates(tmp_path):
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    admin("setconf", "-cluster", d, '{"limits": {"mem_mb": 512}, "max_sandboxes": 7}')
+    template = json.loads((d / "config" / "template.json").read_text())
+    assert template["limits"]["mem_mb"] == 512 and template["limits"]["procs"] == 64
+    assert template["max_sandboxes"] == 7
+    for bad in ('{"limits": {"mem_mb": -1}}', '{"nonsense": 1}', "[1]", "{oops"):
+        done = admin("setconf", "-cluster", d, bad, check=False)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, bad
+    assert json.loads((d / "config" / "template.json").read_text()) == template
+
+
+def test_workers_twice_starts_nothing_twice(own_worker):
+    w = own_worker()
+    pid = open(os.path.join(w.path, "workers", str(w.port), "pid")).read().strip()
+    done = admin("workers", "-cluster=" + w.path, "-p", w.port)
+    assert "already running" in done.stdout and pid in done.stdout
+    assert open(os.path.join(w.path, "workers", str(w.port), "pid")).read().strip() == pid
+
+
+def test_several_workers(tmp_path):
+    d = str(tmp_path / "multi")
+    admin("new", "-cluster", d)
+    shutil.copytree(os.path.join(REPO, "quickstart/handlers/hello"), d + "/registry/hello")
+    port = free_port()
+    while not port_free(port + 1):
+        port = free_port()
+    try:
+        admin("workers", "-cluster", d, "-n", 2, "-p", port)
+        for p in (port, port + 1):
+            assert curl("-X", "POST", "localhost:%d/run/hello" % p, "-d", '{"name": "N"}'
+                        ).stdout == '"Hello, N!"'
+        status = admin("status", "-cluster", d).stdout
+        assert status.count("=> ready [200 OK]") == 2
+    finally:
+        admin("kill", "-cluster", d)
+    assert cluster_leftovers(d) == []
+
+
+def test_worker_failing_to_start_is_reported(tmp_path):
+    d = tmp_path / "c"
+    admin("new", "-cluster", d, "-rootfs", tmp_path / "no-such-rootfs")
+    done = admin("workers", "-cluster", d, "-p", free_port(), check=False)
+    assert done.returncode == 1
+    assert "no-such-rootfs" in done.stderr and "does not exist" in done.stderr
+    assert cluster_leftovers(d) == []
+
+
+def test_kill_cleans_up_after_a_sigkilled_worker(own_worker):
+    w = own_worker()
+    for name in ("hello", "probe"):
+        assert w.call(name, {"op": "echo", "name": "x"})[0] == 200
+    pid = int(open(os.path.join(w.path, "workers", str(w.port), "pid")).read())
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    done = admin("kill", "-cluster=" + w.path)
+    assert "no workers, sandboxes or cgroups left" in done.stdout
+    assert cluster_leftovers(w.path) == []
+
+
+def test_worker_restart_after_sigkill_takes_over(own_worker):
+    w = own_worker()
+    assert w.call("hello", {"name": "a"})[0] == 200
+    pid = int(open(os.path.join(w.path, "workers", str(w.port), "pid")).read())
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    w.conn = None
+    admin("workers", "-cluster=" + w.path, "-p", w.port)
+    assert w.call("hello", {"name": "b"})[2] == "Hello, b!"
+
+
+def test_worker_exec_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    shutil.copytree(os.path.join(REPO, "quickstart/handlers/hello"), d / "registry" / "hello")
+    port = free_port()
+    admin("setconf", "-cluster", d, json.dumps({"port": port}))
+    proc = subprocess.Popen([ADMIN, "worker-exec", "-c", str(d / "config" / "template.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if curl("-f", "localhost:%d/status" % port).stdout == "ready":
+                break
+            time.sleep(0.05)
+        assert curl("-X", "POST", "localhost:%d/run/hello" % port, "-d", "{}").stdout == \
+            '"Hello, world!"'
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0, out
+    assert "stopped" in out and "Traceback" not in out
+    assert cluster_leftovers(d) == []

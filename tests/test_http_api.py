@@ -1,0 +1,203 @@
+"""The HTTP contract: routes, status codes, error bodies, warm reuse and code
+reload, against a real worker."""
+import json
+import os
+import shutil
+import socket
+
+import pytest
+
+
+def sandboxes(worker, function):
+    _, _, body = worker.request("GET", "/sandboxes")
+    return [s for s in json.loads(body) if s["function"] == function]
+
+
+def test_status_is_ready(worker):
+    status, headers, body = worker.request("GET", "/status")
+    assert (status, body) == (200, b"ready")
+    assert headers["x-request-id"]
+
+
+@pytest.mark.parametrize("prefix", ["/run/", "/runLambda/"])
+def test_hello_on_both_paths(worker, prefix):
+    status, headers, body = worker.call("hello", {"name": "Alice"}, prefix=prefix)
+    assert (status, body) == (200, "Hello, Alice!")
+    assert headers["content-type"] == "application/json"
+    assert len(headers["x-request-id"]) >= 16
+
+
+def test_f_py_layout_and_context_argument(worker):
+    worker.add_function("fpy", "def f(event):\n    return {'got': event}\n", entry="f.py")
+    assert worker.call("fpy", {"a": [1, 2]})[::2] == (200, {"got": {"a": [1, 2]}})
+    worker.add_function("ctx", "def handler(event, context):\n"
+                               "    return [context.function_name, context.aws_request_id]\n")
+    status, headers, body = worker.call("ctx", {})
+    assert status == 200 and body == ["ctx", headers["x-request-id"]]
+
+
+def test_empty_body_is_an_empty_event(worker):
+    status, _, data = worker.request("POST", "/run/probe", b"")
+    assert status == 500  # probe needs event["op"]: the handler saw {}
+    assert json.loads(data)["errorType"] == "KeyError"
+
+
+def test_warm_call_reuses_the_live_handler(worker):
+    worker.call("probe", {"op": "echo"})
+    first = sandboxes(worker, "probe")
+    for _ in range(5):
+        assert worker.call("probe", {"op": "echo", "n": 1})[0] == 200
+    assert [s["id"] for s in sandboxes(worker, "probe")] == [s["id"] for s in first]
+
+
+def test_unknown_function_is_404(worker):
+    status, headers, body = worker.call("no-such-function", {})
+    assert status == 404 and body["errorType"] == "Function.NotFound"
+    assert body["requestId"] == headers["x-request-id"]
+
+
+@pytest.mark.parametrize("name", ["..", ".hidden", "a%2Fb"])
+def test_bad_function_names_are_404(worker, name):
+    assert worker.call(name, {})[0] == 404
+
+
+def test_unknown_route_is_404_and_get_on_run_is_405(worker):
+    status, _, body = worker.request("GET", "/nowhere")
+    assert status == 404 and json.loads(body)["errorType"] == "Http.NotFound"
+    status, headers, body = worker.request("GET", "/run/hello")
+    assert status == 405 and headers["allow"] == "POST"
+
+
+def test_malformed_json_is_400_unmarshal_error(worker):
+    status, _, body = worker.call("hello", body=b'{"name": ')
+    assert status == 400 and body["errorType"] == "Runtime.UnmarshalError"
+
+
+def test_handler_exception_is_500_with_its_type_message_and_stack(worker):
+    status, headers, body = worker.call("probe", {"op": "raise", "message": "kaboom"})
+    assert status == 500
+    assert headers["x-function-error"] == "Unhandled"
+    assert set(body) == {"errorType", "errorMessage", "stackTrace", "requestId"}
+    assert body["errorType"] == "RuntimeError" and body["errorMessage"] == "kaboom"
+    assert any("lambda_func.py" in frame for frame in body["stackTrace"])
+    assert body["requestId"] == headers["x-request-id"]
+    assert worker.call("probe", {"op": "echo"})[0] == 200  # the instance still serves
+
+
+def test_unserialisable_result_is_a_marshal_error(worker):
+    status, _, body = worker.call("probe", {"op": "unjsonable"})
+    assert status == 500 and body["errorType"] == "Runtime.MarshalError"
+
+
+@pytest.mark.parametrize("op,expect", [("exit", "exited with status 3"),
+                                       ("segv", "killed by signal 11 (SIGSEGV)")])
+def test_dead_handler_is_502_with_exit_status_and_next_call_works(worker, op, expect):
+    status, headers, body = worker.call("probe", {"op": op})
+    assert status == 502
+    assert body["errorType"] == "Runtime.ExitError"
+    assert expect in body["errorMessage"]
+    assert worker.call("probe", {"op": "echo", "after": op})[::2] == (
+        200, {"op": "echo", "after": op})
+
+
+def test_missing_entry_file_is_500_saying_so(worker):
+    worker.add_function("noentry", "x = 1\n", entry="helper.py")
+    status, _, body = worker.call("noentry", {})
+    assert status == 500 and body["errorType"] == "Runtime.HandlerNotFound"
+    assert "lambda_func.py" in body["errorMessage"] and "f.py" in body["errorMessage"]
+
+
+def test_syntax_error_is_500_saying_so(worker):
+    worker.add_function("broken", "def handler(event)\n    return 1\n")
+    status, _, body = worker.call("broken", {})
+    assert status == 500 and body["errorType"] == "Runtime.UserCodeSyntaxError"
+    assert "line 1" in body["errorMessage"]
+    assert not sandboxes(worker, "broken")  # the failed sandbox is gone
+
+
+def test_import_error_and_missing_handler_are_500(worker):
+    worker.add_function("badimport", "import no_such_module\n")
+    status, _, body = worker.call("badimport", {})
+    assert status == 500 and body["errorType"] == "Runtime.ImportModuleError"
+    assert "no_such_module" in body["errorMessage"]
+    worker.add_function("nohandler", "def other(event):\n    return 1\n")
+    status, _, body = worker.call("nohandler", {})
+    assert status == 500 and body["errorType"] == "Runtime.HandlerNotFound"
+
+
+def test_code_change_is_picked_up_by_the_next_call(worker):
+    worker.add_function("reload", "def handler(event):\n    return 'v1'\n")
+    assert worker.call("reload", {})[2] == "v1"
+    assert worker.call("reload", {})[2] == "v1"
+    worker.add_function("reload", "def handler(event):\n    return 'v2'\n")
+    assert worker.call("reload", {})[2] == "v2"
+    # A helper module in a subdirectory counts too.
+    d = worker.add_function("reload", "from lib.helper import value\n"
+                                      "def handler(event):\n    return value\n")
+    os.makedirs(os.path.join(d, "lib"), exist_ok=True)
+    with open(os.path.join(d, "lib", "helper.py"), "w") as f:
+        f.write("value = 'v3'\n")
+    assert worker.call("reload", {})[2] == "v3"
+    with open(os.path.join(d, "lib", "helper.py"), "w") as f:
+        f.write("value = 'v4'\n")
+    assert worker.call("reload", {})[2] == "v4"
+    assert len(sandboxes(worker, "reload")) == 1  # old instances were retired
+
+
+def test_replaced_function_directory_is_picked_up(worker):
+    d = worker.add_function("replaced", "def handler(event):\n    return 'old'\n")
+    assert worker.call("replaced", {})[2] == "old"
+    shutil.rmtree(d)
+    assert worker.call("replaced", {})[0] == 404
+    worker.add_function("replaced", "def handler(event):\n    return 'new'\n")
+    assert worker.call("replaced", {})[2] == "new"
+
+
+def test_body_over_the_limit_is_413_before_it_is_read(worker):
+    big = b'"' + b"x" * (7 << 20) + b'"'
+    status, headers, body = worker.request("POST", "/run/hello", big)
+    assert status == 413 and json.loads(body)["errorType"] == "Http.RequestTooLarge"
+    # Announced length alone is enough: answered without sending the body.
+    with socket.create_connection(("127.0.0.1", worker.port)) as s:
+        s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n")
+        s.settimeout(5)
+        assert s.recv(100).startswith(b"HTTP/1.1 413")
+
+
+def test_malformed_http_is_400(worker):
+    with socket.create_connection(("127.0.0.1", worker.port)) as s:
+        s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        s.settimeout(5)
+        assert s.recv(100).startswith(b"HTTP/1.1 400")
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(worker):
+    with socket.create_connection(("127.0.0.1", worker.port)) as s:
+        s.settimeout(10)
+        for i in range(3):
+            body = json.dumps({"name": str(i)}).encode()
+            s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(body), body))
+            data = b""
+            while not data.endswith(b'!"'):
+                data += s.recv(4096)
+            assert b"200 OK" in data and ("Hello, %d!" % i).encode() in data
+
+
+def test_concurrent_calls_to_one_function_scale_out(worker):
+    import concurrent.futures
+    import http.client
+
+    def call(_):
+        c = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=30)
+        c.request("POST", "/run/probe", json.dumps({"op": "sleep", "seconds": 0.3}))
+        r = c.getresponse()
+        body = json.loads(r.read())
+        c.close()
+        return r.status, body
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(call, range(4)))
+    assert [status for status, _ in results] == [200] * 4
+    # A busy instance is not shared: the overlapping calls ran in 4 sandboxes.
+    assert len({host for _, host in results}) == 4

@@ -1,0 +1,117 @@
+"""Isolation facts, seen from inside a handler running in a real sandbox."""
+import json
+import os
+import socket
+import uuid
+
+import pytest
+
+from sandbox.cgroups import Cgroup
+
+
+@pytest.fixture(scope="module")
+def facts(worker):
+    status, _, body = worker.call("probe", {"op": "facts"})
+    assert status == 200, body
+    return body
+
+
+def test_handler_is_pid_1_of_its_own_pid_namespace(facts):
+    assert facts["pid"] == 1
+    assert facts["ppid"] == 0  # its parent lives outside the namespace
+    assert facts["proc_pids"] == [1]  # /proc is its own: nothing else is visible
+
+
+def test_hostname_is_its_own(facts):
+    assert facts["hostname"] != socket.gethostname()
+    assert facts["hostname"].startswith("sb-")
+
+
+def test_no_host_path_is_visible(worker, facts, tmp_path):
+    marker = tmp_path / ("host-only-%s" % uuid.uuid4().hex)
+    marker.write_text("secret")
+    _, _, seen = worker.call("probe", {"op": "exists", "path": str(marker)})
+    assert seen is False
+    for path in (worker.path, worker.registry, os.path.dirname(os.path.abspath(__file__))):
+        _, _, seen = worker.call("probe", {"op": "exists", "path": path})
+        assert seen is False, path
+    # The root is the rootfs: no trace of the host's top-level directories
+    # beyond what a Debian rootfs has, plus our mount points.
+    assert "work" not in facts["root"]
+    targets = [line.split()[4] for line in facts["mountinfo"]]
+    assert "/sys" not in targets  # no sysfs at all
+    # The old root was detached after pivot_root: only the sandbox's own
+    # mounts remain, all under the rootfs bind at "/".
+    assert set(targets) <= {"/", "/ol", "/ol/lib/olrt", "/proc", "/dev", "/tmp", "/handler"} | {
+        t for t in targets if t.startswith("/dev/")}
+
+
+def test_root_is_read_only(worker):
+    for path in ("/etc/passwd-new", "/usr/bin/evil", "/handler/lambda_func.py", "/ol/lib/x"):
+        _, _, r = worker.call("probe", {"op": "write", "path": path})
+        assert r == {"ok": False, "errno": "EROFS"}, path
+
+
+def test_tmp_is_writable_and_private(worker, own_worker):
+    name = "private-%s" % uuid.uuid4().hex
+    _, _, r = worker.call("probe", {"op": "write", "path": "/tmp/" + name, "data": "mine"})
+    assert r["ok"] is True
+    _, _, r = worker.call("probe", {"op": "read", "path": "/tmp/" + name})
+    assert r == {"ok": True, "value": "mine"}  # warm: the same sandbox
+    assert not os.path.exists("/tmp/" + name)  # not the host's /tmp
+    # Another function's sandbox does not see it.
+    worker.add_function("probe2", open(os.path.join(worker.registry, "probe",
+                                                    "lambda_func.py")).read())
+    _, _, r = worker.call("probe2", {"op": "exists", "path": "/tmp/" + name})
+    assert r is False
+
+
+def test_tmp_has_a_size_cap(worker):
+    _, _, r = worker.call("probe", {"op": "write", "path": "/tmp/big", "data": "x" * 1024,
+                                     "repeat": 80 << 10})
+    assert r == {"ok": False, "errno": "ENOSPC"}
+    worker.call("probe", {"op": "write", "path": "/tmp/big", "data": ""})
+
+
+def test_mount_propagation_is_private(facts):
+    assert not [line for line in facts["mountinfo"] if "shared:" in line or "master:" in line]
+
+
+def test_minimal_dev(facts):
+    assert set(facts["dev"]) <= {"null", "zero", "full", "random", "urandom", "tty", "pts",
+                                 "ptmx", "shm", "fd", "stdin", "stdout", "stderr"}
+    assert "null" in facts["dev"] and "sda" not in facts["dev"] and "vda" not in facts["dev"]
+
+
+def test_code_is_read_only_at_handler(facts):
+    handler = [line for line in facts["mountinfo"] if line.split()[4] == "/handler"]
+    assert handler and handler[0].split()[5].startswith("ro")
+    assert facts["cwd"] == "/handler"
+
+
+def test_own_cgroup_namespace(facts):
+    # In its own cgroup namespace the sandbox sees its cgroup as the root.
+    assert all(line.endswith(":/") for line in facts["cgroup"]), facts["cgroup"]
+
+
+def test_cgroup_limits_apply_to_the_handler(worker):
+    worker.call("probe", {"op": "echo"})
+    _, _, body = worker.request("GET", "/sandboxes")
+    live = [s for s in json.loads(body) if s["function"] == "probe"]
+    assert live and live[0]["pid"], body
+    with open("/proc/%d/cgroup" % live[0]["pid"]) as f:
+        paths = dict(line.split(":", 2)[1:] for line in f.read().splitlines())
+    cgroup = Cgroup(paths.get("memory") or paths[""])
+    assert "/w%d/sb-" % worker.port in "/" + cgroup.path
+    memory = cgroup.limit_dirs()["memory"]
+    name = "memory.max" if cgroup.mode.name == "v2" else "memory.limit_in_bytes"
+    with open(os.path.join(memory, name)) as f:
+        assert int(f.read()) == 256 << 20
+    with open(os.path.join(cgroup.limit_dirs()["pids"], "pids.max")) as f:
+        assert f.read().strip() == "64"
+
+
+def test_fd_table_is_small(facts):
+    # stdin, stdout, stderr, its channel and the fd listdir itself opened;
+    # nothing of the zygote's (control socket, wakeup pipe, namespace fds).
+    assert len(facts["fds"]) <= 6, facts["fds"]

@@ -1,0 +1,116 @@
+"""The sandbox package on its own: lifecycle and clean destruction."""
+import asyncio
+import os
+import subprocess
+import uuid
+
+import pytest
+
+from conftest import REPO
+from sandbox.cgroups import Cgroup
+from sandbox.errors import ZygoteBootError
+from sandbox.manager import SandboxConfig, SandboxManager
+from sandbox.runtime import proto
+
+ROOTFS = os.path.join(REPO, "build", "rootfs")
+
+
+def host_mounts():
+    with open("/proc/self/mountinfo") as f:
+        return sorted(line.split()[4] for line in f)
+
+
+def open_fds():
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def manager_config(tmp_path):
+    log = os.open(str(tmp_path / "log"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    root = "openlambda/pytest-%s/w1" % uuid.uuid4().hex[:8]
+    yield lambda rootfs=ROOTFS: SandboxConfig(rootfs=rootfs, cgroup_root=root, log_fd=log,
+                                              hostname="t")
+    os.close(log)
+    cg = Cgroup(root)
+    cg.remove()
+    cg.remove_empty_parents()
+    assert not [d for d in cg.dirs() if os.path.exists(d)]
+
+
+async def ask(sandbox, body):
+    reader, writer = await asyncio.open_unix_connection(sock=sandbox.channel)
+    writer.write(proto.pack({"id": "r", "body": body}))
+    unpacker = proto.unpacker()
+    while True:
+        unpacker.feed(await reader.read(65536))
+        for msg in unpacker:
+            return msg
+
+
+def test_destroy_leaves_no_process_cgroup_mount_or_socket(tmp_path, manager_config):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "lambda_func.py").write_text("def handler(event):\n    return event\n")
+    mounts_before = host_mounts()
+
+    async def scenario():
+        fds_before = open_fds()
+        manager = SandboxManager(manager_config())
+        await manager.start()
+        sandbox = await manager.create(str(code), "echo")
+        reply = await ask(sandbox, b'{"x": 1}')
+        assert reply == {"status": "ok", "body": b'{"x": 1}'}
+        pid = sandbox.host_pid()
+        assert pid and os.readlink("/proc/%d/ns/mnt" % pid) != os.readlink("/proc/self/ns/mnt")
+        dirs = sandbox.cgroup.dirs()
+        assert all(os.path.isdir(d) for d in dirs)
+        await manager.destroy(sandbox)
+        assert not os.path.exists("/proc/%d" % pid)
+        assert not [d for d in dirs if os.path.exists(d)]
+        assert manager.sandboxes == {}
+        await manager.shutdown()
+        assert open_fds() == fds_before  # no socket, pidfd or tree fd kept
+    asyncio.run(scenario())
+    assert host_mounts() == mounts_before  # nothing was ever mounted on the host
+
+
+def test_many_sandboxes_and_shutdown_removes_them_all(tmp_path, manager_config):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+
+    async def scenario():
+        manager = SandboxManager(manager_config())
+        await manager.start()
+        boxes = [await manager.create(str(code)) for _ in range(20)]
+        replies = await asyncio.gather(*(ask(b, b"{}") for b in boxes))
+        assert all(r["status"] == "ok" for r in replies)
+        pids = [b.host_pid() for b in boxes]
+        await manager.shutdown()
+        assert not [p for p in pids if os.path.exists("/proc/%d" % p)]
+        assert not os.path.exists(manager.root.dirs()[0])
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def rootfs_without_msgpack(tmp_path):
+    """The base rootfs with msgpack whited out, through an overlay."""
+    upper, work, merged = (tmp_path / n for n in ("upper", "work", "merged"))
+    for d in (upper, work, merged):
+        d.mkdir()
+    gone = upper / "usr/lib/python3/dist-packages/msgpack"
+    gone.parent.mkdir(parents=True)
+    os.mknod(str(gone), 0o600 | 0o020000, os.makedev(0, 0))  # an overlayfs whiteout
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", "lowerdir=%s,upperdir=%s,workdir=%s"
+                    % (ROOTFS, upper, work), str(merged)], check=True)
+    yield str(merged)
+    subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_a_zygote_that_cannot_import_says_why_once(rootfs_without_msgpack, manager_config):
+    async def scenario():
+        manager = SandboxManager(manager_config(rootfs_without_msgpack))
+        with pytest.raises(ZygoteBootError, match="python3-msgpack"):
+            await manager.start()
+        await manager.shutdown()
+    asyncio.run(scenario())

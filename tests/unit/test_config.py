@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from worker.cluster import Cluster, merge
+from worker.config import ConfigError, from_dict, load
+
+
+def test_defaults_fill_in():
+    config = from_dict({"cluster": "/c", "port": 9000}, "test")
+    assert config.port == 9000 and config.limits.mem_mb == 256 and config.max_sandboxes > 0
+    assert config.registry == "/c/registry"
+    assert config.cgroup.startswith("openlambda/c-") and config.cgroup.endswith("/w9000")
+
+
+@pytest.mark.parametrize("raw,words", [
+    ({"cluster": "/c", "bogus": 1}, "unknown key"),
+    ({"cluster": "/c", "limits": {"mem_mb": 0}}, "limits.mem_mb"),
+    ({"cluster": "/c", "limits": {"mem_mb": "1"}}, "limits.mem_mb"),
+    ({"cluster": "/c", "limits": {"memory": 1}}, "unknown limit"),
+    ({"cluster": "/c", "port": 70000}, "port"),
+    ({"cluster": "/c", "port": True}, "port"),
+    ({"cluster": "", "port": 1}, "cluster"),
+    ({"port": 1}, "cluster"),
+])
+def test_bad_configs_name_the_key(raw, words):
+    with pytest.raises(ConfigError, match=words):
+        from_dict(raw, "test")
+
+
+def test_a_cluster_template_names_its_cluster(tmp_path):
+    Cluster(str(tmp_path / "c")).create()
+    config = load(str(tmp_path / "c" / "config" / "template.json"))
+    assert config.cluster == str(tmp_path / "c") and config.port == 8080
+
+
+def test_load_errors(tmp_path):
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load(str(tmp_path / "bad.json"))
+    with pytest.raises(ConfigError, match="read config"):
+        load(str(tmp_path / "missing.json"))
+    (tmp_path / "list.json").write_text(json.dumps([1]))
+    with pytest.raises(ConfigError, match="object"):
+        load(str(tmp_path / "list.json"))
+
+
+def test_merge_is_deep():
+    assert merge({"a": {"b": 1, "c": 2}, "d": 1}, {"a": {"b": 3}, "d": {"x": 1}}) == {
+        "a": {"b": 3, "c": 2}, "d": {"x": 1}}
+
+
+def test_clusters_with_the_same_name_get_distinct_cgroups(tmp_path):
+    assert Cluster(str(tmp_path / "a" / "c")).cgroup != Cluster(str(tmp_path / "b" / "c")).cgroup
