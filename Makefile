@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt $(STAMPS)/deps
 
 cbits: $(CBITS)
 $(CBITS) &: cbits/olsys.c cbits/olsys.h cbits/build.py setup.py $(VENV)/.installed
-	$(PY) setup.py -q build_ext --inplace 2>&1 | grep -v -e "^running" -e "Warning" || true
+	$(PY) setup.py -q build_ext --inplace
 	@touch $(CBITS)  # setuptools copies with the mtime of its cached build
 
 rootfs: $(ROOTFS)/.ol-rootfs.json

@@ -4,7 +4,7 @@
 - "hybrid": memory/pids/cpu on v1 hierarchies, plus a cgroup2 tree without
   controllers (these dev and CI machines).  Limits go through v1; freeze,
   kill and population events through v2's core files, which work there;
-- "v1": v1 only.  Freeze through the freezer hierarchy, kill by signals.
+- "v1": v1 only.  Freeze through the v1 freezer; kill by signals, frozen.
 
 The mode is detected once per process.  Only the standard library is used,
 so `bin/admin` can clean up with any python3.
@@ -35,6 +35,7 @@ class Mode:
     name: str                        # "v2", "hybrid" or "v1"
     v2_root: str = None              # where cgroup2 is mounted, if anywhere
     v1_roots: dict = field(default_factory=dict)  # controller -> mount point
+    v1_freezer: str = None           # the v1 freezer, used only where there is no v2
 
 
 def _cgroup_mounts(mountinfo="/proc/self/mountinfo"):
@@ -50,6 +51,7 @@ def _cgroup_mounts(mountinfo="/proc/self/mountinfo"):
 def detect_mode(mountinfo="/proc/self/mountinfo"):
     v2_root = None
     v1_roots = {}
+    freezer = None
     for fstype, point, opts in _cgroup_mounts(mountinfo):
         if fstype == "cgroup2":
             v2_root = v2_root or point
@@ -57,6 +59,8 @@ def detect_mode(mountinfo="/proc/self/mountinfo"):
             for controller in LIMITED:
                 if controller in opts:
                     v1_roots.setdefault(controller, point)
+            if "freezer" in opts:
+                freezer = freezer or point
     if v2_root:
         try:
             with open(os.path.join(v2_root, "cgroup.controllers")) as f:
@@ -69,7 +73,9 @@ def detect_mode(mountinfo="/proc/self/mountinfo"):
     if missing:
         raise CgroupError("detect cgroups", mountinfo,
                           "no hierarchy offers the %s controller(s)" % ", ".join(missing))
-    return Mode("hybrid" if v2_root else "v1", v2_root, v1_roots)
+    if v2_root:
+        return Mode("hybrid", v2_root, v1_roots)
+    return Mode("v1", None, v1_roots, freezer)
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,6 +117,8 @@ class Cgroup:
         found = list(dict.fromkeys(self.limit_dirs().values()))
         if self.v2_dir() and self.v2_dir() not in found:
             found.append(self.v2_dir())
+        if self.mode.v1_freezer:
+            found.append(os.path.join(self.mode.v1_freezer, self.path))
         return found
 
     # -- lifecycle ----------------------------------------------------------
@@ -189,6 +197,21 @@ class Cgroup:
         except FileNotFoundError:
             return []
 
+    def freeze(self, frozen=True):
+        """Stop (or, with frozen=False, resume) every process in this cgroup
+        and below: v2's cgroup.freeze, or the v1 freezer on v1-only hosts."""
+        d = self.v2_dir()
+        if d:
+            _write(os.path.join(d, "cgroup.freeze"), "1" if frozen else "0")
+        elif self.mode.v1_freezer:
+            _write(os.path.join(self.mode.v1_freezer, self.path, "freezer.state"),
+                   "FROZEN" if frozen else "THAWED")
+        else:
+            raise CgroupError("freeze", self.path, "no cgroup2 tree and no v1 freezer")
+
+    def thaw(self):
+        self.freeze(False)
+
     def kill(self):
         """SIGKILL every process in this cgroup and below."""
         d = self.v2_dir()
@@ -200,12 +223,19 @@ class Cgroup:
                 if not os.path.isdir(d):
                     return
                 raise
+        # No cgroup.kill (v1, or a kernel before 5.14): signal each process,
+        # frozen where we can, so that none can fork a new one meanwhile.
+        frozen = bool(d or self.mode.v1_freezer) and os.path.isdir(self.dirs()[-1])
+        if frozen:
+            self.freeze()
         for sub in self._walk_bottom_up(self.dirs()[0]):
             for pid in _read_pids(sub):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        if frozen:
+            self.thaw()  # SIGKILL takes effect once the processes run again
 
     def wait_empty(self, timeout=5.0):
         """Wait until no process is left in this cgroup's subtree."""

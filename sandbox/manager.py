@@ -106,6 +106,9 @@ class SandboxManager:
             fds.append(theirs.detach())
             fds += cgroup.open_procs()
             self.zygote.fork(sandbox_id, fds[1], fds[0], fds[2:], self.config.scratch_mb, label)
+        except OSError as e:  # SyscallError included: it names the operation
+            cgroup.remove()
+            raise SandboxError("create sandbox", sandbox_id, str(e)) from None
         except BaseException:
             cgroup.remove()
             raise

@@ -15,6 +15,7 @@ from conftest import ADMIN, REPO, admin, cluster_leftovers, free_port
 
 def port_free(port):
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the worker binds
         try:
             s.bind(("127.0.0.1", port))
             return True

@@ -157,6 +157,7 @@ def test_body_over_the_limit_is_413_before_it_is_read(worker):
     big = b'"' + b"x" * (7 << 20) + b'"'
     status, headers, body = worker.request("POST", "/run/hello", big)
     assert status == 413 and json.loads(body)["errorType"] == "Http.RequestTooLarge"
+    assert json.loads(body)["requestId"] == headers["x-request-id"]
     # Announced length alone is enough: answered without sending the body.
     with socket.create_connection(("127.0.0.1", worker.port)) as s:
         s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n")

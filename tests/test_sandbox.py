@@ -38,12 +38,16 @@ def manager_config(tmp_path):
 
 
 async def ask(sandbox, body):
-    reader, writer = await asyncio.open_unix_connection(sock=sandbox.channel)
+    """One call over the sandbox's channel (one stream per sandbox, kept on
+    it: closing the stream would end the sandbox)."""
+    if not hasattr(sandbox, "test_stream"):
+        sandbox.test_stream = await asyncio.open_unix_connection(sock=sandbox.channel)
+        sandbox.test_unpacker = proto.unpacker()
+    reader, writer = sandbox.test_stream
     writer.write(proto.pack({"id": "r", "body": body}))
-    unpacker = proto.unpacker()
     while True:
-        unpacker.feed(await reader.read(65536))
-        for msg in unpacker:
+        sandbox.test_unpacker.feed(await reader.read(65536))
+        for msg in sandbox.test_unpacker:
             return msg
 
 
@@ -112,5 +116,25 @@ def test_a_zygote_that_cannot_import_says_why_once(rootfs_without_msgpack, manag
         manager = SandboxManager(manager_config(rootfs_without_msgpack))
         with pytest.raises(ZygoteBootError, match="python3-msgpack"):
             await manager.start()
+        await manager.shutdown()
+    asyncio.run(scenario())
+
+
+def test_freeze_stops_a_sandbox_and_thaw_resumes_it(tmp_path, manager_config):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "lambda_func.py").write_text("def handler(event):\n    return 'awake'\n")
+
+    async def scenario():
+        manager = SandboxManager(manager_config())
+        await manager.start()
+        sandbox = await manager.create(str(code))
+        assert (await ask(sandbox, b"{}"))["status"] == "ok"
+        sandbox.cgroup.freeze()
+        reply = asyncio.ensure_future(ask(sandbox, b"{}"))
+        await asyncio.sleep(0.3)
+        assert not reply.done()  # frozen: it cannot answer
+        sandbox.cgroup.thaw()
+        assert (await asyncio.wait_for(reply, 5))["body"] == b'"awake"'
         await manager.shutdown()
     asyncio.run(scenario())

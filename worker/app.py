@@ -3,7 +3,7 @@ import json
 import logging
 import uuid
 
-from .errors import BadRequest, MethodNotAllowed, NotFound, WorkerError
+from .errors import BadRequest, MethodNotAllowed, NotFound, Unavailable, WorkerError
 from .http import Response, json_response
 
 log = logging.getLogger("worker")
@@ -24,9 +24,11 @@ class App:
         request_id = uuid.uuid4().hex
         if path == "/status":
             if not self.ready:
-                return _error(WorkerError("the worker is starting or draining"), request_id, 503)
+                return _error(Unavailable("the worker is starting or draining"), request_id)
             return Response(200, b"ready", b"text/plain", ((b"X-Request-Id", request_id.encode()),))
-        if path == "/sandboxes" and request.method == "GET":
+        if path == "/sandboxes":
+            if request.method != "GET":
+                return _error(MethodNotAllowed("use GET for /sandboxes"), request_id)
             return json_response(200, self.table.describe(),
                                  ((b"X-Request-Id", request_id.encode()),))
         return _error(NotFound("no route for %s %s" % (request.method, path),
@@ -38,14 +40,14 @@ class App:
             name = request.path.split("/", 2)[2]
             if request.method != "POST":
                 raise MethodNotAllowed("use POST to run a function, not %s" % request.method)
-            body = request.body
-            if body.strip():
+            body = request.body if request.body.strip() else b""  # no body: the event is {}
+            if body:
                 try:
                     json.loads(body)
                 except ValueError as e:
                     raise BadRequest("the request body is not valid JSON: %s" % e) from None
             if not self.ready:
-                raise WorkerError("the worker is starting or draining", "Worker.Unavailable")
+                raise Unavailable("the worker is starting or draining")
             result = await self.table.invoke(name, request_id, body)
         except WorkerError as e:
             return _error(e, request_id)
@@ -55,8 +57,6 @@ class App:
         return Response(200, result, headers=((b"X-Request-Id", request_id.encode()),))
 
 
-def _error(error, request_id, status=None):
+def _error(error, request_id):
     headers = tuple(error.headers) + ((b"X-Request-Id", request_id.encode()),)
-    if isinstance(error, MethodNotAllowed):
-        headers += ((b"Allow", b"POST"),)
-    return Response(status or error.status, error.body(request_id), headers=headers)
+    return Response(error.status, error.body(request_id), headers=headers)

@@ -37,6 +37,7 @@ class NotFound(WorkerError):
 class MethodNotAllowed(WorkerError):
     status = 405
     error_type = "Http.MethodNotAllowed"
+    headers = ((b"Allow", b"POST"),)
 
 
 class TooLarge(WorkerError):

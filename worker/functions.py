@@ -86,6 +86,9 @@ class FunctionTable:
             await self._destroy(instance)
             raise HandlerDied("the handler of %r %s" % (name, reason)) from None
         status = reply.get("status")
+        if status == "setup_error":
+            await self._destroy(instance)
+            raise SandboxFailed("%s: %s" % (name, reply["errorMessage"]))
         if status == "init_error":
             await self._destroy(instance)
             raise InitFailed("%s: %s" % (name, reply["errorMessage"]), reply["errorType"],

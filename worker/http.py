@@ -3,6 +3,7 @@ keep-alive, Content-Length and chunked bodies, a body-size limit enforced
 before the body is read, and one request in flight per connection."""
 import asyncio
 import json
+import uuid
 
 import httptools
 
@@ -39,6 +40,14 @@ def json_response(status, obj, headers=()):
     return Response(status, json.dumps(obj).encode(), headers=headers)
 
 
+def early_error(status, error_type, message):
+    """An error answered by the HTTP layer itself, before any route."""
+    request_id = uuid.uuid4().hex
+    return json_response(status, {"errorType": error_type, "errorMessage": message,
+                                  "requestId": request_id},
+                         ((b"X-Request-Id", request_id.encode()),))
+
+
 class HttpProtocol(asyncio.Protocol):
     """`app` has `max_body` and `handle(request) -> Response` (a coroutine),
     and may answer some requests at once with `handle_now(request)`."""
@@ -64,8 +73,7 @@ class HttpProtocol(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             if self.rejected is None:
-                self._send(json_response(400, {"errorType": "Http.BadRequest",
-                                               "errorMessage": "malformed HTTP request"}), False)
+                self._send(early_error(400, "Http.BadRequest", "malformed HTTP request"), False)
             self.transport.close()
 
     # -- httptools callbacks ----------------------------------------------------
@@ -111,9 +119,8 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- answers ------------------------------------------------------------------
     def _reject_too_large(self):
-        self.rejected = json_response(413, {
-            "errorType": "Http.RequestTooLarge",
-            "errorMessage": "request body over the limit of %d bytes" % self.app.max_body})
+        self.rejected = early_error(413, "Http.RequestTooLarge",
+                                    "request body over the limit of %d bytes" % self.app.max_body)
         # Say "Connection: close" but keep reading (and dropping) the body, so
         # the client reads our answer instead of a reset.
         self._send(self.rejected, False, hang_up=False)

@@ -50,7 +50,7 @@ class Registry:
             raise NotFound("no function named %r" % name)
         path = os.path.join(self.root, name)
         if not os.path.isdir(path):
-            raise NotFound("no function named %r in %s" % (name, self.root))
+            raise NotFound("no function named %r" % name)
         if not any(os.path.isfile(os.path.join(path, e)) for e in ENTRY_FILES):
             raise InitFailed("function %r has no entry file: expected lambda_func.py with "
                              "handler(event) or f.py with f(event) in %s" % (name, path),

@@ -2,8 +2,10 @@
 serves calls on its channel until the worker closes it.
 
 Requests are msgpack maps {"id", "body"} where body is the JSON event.
-Replies are {"status": "ok", "body": JSON} or {"status": "error" |
-"init_error", "errorType", "errorMessage", "stackTrace"}.
+Replies are {"status": "ok", "body": JSON}, or {"status": "error" |
+"init_error", "errorType", "errorMessage", "stackTrace"} for faults of the
+function's code, or {"status": "setup_error", "errorMessage"} when the
+sandbox itself could not be finished (a platform fault).
 """
 import importlib
 import inspect
@@ -131,8 +133,7 @@ def report_setup_failure(channel_fd, exc):
     """Tell the worker why this sandbox could not be built, then give up."""
     try:
         with socket.socket(fileno=channel_fd) as channel:
-            channel.sendall(proto.pack({
-                "status": "init_error", "errorType": "Runtime.SandboxError",
-                "errorMessage": "sandbox setup failed: %s" % exc, "stackTrace": []}))
+            channel.sendall(proto.pack({"status": "setup_error",
+                                        "errorMessage": "sandbox setup failed: %s" % exc}))
     except OSError:
         pass
