@@ -1,7 +1,18 @@
-"""Handler sandboxes as the worker sees them: create one from a code
-directory, talk to it over its channel, destroy it.  Nothing here knows HTTP,
-registries or functions; a sandbox gets a code directory and a label."""
+"""Handler sandboxes as the worker sees them.  Nothing here knows HTTP,
+registries or functions: a sandbox is given a code directory and a label.
+
+Everything a cold start can do before its request arrives is done here
+ahead of time:
+- a pool of *shells*: children of the zygote that have already joined a
+  cgroup (moving a process into a cgroup stalls for an RCU grace period,
+  13+ ms after idle) and built their namespaces and mounts.  A call then
+  only has to attach its code to one and import it;
+- a pool of cgroups, all made at start-up: a dead sandbox's cgroup is
+  reused, so no cgroup is made or removed while calls are served.
+"""
+import array
 import asyncio
+import collections
 import os
 import socket
 import time
@@ -9,6 +20,7 @@ from dataclasses import dataclass
 
 from .cgroups import Cgroup, Limits
 from .errors import SandboxError
+from .runtime import proto
 from .runtime import syscalls as sc
 from .zygote import Zygote, describe_status
 
@@ -21,24 +33,38 @@ class SandboxConfig:
     hostname: str
     limits: Limits = Limits()
     scratch_mb: int = 64
+    pool_size: int = 8   # shells kept ready
+    max_live: int = 128  # most sandboxes serving functions at once
+    fresh: bool = False  # exec a new interpreter per sandbox: for comparison only
 
 
 class Sandbox:
-    """One handler process in its own sandbox.  `channel` is the worker's end
-    of its stream socket."""
+    """A shell while it waits in the pool; then one function's handler.
+    `channel` is the worker's end of its stream socket."""
 
-    def __init__(self, sandbox_id, label, cgroup, channel):
+    def __init__(self, sandbox_id, cgroup, channel):
         self.id = sandbox_id
-        self.label = label
         self.cgroup = cgroup
         self.channel = channel
+        self.label = None
+        self.state = "starting"     # -> "pooled" -> "assigned"
         self.created = time.time()
+        self.setup_times = ()       # monotonic stamps from the zygote and the shell
+        self.taken_from_pool = False
+        self.waited = 0.0           # seconds the caller of create() waited for a shell
+        self.assigned_at = None     # when it was given its code
         self.exited = asyncio.get_running_loop().create_future()  # -> description
 
     def host_pid(self):
         """The host pid of the sandbox's pid 1, or None once it is gone."""
         pids = self.cgroup.pids()
         return pids[0] if pids else None
+
+    def setup_phases(self):
+        """(phase, seconds) of building this sandbox, in order."""
+        t = self.setup_times
+        names = ("fork", "cgroup", "mounts", "interpreter")
+        return [(names[i], t[i + 1] - t[i]) for i in range(len(t) - 1)]
 
     async def exit_reason(self, timeout=2.0):
         """Why the sandbox ended, e.g. "exited with status 3"."""
@@ -51,20 +77,61 @@ class Sandbox:
         self.cgroup.kill()
 
 
+class CgroupPool:
+    def __init__(self, root, limits):
+        self.root = root
+        self.limits = limits
+        self.free = []
+        self.serial = 0
+
+    def reserve(self, count):
+        while len(self.free) < count:
+            self.free.append(self._new())
+
+    def acquire(self):
+        return self.free.pop() if self.free else self._new()
+
+    def _new(self):
+        self.serial += 1
+        return Cgroup("%s/cg-%d" % (self.root, self.serial)).create(self.limits)
+
+    def release(self, cgroup):
+        if cgroup.pids():
+            cgroup.remove()  # not empty after its sandbox died: do not reuse
+        else:
+            self.free.append(cgroup)
+
+
 class SandboxManager:
     def __init__(self, config):
         self.config = config
         self.root = Cgroup(config.cgroup_root)
-        self.sandboxes = {}
+        self.cgroups = CgroupPool(config.cgroup_root, config.limits)
+        self.sandboxes = {}                 # id -> Sandbox, in every state
+        self.pool = collections.deque()     # pooled shells, ready for a function
+        self.starting = 0                   # shells forked but not yet ready
+        self.waiters = collections.deque()  # futures of create() calls awaiting a shell
         self.zygote = None
+        self.closing = False
         self._serial = 0
         self._restarting = None
+
+    def log(self, line):
+        os.write(self.config.log_fd, (line + "\n").encode())
 
     async def start(self):
         # A worker that was SIGKILLed leaves cgroups behind; take them over.
         self.root.remove()
         self.root.create()
+        started = time.monotonic()
+        # Every sandbox that can be alive at once (plus a few dying) gets its
+        # cgroup now: a cgroup mkdir takes ~0.5 ms, which calls must not wait
+        # behind, and doing it in a thread would fight the loop for the GIL.
+        reserve = self.config.max_live + self.config.pool_size * 2
+        self.cgroups.reserve(reserve)
+        self.log("made %d cgroups in %.0f ms" % (reserve, (time.monotonic() - started) * 1e3))
         await self._start_zygote()
+        self._refill()
 
     async def _start_zygote(self):
         cgroup = Cgroup(self.config.cgroup_root + "/zygote").create()
@@ -75,55 +142,127 @@ class SandboxManager:
 
     def _on_zygote_death(self, zygote, reason):
         # Its children died with it (it was pid 1 of their parent namespace).
-        os.write(self.config.log_fd, ("zygote %s; restarting it\n" % reason).encode())
+        self.log("zygote %s; restarting it" % reason)
         for sandbox_id in list(self.sandboxes):
             self._on_child_exit(sandbox_id, None, "its zygote " + reason)
-        self._restarting = asyncio.ensure_future(self._start_zygote())
+        self._restarting = asyncio.ensure_future(self._restart_zygote())
 
-    def _on_child_exit(self, sandbox_id, status, error=None):
-        sandbox = self.sandboxes.pop(sandbox_id, None)
-        if sandbox is None:
-            return
-        try:
-            sandbox.cgroup.remove()
-        except SandboxError as e:
-            os.write(self.config.log_fd, ("%s\n" % e).encode())
-        if not sandbox.exited.done():
-            sandbox.exited.set_result(error or describe_status(status))
+    async def _restart_zygote(self):
+        await self._start_zygote()
+        self._refill()
 
-    async def create(self, code_dir, label=""):
-        """Fork a new handler sandbox that serves the code in `code_dir`."""
-        if self._restarting is not None and not self._restarting.done():
-            await self._restarting
+    # -- shells ---------------------------------------------------------------------
+    def _refill(self):
+        while not self.closing and not self.config.fresh and self.zygote is not None \
+                and self.zygote.alive and len(self.pool) + self.starting < self.config.pool_size:
+            try:
+                self._fork_shell()
+            except SandboxError as e:
+                self.log(str(e))
+                return
+
+    def _fork_shell(self):
         self._serial += 1
         sandbox_id = "sb-%d" % self._serial
-        cgroup = Cgroup("%s/%s" % (self.config.cgroup_root, sandbox_id))
-        cgroup.create(self.config.limits)
+        cgroup = self.cgroups.acquire()
         fds = []
         try:
-            fds.append(self._code_tree(code_dir))
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             fds.append(theirs.detach())
             fds += cgroup.open_procs()
-            self.zygote.fork(sandbox_id, fds[1], fds[0], fds[2:], self.config.scratch_mb, label)
-        except OSError as e:  # SyscallError included: it names the operation
-            cgroup.remove()
-            raise SandboxError("create sandbox", sandbox_id, str(e)) from None
-        except BaseException:
-            cgroup.remove()
-            raise
+            self.zygote.fork(sandbox_id, fds, self.config.scratch_mb, self.config.fresh)
+        except (OSError, SandboxError) as e:
+            self.cgroups.release(cgroup)
+            raise SandboxError("fork shell", sandbox_id, str(e)) from None
         finally:
             for fd in fds:
                 os.close(fd)
-        sandbox = Sandbox(sandbox_id, label, cgroup, ours)
+        sandbox = Sandbox(sandbox_id, cgroup, ours)
         self.sandboxes[sandbox_id] = sandbox
+        self.starting += 1
+        ours.setblocking(False)
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_shell_ready, sandbox)
+        return sandbox
+
+    def _on_shell_ready(self, sandbox):
+        try:
+            data = sandbox.channel.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        asyncio.get_running_loop().remove_reader(sandbox.channel.fileno())
+        self.starting -= 1
+        unpacker = proto.unpacker()
+        unpacker.feed(data)
+        msg = next(unpacker, None)
+        if not msg or msg.get("op") != "ready":
+            # It could not build its sandbox: say why once, and do not
+            # refill, or a broken host would fork shells in a tight loop.
+            reason = msg.get("errorMessage") if msg else "it closed its channel"
+            self.log("shell %s failed: %s" % (sandbox.id, reason))
+            sandbox.state = "failed"
+            sandbox.kill()
+            if self.waiters:
+                self.waiters.popleft().set_exception(
+                    SandboxError("build sandbox", sandbox.id, reason))
+            return
+        sandbox.setup_times = msg["t"]
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                sandbox.state = "assigned"
+                waiter.set_result(sandbox)
+                return
+        sandbox.state = "pooled"
+        self.pool.append(sandbox)
+
+    async def _take_shell(self):
+        if self.pool:
+            sandbox = self.pool.popleft()
+            sandbox.state = "assigned"
+            sandbox.taken_from_pool = True
+            return sandbox
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            if self.starting < len(self.waiters):
+                self._fork_shell()
+            return await waiter
+        finally:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+
+    # -- sandboxes -------------------------------------------------------------------
+    async def create(self, code_dir, label=""):
+        """A sandbox serving the code in `code_dir`: a ready shell given it."""
+        started = time.monotonic()
+        if self._restarting is not None and not self._restarting.done():
+            await self._restarting
+        sandbox = await self._take_shell()
+        # Refill after this call is on its way, not in front of it.
+        asyncio.get_running_loop().call_soon(self._refill)
+        sandbox.waited = time.monotonic() - started
+        sandbox.label = label
+        try:
+            code_fd = self._code_tree(code_dir)
+            sandbox.assigned_at = time.monotonic()
+            try:
+                sandbox.channel.sendmsg(
+                    [proto.pack({"op": "assign", "function": label})],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [code_fd]))])
+            finally:
+                os.close(code_fd)
+        except OSError as e:  # SyscallError included: it names the operation
+            sandbox.kill()
+            raise SandboxError("give code to sandbox", sandbox.id, str(e)) from None
         return sandbox
 
     @staticmethod
     def _code_tree(code_dir):
         """A detached, read-only copy of the mount at `code_dir`, which the
         sandbox attaches at /handler.  Passing it as an fd means the zygote
-        never needs to see any host path."""
+        and the shell never need to see any host path."""
         fd = sc.open_tree(code_dir, sc.OPEN_TREE_CLONE | sc.OPEN_TREE_CLOEXEC | sc.AT_RECURSIVE)
         try:
             sc.mount_setattr(fd, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
@@ -132,14 +271,41 @@ class SandboxManager:
             raise
         return fd
 
+    def _on_child_exit(self, sandbox_id, status, error=None):
+        sandbox = self.sandboxes.pop(sandbox_id, None)
+        if sandbox is None:
+            return
+        if sandbox.state == "starting":
+            self.starting -= 1
+            asyncio.get_running_loop().remove_reader(sandbox.channel.fileno())
+            if self.waiters:
+                self.waiters.popleft().set_exception(SandboxError(
+                    "build sandbox", sandbox_id, error or describe_status(status)))
+        if sandbox.state in ("starting", "pooled", "failed"):
+            if sandbox in self.pool:
+                self.pool.remove(sandbox)
+            sandbox.channel.close()
+        try:
+            self.cgroups.release(sandbox.cgroup)
+        except SandboxError as e:
+            self.log(str(e))
+        if not sandbox.exited.done():
+            sandbox.exited.set_result(error or describe_status(status))
+        self._refill()
+
     async def destroy(self, sandbox, timeout=2.0):
-        """Kill a sandbox and wait until it and its cgroup are gone."""
+        """Kill a sandbox and wait until it is gone and its cgroup free."""
         sandbox.channel.close()
         if sandbox.id in self.sandboxes:
             sandbox.kill()
             await sandbox.exit_reason(timeout)
 
+    def live(self):
+        """Sandboxes that serve a function (not pooled shells)."""
+        return [s for s in self.sandboxes.values() if s.state == "assigned"]
+
     async def shutdown(self):
+        self.closing = True
         for sandbox in list(self.sandboxes.values()):
             sandbox.kill()
         if self._restarting is not None:
@@ -148,5 +314,9 @@ class SandboxManager:
             await self.zygote.stop()
         for sandbox_id in list(self.sandboxes):
             self._on_child_exit(sandbox_id, None, "the worker shut down")
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(SandboxError("create sandbox", "-", "shutting down"))
         self.root.remove()
         self.root.remove_empty_parents()
+

@@ -115,13 +115,14 @@ class Zygote:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         return "%s; see the worker log" % (BOOT_FAILURES.get(code) or describe_status(status))
 
-    def fork(self, sandbox_id, channel_fd, code_fd, cgroup_fds, scratch_mb, function):
+    def fork(self, sandbox_id, fds, scratch_mb, fresh=False):
+        """Ask for a shell; fds are its channel, then its cgroup.procs files."""
         if not self.alive:
             raise SandboxError("fork sandbox", sandbox_id, "the zygote is not running")
         msg = {"op": "fork", "id": sandbox_id, "hostname": sandbox_id,
-               "scratch_mb": scratch_mb, "function": function}
+               "scratch_mb": scratch_mb, "fresh": fresh}
         try:
-            proto.send_packet(self.control, msg, [channel_fd, code_fd, *cgroup_fds])
+            proto.send_packet(self.control, msg, fds)
         except BlockingIOError:
             raise SandboxError("fork sandbox", sandbox_id, "the zygote's queue is full") from None
         except OSError as e:

@@ -2,6 +2,7 @@
 after `kill`, also when the worker was SIGKILLed."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,7 +48,8 @@ def test_quickstart_exactly_as_in_the_readme(tmp_path):
         assert hello.stdout == '"Hello, Alice!"'
         status = run("./bin/admin status -cluster=my-cluster").stdout
         line = status.split("Cluster containers:\n")[1].splitlines()[0].split()
-        assert line[0].endswith("sb-1") and line[1:3] == ["hello", "idle"] and line[3].isdigit()
+        assert re.fullmatch(r"8080/sb-\d+", line[0]), line
+        assert line[1:3] == ["hello", "idle"] and line[3].isdigit()
     finally:
         killed = run("./bin/admin kill -cluster=my-cluster")
     assert killed.returncode == 0, killed.stderr
@@ -201,3 +203,12 @@ def test_worker_exec_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
     assert proc.returncode == 0, out
     assert "stopped" in out and "Traceback" not in out
     assert cluster_leftovers(d) == []
+
+
+def test_without_zygote_each_sandbox_gets_a_fresh_interpreter(own_worker):
+    # The comparison mode the benchmarks use: same sandboxes, no zygote.
+    w = own_worker(zygote=False)
+    status, headers, body = w.call("hello", {"name": "fresh"})
+    assert (status, body) == (200, "Hello, fresh!")
+    assert "interpreter;dur=" in headers["server-timing"]
+    assert w.call("probe", {"op": "facts"})[2]["pid"] == 1

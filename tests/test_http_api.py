@@ -202,3 +202,28 @@ def test_concurrent_calls_to_one_function_scale_out(worker):
     assert [status for status, _ in results] == [200] * 4
     # A busy instance is not shared: the overlapping calls ran in 4 sandboxes.
     assert len({host for _, host in results}) == 4
+
+
+def timing(headers):
+    return {part.split(";")[0].strip(): part for part in headers["server-timing"].split(",")}
+
+
+def test_server_timing_shows_the_phases_of_a_cold_and_a_warm_call(worker):
+    worker.add_function("timed", "def handler(event):\n    return 1\n")
+    _, headers, _ = worker.call("timed", {})
+    cold = timing(headers)
+    for phase in ("total", "worker", "wait", "fork", "cgroup", "mounts", "attach", "load",
+                  "handler", "ipc"):
+        assert phase in cold, headers["server-timing"]
+    assert 'desc="before the request"' in cold["fork"]  # a pooled shell
+    _, headers, _ = worker.call("timed", {})
+    warm = timing(headers)
+    assert set(warm) == {"total", "worker", "handler", "ipc"}
+    status, headers, _ = worker.call("probe", {"op": "raise"})
+    assert status == 500 and "handler" in timing(headers)  # errors are timed too
+
+
+def test_many_cold_starts_in_a_row_drain_and_refill_the_pool(worker):
+    for i in range(20):
+        worker.add_function("burst%d" % i, "def handler(event):\n    return %d\n" % i)
+    assert [worker.call("burst%d" % i, {})[2] for i in range(20)] == list(range(20))

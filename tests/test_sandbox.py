@@ -63,16 +63,19 @@ def test_destroy_leaves_no_process_cgroup_mount_or_socket(tmp_path, manager_conf
         await manager.start()
         sandbox = await manager.create(str(code), "echo")
         reply = await ask(sandbox, b'{"x": 1}')
-        assert reply == {"status": "ok", "body": b'{"x": 1}'}
+        assert reply["status"] == "ok" and reply["body"] == b'{"x": 1}'
+        assert reply["load"] > 0 and reply["run"] >= 0  # timings for Server-Timing
         pid = sandbox.host_pid()
         assert pid and os.readlink("/proc/%d/ns/mnt" % pid) != os.readlink("/proc/self/ns/mnt")
         dirs = sandbox.cgroup.dirs()
         assert all(os.path.isdir(d) for d in dirs)
         await manager.destroy(sandbox)
         assert not os.path.exists("/proc/%d" % pid)
-        assert not [d for d in dirs if os.path.exists(d)]
-        assert manager.sandboxes == {}
+        # Its cgroup is empty and back in the pool, for the next sandbox.
+        assert sandbox.cgroup.pids() == [] and sandbox.cgroup in manager.cgroups.free
+        assert sandbox.id not in manager.sandboxes
         await manager.shutdown()
+        assert not [d for d in dirs if os.path.exists(d)]
         assert open_fds() == fds_before  # no socket, pidfd or tree fd kept
     asyncio.run(scenario())
     assert host_mounts() == mounts_before  # nothing was ever mounted on the host

@@ -1,6 +1,7 @@
 """Routes: what each URL does, and the mapping of worker errors to answers."""
 import json
 import logging
+import time
 import uuid
 
 from .errors import BadRequest, MethodNotAllowed, NotFound, Unavailable, WorkerError
@@ -35,7 +36,14 @@ class App:
                                "Http.NotFound"), request_id)
 
     async def handle(self, request):
+        started = time.monotonic()
         request_id = uuid.uuid4().hex
+        phases = []
+        response = await self._run(request, request_id, phases)
+        response.headers += ((b"Server-Timing", server_timing(started, phases)),)
+        return response
+
+    async def _run(self, request, request_id, phases):
         try:
             name = request.path.split("/", 2)[2]
             if request.method != "POST":
@@ -48,13 +56,27 @@ class App:
                     raise BadRequest("the request body is not valid JSON: %s" % e) from None
             if not self.ready:
                 raise Unavailable("the worker is starting or draining")
-            result = await self.table.invoke(name, request_id, body)
+            result = await self.table.invoke(name, request_id, body, phases)
         except WorkerError as e:
             return _error(e, request_id)
         except Exception:
             log.exception("request %s to %s failed inside the worker", request_id, request.path)
             return _error(WorkerError("internal worker error; see the worker log"), request_id)
         return Response(200, result, headers=((b"X-Request-Id", request_id.encode()),))
+
+
+def server_timing(started, phases):
+    """The Server-Timing header: where this request's time went, in ms.
+    "worker" is the worker's own share: the total less the time spent
+    waiting for a sandbox and in the sandbox (including the IPC to it)."""
+    total = time.monotonic() - started
+    elsewhere = sum(s for name, s, note in phases
+                    if name in ("wait", "attach", "load", "handler", "ipc"))
+    parts = ["total;dur=%.3f" % (total * 1e3), "worker;dur=%.3f" % ((total - elsewhere) * 1e3)]
+    for name, seconds, note in phases:
+        part = "%s;dur=%.3f" % (name, seconds * 1e3)
+        parts.append(part + (';desc="%s"' % note if note else ""))
+    return ", ".join(parts).encode()
 
 
 def _error(error, request_id):

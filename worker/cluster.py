@@ -24,6 +24,9 @@ def template_defaults():
         "rootfs": DEFAULT_ROOTFS,
         "host": "127.0.0.1",
         "max_sandboxes": 128,
+        "pool_size": 8,
+        "zygote": True,
+        "favor_cgroup_moves": True,
         "limits": {
             "mem_mb": 256,
             "procs": 64,

@@ -27,6 +27,9 @@ class WorkerConfig:
     host: str
     rootfs: str
     max_sandboxes: int
+    pool_size: int
+    zygote: bool
+    favor_cgroup_moves: bool
     limits: Limits
 
     @property
@@ -41,6 +44,18 @@ class WorkerConfig:
 def _positive_int(where, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError("%s must be a positive integer, not %r" % (where, value))
+    return value
+
+
+def _count(where, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError("%s must be a whole number, not %r" % (where, value))
+    return value
+
+
+def _flag(where, value):
+    if not isinstance(value, bool):
+        raise ConfigError("%s must be true or false, not %r" % (where, value))
     return value
 
 
@@ -78,6 +93,9 @@ def from_dict(raw, source):
         host=raw["host"],
         rootfs=os.path.abspath(raw["rootfs"]),
         max_sandboxes=_positive_int("%s: max_sandboxes" % source, raw["max_sandboxes"]),
+        pool_size=_count("%s: pool_size" % source, raw["pool_size"]),
+        zygote=_flag("%s: zygote" % source, raw["zygote"]),
+        favor_cgroup_moves=_flag("%s: favor_cgroup_moves" % source, raw["favor_cgroup_moves"]),
         limits=Limits(**limits),
     )
 

@@ -33,7 +33,7 @@ class Response:
         self.status = status
         self.body = body
         self.content_type = content_type
-        self.headers = headers
+        self.headers = tuple(headers)
 
 
 def json_response(status, obj, headers=()):

@@ -49,24 +49,33 @@ class Registry:
         if not NAME.match(name) or name.startswith(".."):
             raise NotFound("no function named %r" % name)
         path = os.path.join(self.root, name)
-        if not os.path.isdir(path):
-            raise NotFound("no function named %r" % name)
-        if not any(os.path.isfile(os.path.join(path, e)) for e in ENTRY_FILES):
+        try:
+            with os.scandir(path) as it:  # one directory read answers all we ask
+                entries = list(it)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound("no function named %r" % name) from None
+        if not any(e.name in ENTRY_FILES and e.is_file() for e in entries):
             raise InitFailed("function %r has no entry file: expected lambda_func.py with "
-                             "handler(event) or f.py with f(event) in %s" % (name, path),
+                             "handler(event) or f.py with f(event)" % name,
                              "Runtime.HandlerNotFound")
-        self._watch_tree(name, path)
+        self._watch(name, path)
+        for e in entries:
+            if e.is_dir(follow_symlinks=False) and e.name != "__pycache__":
+                self._watch_tree(name, e.path)
         fn = Function(name, path, self.versions.setdefault(name, 0))
         self.cache[name] = fn
         return fn
 
+    def _watch(self, name, path):
+        try:
+            self.watches[self.inotify.add_watch(path, WATCH)] = name
+        except OSError:
+            pass  # vanished meanwhile; the parent's watch saw it
+
     def _watch_tree(self, name, path):
         for root, dirs, _files in os.walk(path):
             dirs[:] = [d for d in dirs if d != "__pycache__"]
-            try:
-                self.watches[self.inotify.add_watch(root, WATCH)] = name
-            except OSError:
-                pass  # vanished while we walked; the parent's watch saw it
+            self._watch(name, root)
 
     def drain_changes(self):
         try:

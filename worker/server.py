@@ -4,7 +4,7 @@ import asyncio
 import logging
 import signal
 
-from sandbox.cgroups import Limits
+from sandbox.cgroups import Limits, favor_moves
 from sandbox.errors import SandboxError
 from sandbox.manager import SandboxConfig, SandboxManager
 
@@ -33,7 +33,8 @@ async def run(config):
     manager = SandboxManager(SandboxConfig(
         rootfs=rootfs, cgroup_root=config.cgroup, log_fd=2, hostname="ol-%d" % config.port,
         limits=Limits(limits.mem_mb, limits.procs, limits.cpu_percent),
-        scratch_mb=limits.scratch_mb))
+        scratch_mb=limits.scratch_mb, pool_size=config.pool_size, max_live=config.max_sandboxes,
+        fresh=not config.zygote))
     try:
         registry = Registry(config.registry)
     except OSError as e:
@@ -49,6 +50,8 @@ async def run(config):
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.favor_cgroup_moves:
+        log.info(favor_moves())
     try:
         await manager.start()
         await server.start_serving()

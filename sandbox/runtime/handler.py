@@ -1,11 +1,13 @@
-"""A handler process: loads a function's code once from /handler, then
-serves calls on its channel until the worker closes it.
+"""A handler process: a shell says "ready" on its channel, waits to be
+given a function ("assign", with the fd of its code tree), loads the code
+once from /handler, then serves calls until the worker closes the channel.
 
 Requests are msgpack maps {"id", "body"} where body is the JSON event.
 Replies are {"status": "ok", "body": JSON}, or {"status": "error" |
 "init_error", "errorType", "errorMessage", "stackTrace"} for faults of the
 function's code, or {"status": "setup_error", "errorMessage"} when the
-sandbox itself could not be finished (a platform fault).
+sandbox itself could not be finished (a platform fault).  Replies carry
+timings in seconds: "run" always, "attach" and "load" on the first.
 """
 import importlib
 import inspect
@@ -16,9 +18,10 @@ import sys
 import time
 import traceback
 
-from . import proto
+from . import mounts, proto
 
 CODE_DIR = "/handler"
+FRESH_CHANNEL_FD = 3
 # (file, module, function) in the order they are looked for.
 ENTRIES = (("lambda_func.py", "lambda_func", "handler"), ("f.py", "f", "f"))
 
@@ -92,41 +95,103 @@ def invoke(fn, wants_context, function_name, request):
         event = json.loads(request["body"]) if request["body"] else {}
     except ValueError as e:
         return _error(e, "Runtime.UnmarshalError")
+    start = time.monotonic()
     try:
         if wants_context:
             result = fn(event, Context(function_name, request["id"]))
         else:
             result = fn(event)
     except Exception as e:
-        return _error(e)
+        return dict(_error(e), run=time.monotonic() - start)
+    run = time.monotonic() - start
     try:
         body = json.dumps(result).encode()
     except (TypeError, ValueError) as e:
         return {"status": "error", "errorType": "Runtime.MarshalError",
-                "errorMessage": "the return value is not JSON: %s" % e, "stackTrace": []}
-    return {"status": "ok", "body": body}
+                "errorMessage": "the return value is not JSON: %s" % e, "stackTrace": [],
+                "run": run}
+    return {"status": "ok", "body": body, "run": run}
 
 
-def serve(channel_fd, spec):
+def serve(channel_fd, setup_times):
+    """Say ready, wait for a function, load it, serve it.  Returns when the
+    worker closes the channel (or drops this shell unused)."""
     channel = socket.socket(fileno=channel_fd)
+    rehearse()
+    channel.sendall(proto.pack({"op": "ready", "t": setup_times}))
+    unpacker = proto.unpacker()
+    assign, fds = _wait_assign(channel, unpacker)
+    if assign is None:
+        return
+    assigned = time.monotonic()
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)  # leave the pool's low priority
+        mounts.apply(mounts.code_plan(fds[0]))
+        os.chdir(CODE_DIR)
+    except Exception as e:
+        report_setup_failure(channel.detach(), e)
+        return
+    attached = time.monotonic()
     try:
         fn, wants_context = load()
     except LoadError as e:
         channel.sendall(proto.pack({"status": "init_error", "errorType": e.error_type,
                                     "errorMessage": str(e), "stackTrace": e.stack}))
         return
-    unpacker = proto.unpacker()
-    name = spec.get("function", "")
+    startup = {"attach": attached - assigned, "load": time.monotonic() - attached}
+    name = assign.get("function", "")
     while True:
+        for request in unpacker:
+            reply = invoke(fn, wants_context, name, request)
+            if startup:
+                reply.update(startup)
+                startup = None
+            sys.stdout.flush()
+            sys.stderr.flush()
+            channel.sendall(proto.pack(reply))
         data = channel.recv(1 << 16)
         if not data:
             return
         unpacker.feed(data)
-        for request in unpacker:
-            reply = invoke(fn, wants_context, name, request)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            channel.sendall(proto.pack(reply))
+
+
+REHEARSAL = "def handler(event):\n    return event\n"
+
+
+def rehearse():
+    """Run one call of a throw-away function before the real one arrives.
+
+    A forked child pays for the first touch of every page it writes (copy
+    on write, and page faults cost several times more in a VM): the import
+    system, the compiler, json and msgpack.  Paying it here, while the
+    shell waits in the pool, takes it off the cold path."""
+    path = "/tmp/.olrt_rehearsal"
+    os.mkdir(path)
+    with open(os.path.join(path, "lambda_func.py"), "w") as f:
+        f.write(REHEARSAL)
+    try:
+        fn, wants_context = load(path)
+        invoke(fn, wants_context, "", {"id": "", "body": b'{"a": [1, 2.5, "x"]}'})
+        proto.unpacker().feed(proto.pack({"status": "ok", "body": b"{}", "run": 0.0}))
+    finally:
+        sys.modules.pop("lambda_func", None)
+        sys.path.remove(path)
+        sys.path_importer_cache.pop(path, None)
+        os.unlink(os.path.join(path, "lambda_func.py"))
+        os.rmdir(path)
+
+
+def _wait_assign(channel, unpacker):
+    """The "assign" message and its fds; bytes after it stay in `unpacker`."""
+    fds = []
+    while True:
+        data, fd_list = proto.recv_fds(channel)
+        fds += fd_list
+        if not data:
+            return None, fds
+        unpacker.feed(data)
+        for msg in unpacker:
+            return msg, fds
 
 
 def report_setup_failure(channel_fd, exc):

@@ -114,12 +114,16 @@ def apply(ops):
         _APPLY[type(op)](op)
 
 
-def handler_plan(code_fd, scratch_mb):
+def shell_plan(scratch_mb):
     """What a zygote's child mounts over the zygote's tree to become a
-    handler sandbox: its own /proc, scratch /tmp, /dev/shm and code."""
+    sandbox shell: its own /proc, and scratch /tmp and /dev/shm."""
     return [
         Proc("/proc"),
         Tmpfs("/tmp", scratch_mb, 0o1777),
         Tmpfs("/dev/shm", scratch_mb, 0o1777),
-        AttachTree(code_fd, "/handler"),
     ]
+
+
+def code_plan(code_fd):
+    """What a shell mounts once it is given a function: its code."""
+    return [AttachTree(code_fd, "/handler")]

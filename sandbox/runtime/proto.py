@@ -31,13 +31,19 @@ def send_packet(sock, msg, fds=()):
     sock.sendmsg([pack(msg)], anc)
 
 
-def recv_packet(sock):
-    """One message and its fds, or (None, []) at EOF."""
+def recv_fds(sock):
+    """Up to MAX_PACKET bytes and the fds that came with them."""
     fds = array.array("i")
     data, anc, _flags, _addr = sock.recvmsg(MAX_PACKET, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
+def recv_packet(sock):
+    """One message and its fds, or (None, fds) at EOF."""
+    data, fds = recv_fds(sock)
     if not data:
-        return None, list(fds)
-    return msgpack.unpackb(data, raw=False), list(fds)
+        return None, fds
+    return msgpack.unpackb(data, raw=False), fds

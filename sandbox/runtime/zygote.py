@@ -3,15 +3,19 @@ python3 with the runtime and common modules already imported.
 
 It serves one control channel (fd 3, SOCK_SEQPACKET) from the worker.  For
 each "fork" request it forks a child straight into a fresh PID namespace;
-the child finishes its own sandbox (mount, IPC, UTS and cgroup namespaces,
-its cgroup, /proc, /tmp, code) and becomes a handler process.  The zygote
-reaps its children and reports each exit status to the worker.
+the child finishes its own sandbox (its cgroup, then mount, IPC, UTS and
+cgroup namespaces, /proc, /tmp, /dev/shm) and says "ready" on its channel.
+That is a shell: the worker keeps a few ready, and gives one a function's
+code only when a call needs it.  The zygote reaps its children and reports
+each exit status to the worker.
 """
+import gc
 import os
 import selectors
 import signal
 import socket
 import sys
+import time
 
 try:
     from . import handler, mounts, proto
@@ -79,6 +83,7 @@ class Zygote:
                 proto.send_packet(self.control, {"op": "exit", "id": sandbox_id, "status": status})
 
     def fork(self, msg, fds):
+        forked_at = time.monotonic()
         # unshare(CLONE_NEWPID) only changes where our *next* child goes: it
         # becomes pid 1 of a new namespace, with no second fork.  setns back
         # to our own namespace right after, so the next unshare is allowed.
@@ -95,15 +100,16 @@ class Zygote:
             proto.send_packet(self.control, {"op": "fork_failed", "id": msg["id"], "error": str(e)})
             return
         if pid == 0:
-            self.become_handler(msg, fds)
+            self.become_shell(msg, fds, forked_at)
         sc.setns(self.own_pidns, sc.CLONE_NEWPID)
         for fd in fds:
             os.close(fd)
         self.children[pid] = msg["id"]
 
-    def become_handler(self, msg, fds):
+    def become_shell(self, msg, fds, forked_at):
         """In the child: finish the sandbox, then serve calls.  Never returns."""
-        channel_fd, code_fd, cgroup_fds = fds[0], fds[1], fds[2:]
+        times = [forked_at, time.monotonic()]
+        channel_fd, cgroup_fds = fds[0], fds[1:]
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -115,14 +121,20 @@ class Zygote:
             for fd in cgroup_fds:
                 os.write(fd, b"0")
                 os.close(fd)
+            times.append(time.monotonic())
             sc.unshare(HANDLER_NS)
-            mounts.apply(mounts.handler_plan(code_fd, msg["scratch_mb"]))
+            mounts.apply(mounts.shell_plan(msg["scratch_mb"]))
             socket.sethostname(msg["hostname"])
-            os.chdir("/handler")
+            times.append(time.monotonic())
         except Exception as e:
             handler.report_setup_failure(channel_fd, e)
             os._exit(proto.EXIT_BOOT_SETUP)
-        handler.serve(channel_fd, msg)
+        if msg.get("fresh"):
+            # No zygote benefit: a new interpreter, for comparison only.
+            os.dup2(channel_fd, handler.FRESH_CHANNEL_FD)
+            os.execv("/usr/bin/python3", ["python3", "-s", "-B", "-m", "olrt.fresh",
+                                          repr(times)])
+        handler.serve(channel_fd, times)
         os._exit(0)
 
 
@@ -134,12 +146,24 @@ def warm_up():
     for name in dir(sc.lib):
         getattr(sc.lib, name)
     sc.ffi.new("int *")
+    # Everything imported so far is shared with every child.  Out of the
+    # collector's reach, it is never written to by a child's GC, so its
+    # pages stay shared instead of being copied into each handler.
+    gc.collect()
+    gc.freeze()
+
+
+# Forking and preparing shells is background work: at this niceness it
+# yields the CPU to the calls being served (2 cores are easily saturated).
+# A shell returns to normal priority when it is given a function.
+POOL_NICE = 10
 
 
 def main():
     try:
         control = socket.socket(fileno=CONTROL_FD)
         warm_up()
+        os.nice(POOL_NICE)
     except Exception as e:
         print("zygote: cannot boot: %s: %s" % (type(e).__name__, e), file=sys.stderr)
         sys.exit(proto.EXIT_BOOT_IMPORT)

@@ -28,11 +28,11 @@ def test_dev_gets_only_harmless_devices():
                        "/dev/tty"}
 
 
-def test_handler_plan():
-    plan = m.handler_plan(7, 32)
+def test_shell_and_code_plans():
+    plan = m.shell_plan(32)
     assert m.Proc("/proc") in plan
     assert m.Tmpfs("/tmp", 32, 0o1777) in plan and m.Tmpfs("/dev/shm", 32, 0o1777) in plan
-    assert plan[-1] == m.AttachTree(7, "/handler")
+    assert m.code_plan(7) == [m.AttachTree(7, "/handler")]
 
 
 def test_every_op_has_an_executor():
