@@ -6,7 +6,7 @@ ROOTFS := build/rootfs
 STAMPS := build/stamps
 CBITS  := sandbox/runtime/libolsys.so sandbox/runtime/_olsys.py
 
-.PHONY: all deps venv cbits rootfs test quickstart clean
+.PHONY: all deps venv cbits rootfs test quickstart bench bench-deps clean
 
 all: deps venv cbits rootfs
 
@@ -35,6 +35,15 @@ test: all
 
 quickstart: all
 	@scripts/quickstart.sh
+
+# The peers the benchmark compares against, and wrk for throughput.
+bench-deps: $(STAMPS)/bench-deps
+$(STAMPS)/bench-deps: scripts/install-deps.sh
+	@scripts/install-deps.sh bubblewrap crun runc wrk util-linux
+	@mkdir -p $(STAMPS) && touch $@
+
+bench: all bench-deps
+	$(PY) scripts/bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build $(CBITS) cbits/*.o

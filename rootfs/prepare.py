@@ -10,7 +10,7 @@ import subprocess
 import time
 
 # Where a sandbox mounts things; each must be a directory in the rootfs.
-MOUNT_POINTS = ("ol", "handler", "proc", "dev", "tmp")
+MOUNT_POINTS = ("ol", "ol/olrt", "handler", "proc", "dev", "tmp")
 TARBALL_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar.zst")
 STAMP = ".ol-extracted"
 

@@ -15,10 +15,12 @@ from .runtime import proto
 from .runtime.syscalls import SyscallError
 
 RUNTIME_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime")
-DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+# The harmless character devices every sandbox gets: (name, major, minor).
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+           ("urandom", 1, 9), ("tty", 5, 0))
 ZYGOTE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "PYTHONPATH": "/ol/lib",
+    "PYTHONPATH": "/ol",
     "LANG": "C.UTF-8",
     "HOME": "/tmp",
 }
@@ -33,20 +35,18 @@ def zygote_root_plan(rootfs, scratch_mb, runtime_dir=RUNTIME_DIR):
         m.MakePrivate(),
         # The root: the rootfs, bound read-only.
         m.Bind(rootfs, rootfs, readonly=True),
-        # /ol holds only the runtime, read-only.
-        m.Tmpfs(at("ol"), 1, 0o755),
-        m.Mkdir(at("ol/lib"), 0o755),
-        m.Mkdir(at("ol/lib/olrt"), 0o755),
-        m.Bind(runtime_dir, at("ol/lib/olrt"), readonly=True),
-        m.RemountReadonly(at("ol")),
+        # The runtime, read-only, importable as the package "olrt".
+        m.Bind(runtime_dir, at("ol/olrt"), readonly=True),
         m.Proc(at("proc")),
-        # A minimal /dev: a few harmless devices bound from the host, its own
-        # ptys and shm, nothing else (no disks, no /dev/mem, no kmsg).
-        m.Tmpfs(at("dev"), 1, 0o755),
+        # A minimal /dev: a few harmless devices, its own ptys and shm, nothing
+        # else (no disks, no /dev/mem, no kmsg).  The nodes are made, not
+        # bound from the host: every mount here is copied into each sandbox
+        # and torn down with it, so fewer mounts mean cheaper sandboxes.  The
+        # tmpfs allows devices for that reason; it is made read-only below,
+        # so no other node can ever be created in it.
+        m.Tmpfs(at("dev"), 1, 0o755, nodev=False),
     ]
-    for dev in DEVICES:
-        plan += [m.Touch(at("dev/" + dev)),
-                 m.Bind("/dev/" + dev, at("dev/" + dev), readonly=False)]
+    plan += [m.DeviceNode(at("dev/" + name), major, minor) for name, major, minor in DEVICES]
     plan += [
         m.Mkdir(at("dev/pts"), 0o755),
         m.Devpts(at("dev/pts")),
@@ -74,7 +74,7 @@ def main():
         sys.exit(proto.EXIT_BOOT_SETUP)
     argv = ["python3", "-s", "-B", "-m", "olrt.zygote"]
     try:
-        os.execve("/usr/bin/python3", argv, ZYGOTE_ENV)
+        os.execve("/usr/bin/python3", argv, ZYGOTE_ENV)  # PYTHONPATH=/ol finds olrt
     except OSError as e:
         print("launch zygote: exec /usr/bin/python3 in %s: %s" % (spec["rootfs"], e.strerror),
               file=sys.stderr)

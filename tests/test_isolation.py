@@ -42,12 +42,13 @@ def test_no_host_path_is_visible(worker, facts, tmp_path):
     assert "/sys" not in targets  # no sysfs at all
     # The old root was detached after pivot_root: only the sandbox's own
     # mounts remain, all under the rootfs bind at "/".
-    assert set(targets) <= {"/", "/ol", "/ol/lib/olrt", "/proc", "/dev", "/tmp", "/handler"} | {
+    assert set(targets) <= {"/", "/ol/olrt", "/proc", "/dev", "/tmp", "/handler"} | {
         t for t in targets if t.startswith("/dev/")}
 
 
 def test_root_is_read_only(worker):
-    for path in ("/etc/passwd-new", "/usr/bin/evil", "/handler/lambda_func.py", "/ol/lib/x"):
+    for path in ("/etc/passwd-new", "/usr/bin/evil", "/handler/lambda_func.py", "/ol/olrt/x",
+                 "/dev/evil"):
         _, _, r = worker.call("probe", {"op": "write", "path": path})
         assert r == {"ok": False, "errno": "EROFS"}, path
 

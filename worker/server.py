@@ -1,6 +1,7 @@
 """A worker's life: check the rootfs, bind the port, start the zygote, serve,
 and on SIGTERM or SIGINT drain and remove every sandbox and cgroup."""
 import asyncio
+import gc
 import logging
 import signal
 
@@ -55,6 +56,11 @@ async def run(config):
     try:
         await manager.start()
         await server.start_serving()
+        # A full collection walks every live object, and a busy worker holds
+        # many (sandboxes, channels, futures): collect rarely, and never walk
+        # what start-up made.
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 1000)
         app.ready = True
         log.info("ready on http://%s:%d (rootfs %s, cgroups %s)", config.host, config.port,
                  rootfs, manager.root.mode.name)

@@ -5,6 +5,7 @@ Both sides use it: the host's launcher builds a zygote's root with it, and a
 zygote's forked child builds its own handler sandbox with it.
 """
 import os
+import stat
 from collections import namedtuple
 
 from . import syscalls as sc
@@ -14,13 +15,13 @@ from . import syscalls as sc
 MakePrivate = namedtuple("MakePrivate", "")
 # Bind `src` at `dst`; read-only binds also get nosuid+nodev.
 Bind = namedtuple("Bind", "src dst readonly")
-Tmpfs = namedtuple("Tmpfs", "dst size_mb mode")
+Tmpfs = namedtuple("Tmpfs", "dst size_mb mode nodev", defaults=(True,))
+# A character device node, mode 0666.
+DeviceNode = namedtuple("DeviceNode", "path major minor")
 Proc = namedtuple("Proc", "dst")
 Devpts = namedtuple("Devpts", "dst")
 Mkdir = namedtuple("Mkdir", "path mode")
 Symlink = namedtuple("Symlink", "target path")
-# An empty file, to bind a device node onto.
-Touch = namedtuple("Touch", "path")
 RemountReadonly = namedtuple("RemountReadonly", "dst")
 # Attach a detached mount (an open_tree fd from the host) at `dst`.
 AttachTree = namedtuple("AttachTree", "fd dst")
@@ -39,7 +40,16 @@ def _bind(op):
 
 
 def _tmpfs(op):
-    sc.mount("tmpfs", op.dst, "tmpfs", _SAFE, "size=%dm,mode=%o" % (op.size_mb, op.mode))
+    flags = _SAFE if op.nodev else sc.MS_NOSUID
+    sc.mount("tmpfs", op.dst, "tmpfs", flags, "size=%dm,mode=%o" % (op.size_mb, op.mode))
+
+
+def _device_node(op):
+    try:
+        os.mknod(op.path, 0o666 | stat.S_IFCHR, os.makedev(op.major, op.minor))
+        os.chmod(op.path, 0o666)  # mknod's mode is filtered by the umask
+    except OSError as e:
+        raise sc.SyscallError("mknod", op.path, e.errno) from None
 
 
 def _proc(op):
@@ -68,13 +78,6 @@ def _symlink(op):
         raise sc.SyscallError("symlink", op.path, e.errno) from None
 
 
-def _touch(op):
-    try:
-        os.close(os.open(op.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
-    except OSError as e:
-        raise sc.SyscallError("create", op.path, e.errno) from None
-
-
 def _remount_readonly(op):
     sc.mount(None, op.dst, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | _SAFE)
 
@@ -101,7 +104,7 @@ _APPLY = {
     Devpts: _devpts,
     Mkdir: _mkdir,
     Symlink: _symlink,
-    Touch: _touch,
+    DeviceNode: _device_node,
     RemountReadonly: _remount_readonly,
     AttachTree: _attach_tree,
     PivotRoot: _pivot_root,

@@ -1,0 +1,59 @@
+"""Sandbox churn: how many sandboxes per second can be created, called once
+and destroyed, with the sandbox package driven directly (no HTTP).
+
+    python scripts/bench/churn.py SECONDS CONCURRENCY   -> JSON on stdout
+"""
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from rootfs.prepare import check_dir  # noqa: E402
+from sandbox.manager import SandboxConfig, SandboxManager  # noqa: E402
+from worker.functions import Channel  # noqa: E402
+
+
+async def churn(seconds, concurrency):
+    code = tempfile.mkdtemp(prefix="olchurn-")
+    with open(os.path.join(code, "lambda_func.py"), "w") as f:
+        f.write("def handler(event):\n    return 'Hello'\n")
+    log = os.open(os.devnull, os.O_WRONLY)
+    manager = SandboxManager(SandboxConfig(
+        rootfs=check_dir(os.path.join(REPO, "build", "rootfs")), log_fd=log, hostname="churn",
+        cgroup_root="openlambda/bench-churn-%d/w" % os.getpid(), pool_size=16,
+        max_live=concurrency * 2))
+    await manager.start()
+    latencies = []
+    end = time.monotonic() + seconds
+
+    async def one_after_another():
+        while time.monotonic() < end:
+            start = time.perf_counter()
+            sandbox = await manager.create(code, "churn")
+            channel = Channel(sandbox.channel)
+            reply = await channel.call({"id": "churn", "body": b"{}"})
+            assert reply["status"] == "ok", reply
+            channel.close()
+            await manager.destroy(sandbox)
+            latencies.append(time.perf_counter() - start)
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(one_after_another() for _ in range(concurrency)))
+    finally:
+        elapsed = time.monotonic() - started
+        await manager.shutdown()
+        os.unlink(os.path.join(code, "lambda_func.py"))
+        os.rmdir(code)
+    return {"seconds": round(elapsed, 3), "concurrency": concurrency,
+            "completed": len(latencies), "per_s": len(latencies) / elapsed,
+            "samples": latencies}
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(churn(float(sys.argv[1]), int(sys.argv[2])))))

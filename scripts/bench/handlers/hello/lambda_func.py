@@ -1,0 +1,2 @@
+def handler(event):
+    return "Hello, %s!" % event.get("name", "world")

@@ -1,0 +1,211 @@
+"""Turn a benchmark run into results.json, summary.md and latency.png."""
+import json
+import os
+import platform
+import statistics
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+WAYS = ("zygote", "warm", "fresh", "chroot", "bwrap", "crun", "runc")
+PHASES = ("total", "worker", "wait", "fork", "cgroup", "mounts", "interpreter", "attach",
+          "load", "handler", "ipc")
+
+
+def host_info():
+    from sandbox.cgroups import mode
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f
+                      if line.startswith("model name")), "?")
+    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu": model,
+            "cgroups": mode().name, "python": platform.python_version()}
+
+
+def pct(sorted_ms, p):
+    return sorted_ms[min(len(sorted_ms) - 1, int(len(sorted_ms) * p))]
+
+
+def summarize(samples):
+    """Quantiles in ms of samples in seconds."""
+    if not samples:
+        return None
+    ms = sorted(s * 1e3 for s in samples)
+    return {"n": len(ms), "p50": pct(ms, 0.5), "p90": pct(ms, 0.9), "p99": pct(ms, 0.99),
+            "mean": statistics.fmean(ms), "max": ms[-1]}
+
+
+def find(results, way, handler, scenario):
+    for run in results["runs"]:
+        if (run["way"], run["handler"], run["scenario"]) == (way, handler, scenario):
+            return run
+    return None
+
+
+def latency_table(results, handler, scenario):
+    base = find(results, "zygote", handler, scenario)
+    base_p50 = base["summary"]["p50"] if base and base.get("summary") else None
+    lines = ["| way | p50 ms | p90 ms | p99 ms | n | p50 vs zygote |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for way in WAYS:
+        run = find(results, way, handler, scenario)
+        if run is None:
+            continue
+        s = run.get("summary")
+        if not s:
+            lines.append("| %s | %s | | | 0 | |" % (way, run.get("error") or "no samples"))
+            continue
+        ratio = "%.1f×" % (s["p50"] / base_p50) if base_p50 else ""
+        lines.append("| %s | %.2f | %.2f | %.2f | %d | %s |" % (
+            way, s["p50"], s["p90"], s["p99"], s["n"], ratio))
+    return lines
+
+
+def phase_table(results):
+    lines = ["| run | " + " | ".join(PHASES) + " |", "|---|" + "---:|" * len(PHASES)]
+    for way, handler, scenario in (("zygote", "hello", "back-to-back"),
+                                   ("zygote", "hello", "idle-200ms"),
+                                   ("zygote", "heavy", "back-to-back"),
+                                   ("fresh", "hello", "back-to-back"),
+                                   ("warm", "hello", "back-to-back")):
+        run = find(results, way, handler, scenario)
+        if not run or not run.get("timings"):
+            continue
+        cells = []
+        for phase in PHASES:
+            values = sorted(t[phase] for t in run["timings"] if phase in t)
+            cells.append("%.3f" % values[len(values) // 2] if values else "")
+        lines.append("| %s %s %s | %s |" % (way, handler, scenario, " | ".join(cells)))
+    return lines
+
+
+def targets(results):
+    """(measure, target, measured, met) for the cold-start issue's targets."""
+    rows = []
+
+    def p(way, handler, scenario, key):
+        run = find(results, way, handler, scenario)
+        return run["summary"][key] if run and run.get("summary") else None
+
+    for scenario in ("back-to-back", "idle-200ms"):
+        p50, p99 = p("zygote", "hello", scenario, "p50"), p("zygote", "hello", scenario, "p99")
+        if p50 is not None:
+            rows.append(("cold hello %s p50" % scenario, "≤ 2 ms", "%.2f ms" % p50, p50 <= 2))
+            rows.append(("cold hello %s p99" % scenario, "≤ 5 ms", "%.2f ms" % p99, p99 <= 5))
+    zp50 = p("zygote", "hello", "back-to-back", "p50")
+    for peer in ("bwrap", "crun"):
+        peer_p50 = p(peer, "hello", "back-to-back", "p50")
+        if zp50 and peer_p50:
+            ratio = peer_p50 / zp50
+            rows.append(("%s p50 / zygote p50" % peer, "≥ 6×", "%.1f×" % ratio, ratio >= 6))
+    warm = p("warm", "hello", "back-to-back", "p50")
+    if warm is not None:
+        rows.append(("warm call p50", "≤ 0.3 ms", "%.3f ms" % warm, warm <= 0.3))
+    tp = results.get("throughput", {})
+    if "requests_per_s" in tp:
+        errors = tp["non_2xx"] + tp["socket_errors"]
+        rows.append(("warm throughput, keep-alive", "≥ 3000/s, 0 errors",
+                     "%.0f/s, %d errors" % (tp["requests_per_s"], errors),
+                     tp["requests_per_s"] >= 3000 and errors == 0))
+    many = find(results, "zygote", "hello", "many-functions-c8")
+    if many and many.get("summary"):
+        errors = len(many.get("errors") or [])
+        rows.append(("%d functions cold, c=8" % many["summary"]["n"], "0 errors, p99 ≤ 20 ms",
+                     "%d errors, p99 %.2f ms" % (errors, many["summary"]["p99"]),
+                     errors == 0 and many["summary"]["p99"] <= 20))
+    churn = results.get("churn", {})
+    if "per_s" in churn:
+        rows.append(("sandbox churn (create + call + destroy)", "≥ 500/s",
+                     "%.0f/s" % churn["per_s"], churn["per_s"] >= 500))
+    mem = results.get("memory", {})
+    if mem.get("pss_kb"):
+        median = statistics.median(mem["pss_kb"]) / 1024
+        rows.append(("PSS per idle warm handler, %d alive" % mem["alive"], "≤ 3 MB",
+                     "%.2f MB median" % median, median <= 3))
+    soak = results.get("soak")
+    if soak and len(soak["rss_kb"]) > 2:
+        first, last = soak["rss_kb"][1][1], soak["rss_kb"][-1][1]
+        rows.append(("worker RSS over %d s soak" % soak["seconds"], "flat",
+                     "%.1f → %.1f MB" % (first / 1024, last / 1024), last <= first * 1.1))
+    return rows
+
+
+def markdown(results):
+    host = results["host"]
+    out = ["# Cold-start benchmark", "",
+           "Host: %(cpus)d CPUs (%(cpu)s), Linux %(kernel)s, cgroups %(cgroups)s." % host,
+           "Latencies in ms. Ours (zygote, warm, fresh) are HTTP end to end from a client "
+           "on the same host; peers are spawn-to-exit of the tool running the same handler "
+           "on the same rootfs.%s" % (" QUICK RUN: few samples." if results["quick"] else ""),
+           "", "## Targets", "", "| measure | target | measured | |", "|---|---|---|---|"]
+    for measure, target, measured, met in targets(results):
+        out.append("| %s | %s | %s | %s |" % (measure, target, measured,
+                                             "met" if met else "**missed**"))
+    for handler in ("hello", "heavy"):
+        for scenario in ("back-to-back", "idle-200ms"):
+            out += ["", "## %s, %s" % (handler, scenario), ""]
+            out += latency_table(results, handler, scenario)
+    out += ["", "## Concurrency (hello, zygote, cold)", "",
+            "| scenario | p50 ms | p99 ms | n | errors |", "|---|---:|---:|---:|---:|"]
+    for run in results["runs"]:
+        if run["scenario"].startswith(("concurrency", "many")) and run.get("summary"):
+            s = run["summary"]
+            out.append("| %s | %.2f | %.2f | %d | %d |" % (run["scenario"], s["p50"], s["p99"],
+                                                         s["n"], len(run.get("errors") or [])))
+    out += ["", "## Where the time goes (median ms per phase, from Server-Timing)", "",
+            "fork, cgroup and mounts of a pooled shell happen before the request arrives.", ""]
+    out += phase_table(results)
+    tp, churn, mem = results.get("throughput", {}), results.get("churn", {}), results.get("memory", {})
+    out += ["", "## Throughput, churn, memory", ""]
+    if "requests_per_s" in tp:
+        out.append("- warm throughput (wrk, %d connections, %d s): %.0f requests/s, %d non-2xx, "
+                   "%d socket errors" % (tp["connections"], tp["seconds"], tp["requests_per_s"],
+                                         tp["non_2xx"], tp["socket_errors"]))
+    if "per_s" in churn:
+        s = summarize(churn["samples"])
+        out.append("- sandbox churn (create, one call, destroy; concurrency %d): %.0f/s, "
+                   "each p50 %.2f ms p99 %.2f ms" % (churn["concurrency"], churn["per_s"],
+                                                    s["p50"], s["p99"]))
+    if mem.get("pss_kb"):
+        out.append("- %d idle warm handlers: PSS median %.2f MB, mean %.2f MB; worker RSS %.1f MB"
+                   % (mem["alive"], statistics.median(mem["pss_kb"]) / 1024,
+                      statistics.fmean(mem["pss_kb"]) / 1024, mem["worker_rss_kb"] / 1024))
+    return "\n".join(out) + "\n"
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    for row, scenario in enumerate(("back-to-back", "idle-200ms")):
+        for col, handler in enumerate(("hello", "heavy")):
+            ax = axes[row][col]
+            for way in WAYS:
+                run = find(results, way, handler, scenario)
+                if not run or not run["samples"]:
+                    continue
+                ms = sorted(s * 1e3 for s in run["samples"])
+                ax.step(ms, [(i + 1) / len(ms) for i in range(len(ms))], where="post",
+                        label="%s (p50 %.2f)" % (way, ms[len(ms) // 2]))
+            ax.set_xscale("log")
+            ax.set_title("%s, %s" % (handler, scenario))
+            ax.set_xlabel("latency (ms, log scale)")
+            ax.set_ylabel("fraction of calls")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Cold-start latency CDFs: OpenLambda-in-Python vs. peers, same rootfs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write(results, out):
+    for run in results["runs"]:
+        run["summary"] = summarize(run["samples"])
+    results["targets"] = [dict(zip(("measure", "target", "measured", "met"), row))
+                          for row in targets(results)]
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(markdown(results))
+    plot(results, os.path.join(out, "latency.png"))

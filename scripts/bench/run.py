@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""Cold-start microbenchmarks: our worker against the other ways of running
+the same Python handlers on the same rootfs, all in one run.
+
+    make bench                     # or: .venv/bin/python scripts/bench/run.py
+    scripts/bench/run.py --quick   # fewer samples, for a smoke test
+    scripts/bench/run.py --soak 600
+
+Ways measured, for the hello and heavy-stdlib handlers:
+  chroot    a fresh python3 in the rootfs, no namespaces: the floor without a zygote
+  fresh     our sandbox, but a fresh interpreter per sandbox (worker "zygote": false)
+  zygote    our sandbox forked from the zygote (the default)
+  warm      a call on a live handler
+  bwrap, crun, runc   the peers, each running the same handler on the same rootfs
+
+Ours are measured end to end over HTTP from a client on this host; peers from
+spawning the tool to its exit.  Results go to bench-results/<time>/:
+results.json (raw samples and summary), summary.md (tables) and latency.png.
+Needs root, `make`, and for the peers `make bench-deps`.
+"""
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+from client import Client, phases  # noqa: E402
+import report  # noqa: E402
+
+ADMIN = os.path.join(REPO, "bin", "admin")
+PYTHON = os.path.join(REPO, ".venv", "bin", "python")
+ROOTFS = os.path.join(REPO, "build", "rootfs")
+HANDLERS = os.path.join(HERE, "handlers")
+EVENT = b'{"name": "bench"}'
+PEERS = ("chroot", "bwrap", "crun", "runc")
+
+
+def step(i, total, text):
+    print("[%d/%d] %s" % (i, total, text), flush=True)
+
+
+def admin(*args):
+    done = subprocess.run([ADMIN, *map(str, args)], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit("bench: admin %s failed: %s" % (" ".join(map(str, args)),
+                                                 done.stderr.strip() or done.stdout))
+    return done.stdout
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """A worker of our own with `count` copies of each bench handler, so that
+    every cold start has a function that was never called before."""
+
+    def __init__(self, base, name, count, **settings):
+        self.path = os.path.join(base, name)
+        admin("new", "-cluster", self.path)
+        admin("setconf", "-cluster", self.path, json.dumps(settings))
+        for handler in ("hello", "heavy"):
+            src = os.path.join(HANDLERS, handler)
+            for i in range(count):
+                shutil.copytree(src, os.path.join(self.path, "registry", "%s-%d" % (handler, i)))
+        self.port = free_port()
+        admin("workers", "-cluster", self.path, "-p", self.port)
+        self.next = {"hello": 0, "heavy": 0}
+
+    def fresh_name(self, handler):
+        """A function of this handler not called yet."""
+        self.next[handler] += 1
+        return "%s-%d" % (handler, self.next[handler] - 1)
+
+    def worker_pid(self):
+        with open(os.path.join(self.path, "workers", str(self.port), "pid")) as f:
+            return int(f.read())
+
+    def sandboxes(self):
+        import urllib.request
+        with urllib.request.urlopen("http://127.0.0.1:%d/sandboxes" % self.port) as r:
+            return json.load(r)
+
+    def kill(self):
+        subprocess.run([ADMIN, "kill", "-cluster", self.path], capture_output=True)
+
+
+def call(client, name):
+    status, headers, body, seconds = client.post("/run/" + name, EVENT)
+    if status != 200:
+        raise RuntimeError("%s answered %d: %s" % (name, status, body[:200]))
+    return seconds, phases(headers)
+
+
+def run_sequential(cluster, handler, n, gap, warm=False):
+    client = Client(cluster.port)
+    samples, timings = [], []
+    name = cluster.fresh_name(handler) if warm else None
+    if warm:
+        call(client, name)
+    for _ in range(n):
+        if gap:
+            time.sleep(gap)
+        seconds, timing = call(client, name or cluster.fresh_name(handler))
+        samples.append(seconds)
+        timings.append(timing)
+    client.close()
+    return samples, timings
+
+
+def run_concurrent(cluster, handler, n, concurrency):
+    names = [cluster.fresh_name(handler) for _ in range(n)]
+    errors = []
+
+    def worker(part):
+        client = Client(cluster.port)
+        out = []
+        for name in part:
+            try:
+                out.append(call(client, name)[0])
+            except (RuntimeError, OSError) as e:
+                errors.append(str(e))
+                client.close()
+        client.close()
+        return out
+
+    parts = [names[i::concurrency] for i in range(concurrency)]
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        samples = [s for part in pool.map(worker, parts) for s in part]
+    return samples, errors
+
+
+def run_peers(jobs, tmp):
+    spec = {"rootfs": ROOTFS, "handlers": HANDLERS, "bundles": os.path.join(tmp, "bundles"),
+            "jobs": jobs}
+    path = os.path.join(tmp, "peers.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", PYTHON,
+                           os.path.join(HERE, "peers.py"), path],
+                          stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        sys.exit("bench: the peer driver failed (status %d)" % done.returncode)
+    return json.loads(done.stdout)
+
+
+def run_wrk(cluster, seconds, connections):
+    if shutil.which("wrk") is None:
+        return {"error": "wrk is not installed (make bench-deps)"}
+    name = cluster.fresh_name("hello")
+    call(Client(cluster.port), name)
+    script = os.path.join(HERE, "post.lua")
+    done = subprocess.run(["wrk", "-t2", "-c%d" % connections, "-d%ds" % seconds, "-s", script,
+                           "http://127.0.0.1:%d/run/%s" % (cluster.port, name)],
+                          capture_output=True, text=True)
+    out = done.stdout
+    result = {"connections": connections, "seconds": seconds, "output": out}
+    for line in out.splitlines():
+        words = line.split()
+        if line.startswith("Requests/sec:"):
+            result["requests_per_s"] = float(words[1])
+        elif "requests in" in line:
+            result["requests"] = int(words[0])
+        elif line.strip().startswith("Non-2xx"):
+            result["non_2xx"] = int(words[-1])
+        elif line.strip().startswith("Socket errors"):
+            result["socket_errors"] = sum(int(w.strip(",")) for w in words[3::2])
+    result.setdefault("non_2xx", 0)
+    result.setdefault("socket_errors", 0)
+    return result
+
+
+def pss_kb(pid):
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return None
+
+
+def run_memory(cluster, count):
+    samples, errors = run_concurrent(cluster, "hello", count, 4)
+    pss = []
+    for sandbox in cluster.sandboxes():
+        if sandbox["state"] == "idle" and sandbox["pid"]:
+            try:
+                pss.append(pss_kb(sandbox["pid"]))
+            except OSError:
+                pass
+    return {"alive": len(pss), "pss_kb": pss, "errors": errors,
+            "worker_rss_kb": rss_kb(cluster.worker_pid())}
+
+
+def rss_kb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+
+def run_churn(seconds, concurrency):
+    done = subprocess.run([PYTHON, os.path.join(HERE, "churn.py"), str(seconds),
+                           str(concurrency)], capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip()[-500:]}
+    return json.loads(done.stdout)
+
+
+def run_soak(cluster, seconds):
+    """Warm and cold calls for `seconds`, sampling the worker's RSS."""
+    client = Client(cluster.port)
+    end = time.monotonic() + seconds
+    rss, calls, next_sample = [], 0, 0.0
+    start = time.monotonic()
+    while time.monotonic() < end:
+        call(client, "hello-0")
+        calls += 1
+        if calls % 50 == 0:  # and a cold one now and then, recycling sandboxes
+            call(client, cluster.fresh_name("hello"))
+        now = time.monotonic() - start
+        if now >= next_sample:
+            rss.append((round(now, 1), rss_kb(cluster.worker_pid())))
+            next_sample += max(1.0, seconds / 60)
+    return {"seconds": seconds, "calls": calls, "rss_kb": rss}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few samples: a smoke test")
+    parser.add_argument("--no-peers", action="store_true", help="skip chroot, bwrap, crun, runc")
+    parser.add_argument("--soak", type=int, default=0, metavar="SECONDS",
+                        help="also run a soak of this length and record the worker's memory")
+    parser.add_argument("--out", default=os.path.join(REPO, "bench-results"),
+                        help="where results go (a new folder per run)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (it builds sandboxes)")
+    if not os.path.exists(os.path.join(ROOTFS, ".ol-rootfs.json")):
+        sys.exit("bench: no rootfs at %s: run `make` first" % ROOTFS)
+
+    n = 20 if args.quick else 200        # back-to-back samples per way
+    n_idle = 10 if args.quick else 50    # samples with 200 ms idle gaps
+    n_peer = 10 if args.quick else 50
+    n_many = 40 if args.quick else 200
+    n_memory = 50 if args.quick else 500
+    copies = n + n_idle + 3 * n + n_many + n_memory + 50
+    total = 9 + bool(args.soak)
+    out = os.path.join(args.out, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(out)
+    tmp = tempfile.mkdtemp(prefix="olbench-")
+    results = {"host": report.host_info(), "quick": args.quick, "runs": []}
+    clusters = []
+
+    def record(way, handler, scenario, samples, timings=(), **extra):
+        results["runs"].append(dict(way=way, handler=handler, scenario=scenario,
+                                    samples=samples, timings=list(timings), **extra))
+    try:
+        step(1, total, "starting two workers (with and without the zygote), %d functions each"
+             % (2 * copies))
+        zygote = Cluster(tmp, "zygote", copies, max_sandboxes=copies + 100, pool_size=16)
+        clusters.append(zygote)
+        fresh = Cluster(tmp, "fresh", n + n_idle, zygote=False, max_sandboxes=copies + 100)
+        clusters.append(fresh)
+
+        step(2, total, "cold starts back to back (n=%d per handler and way)" % n)
+        for handler in ("hello", "heavy"):
+            for way, cluster in (("zygote", zygote), ("fresh", fresh)):
+                samples, timings = run_sequential(cluster, handler, n, 0)
+                record(way, handler, "back-to-back", samples, timings)
+            samples, timings = run_sequential(zygote, handler, n * 5, 0, warm=True)
+            record("warm", handler, "back-to-back", samples, timings)
+
+        step(3, total, "cold starts after 200 ms idle gaps (n=%d)" % n_idle)
+        for handler in ("hello", "heavy"):
+            for way, cluster in (("zygote", zygote), ("fresh", fresh)):
+                samples, timings = run_sequential(cluster, handler, n_idle // 2, 0.2)
+                record(way, handler, "idle-200ms", samples, timings)
+            samples, timings = run_sequential(zygote, handler, n_idle // 2, 0.2, warm=True)
+            record("warm", handler, "idle-200ms", samples, timings)
+
+        step(4, total, "cold starts at concurrency 1, 2 and 8 (n=%d each)" % n)
+        for c in (1, 2, 8):
+            samples, errors = run_concurrent(zygote, "hello", n, c)
+            record("zygote", "hello", "concurrency-%d" % c, samples, errors=errors)
+
+        step(5, total, "%d distinct functions, cold, concurrency 8" % n_many)
+        samples, errors = run_concurrent(zygote, "hello", n_many, 8)
+        record("zygote", "hello", "many-functions-c8", samples, errors=errors)
+
+        step(6, total, "warm throughput with keep-alive (wrk, 8 connections)")
+        results["throughput"] = run_wrk(zygote, 3 if args.quick else 10, 8)
+
+        step(7, total, "memory of %d idle warm handlers" % n_memory)
+        results["memory"] = run_memory(zygote, n_memory)
+
+        if args.soak:
+            step(8, total, "soak for %d s" % args.soak)
+            results["soak"] = run_soak(zygote, args.soak)
+    finally:
+        for cluster in clusters:
+            cluster.kill()
+
+    step(total - 1, total, "sandbox churn: create + call + destroy, concurrency 8")
+    results["churn"] = run_churn(2 if args.quick else 5, 8)
+
+    step(total, total, "peers: chroot, bwrap, crun, runc (n=%d, and %d after idle)"
+         % (n_peer, n_idle // 2))
+    if not args.no_peers:
+        jobs = []
+        for handler in ("hello", "heavy"):
+            for peer in PEERS:
+                jobs.append({"peer": peer, "handler": handler, "scenario": "back-to-back",
+                             "n": n_peer, "gap": 0})
+                jobs.append({"peer": peer, "handler": handler, "scenario": "idle-200ms",
+                             "n": n_idle // 2, "gap": 0.2})
+        for r in run_peers(jobs, tmp):
+            record(r["peer"], r["handler"], r["scenario"], r.get("samples", []),
+                   error=r.get("error"))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    report.write(results, out)
+    print(open(os.path.join(out, "summary.md")).read())
+    print("results in %s (results.json, summary.md, latency.png)" % out)
+
+
+if __name__ == "__main__":
+    main()
