@@ -161,7 +161,7 @@ class SandboxManager:
                 self.log(str(e))
                 return
 
-    def _fork_shell(self):
+    def _fork_shell(self, pooled=True):
         self._serial += 1
         sandbox_id = "sb-%d" % self._serial
         cgroup = self.cgroups.acquire()
@@ -170,7 +170,7 @@ class SandboxManager:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             fds.append(theirs.detach())
             fds += cgroup.open_procs()
-            self.zygote.fork(sandbox_id, fds, self.config.scratch_mb, self.config.fresh)
+            self.zygote.fork(sandbox_id, fds, self.config.scratch_mb, self.config.fresh, pooled)
         except (OSError, SandboxError) as e:
             self.cgroups.release(cgroup)
             raise SandboxError("fork shell", sandbox_id, str(e)) from None
@@ -227,7 +227,7 @@ class SandboxManager:
         self.waiters.append(waiter)
         try:
             if self.starting < len(self.waiters):
-                self._fork_shell()
+                self._fork_shell(pooled=False)
             return await waiter
         finally:
             if waiter in self.waiters:

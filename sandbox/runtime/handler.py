@@ -113,11 +113,13 @@ def invoke(fn, wants_context, function_name, request):
     return {"status": "ok", "body": body, "run": run}
 
 
-def serve(channel_fd, setup_times):
+def serve(channel_fd, setup_times, rehearse=True):
     """Say ready, wait for a function, load it, serve it.  Returns when the
-    worker closes the channel (or drops this shell unused)."""
+    worker closes the channel (or drops this shell unused).  A shell that a
+    call is already waiting for skips the rehearsal: it would only delay it."""
     channel = socket.socket(fileno=channel_fd)
-    rehearse()
+    if rehearse:
+        rehearsal()
     channel.sendall(proto.pack({"op": "ready", "t": setup_times}))
     unpacker = proto.unpacker()
     assign, fds = _wait_assign(channel, unpacker)
@@ -158,7 +160,7 @@ def serve(channel_fd, setup_times):
 REHEARSAL = "def handler(event):\n    return event\n"
 
 
-def rehearse():
+def rehearsal():
     """Run one call of a throw-away function before the real one arrives.
 
     A forked child pays for the first touch of every page it writes (copy

@@ -55,9 +55,14 @@ class Zygote:
         sel.register(self.control, selectors.EVENT_READ, self.on_control)
         sel.register(self.wake_r, selectors.EVENT_READ, self.on_wakeup)
         proto.send_packet(self.control, {"op": "ready"})
-        while True:
-            for key, _ in sel.select():
-                key.data()
+        try:
+            while True:
+                for key, _ in sel.select():
+                    key.data()
+        except (ConnectionResetError, BrokenPipeError):
+            # The worker closed its end with messages of ours unread (a reset,
+            # not an EOF): it is gone just the same, and so are we.
+            sys.exit(0)
 
     def on_control(self):
         msg, fds = proto.recv_packet(self.control)
@@ -138,7 +143,7 @@ class Zygote:
             os.dup2(channel_fd, handler.FRESH_CHANNEL_FD)
             os.execv("/usr/bin/python3", ["python3", "-s", "-B", "-m", "olrt.fresh",
                                           repr(times)])
-        handler.serve(channel_fd, times)
+        handler.serve(channel_fd, times, rehearse=msg.get("pooled", True))
         os._exit(0)
 
 

@@ -94,6 +94,13 @@ class Cluster:
         with urllib.request.urlopen("http://127.0.0.1:%d/sandboxes" % self.port) as r:
             return json.load(r)
 
+    def restart(self):
+        """A fresh worker, so that a scenario does not inherit the hundreds
+        of idle sandboxes the ones before it left (the bench sets
+        max_sandboxes high, so nothing is evicted)."""
+        self.kill()
+        admin("workers", "-cluster", self.path, "-p", self.port)
+
     def kill(self):
         subprocess.run([ADMIN, "kill", "-cluster", self.path], capture_output=True)
 
@@ -285,6 +292,8 @@ def main():
             record("warm", handler, "back-to-back", samples, timings)
 
         step(3, total, "cold starts after 200 ms idle gaps (n=%d)" % n_idle)
+        zygote.restart()
+        fresh.restart()
         for handler in ("hello", "heavy"):
             for way, cluster in (("zygote", zygote), ("fresh", fresh)):
                 samples, timings = run_sequential(cluster, handler, n_idle // 2, 0.2)
@@ -294,21 +303,26 @@ def main():
 
         step(4, total, "cold starts at concurrency 1, 2 and 8 (n=%d each)" % n)
         for c in (1, 2, 8):
+            zygote.restart()
             samples, errors = run_concurrent(zygote, "hello", n, c)
             record("zygote", "hello", "concurrency-%d" % c, samples, errors=errors)
 
         step(5, total, "%d distinct functions, cold, concurrency 8" % n_many)
+        zygote.restart()
         samples, errors = run_concurrent(zygote, "hello", n_many, 8)
         record("zygote", "hello", "many-functions-c8", samples, errors=errors)
 
         step(6, total, "warm throughput with keep-alive (wrk, 8 connections)")
+        zygote.restart()
         results["throughput"] = run_wrk(zygote, 3 if args.quick else 10, 8)
 
         step(7, total, "memory of %d idle warm handlers" % n_memory)
+        zygote.restart()
         results["memory"] = run_memory(zygote, n_memory)
 
         if args.soak:
             step(8, total, "soak for %d s" % args.soak)
+            zygote.restart()
             results["soak"] = run_soak(zygote, args.soak)
     finally:
         for cluster in clusters:
