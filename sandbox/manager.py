@@ -36,6 +36,7 @@ class SandboxConfig:
     pool_size: int = 8   # shells kept ready
     max_live: int = 128  # most sandboxes serving functions at once
     fresh: bool = False  # exec a new interpreter per sandbox: for comparison only
+    netns: bool = True   # a network namespace of its own (False: the host's, unsafe)
 
 
 class Sandbox:
@@ -170,7 +171,8 @@ class SandboxManager:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             fds.append(theirs.detach())
             fds += cgroup.open_procs()
-            self.zygote.fork(sandbox_id, fds, self.config.scratch_mb, self.config.fresh, pooled)
+            self.zygote.fork(sandbox_id, fds, self.config.scratch_mb, self.config.fresh, pooled,
+                             self.config.netns)
         except (OSError, SandboxError) as e:
             self.cgroups.release(cgroup)
             raise SandboxError("fork shell", sandbox_id, str(e)) from None

@@ -115,13 +115,13 @@ class Zygote:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         return "%s; see the worker log" % (BOOT_FAILURES.get(code) or describe_status(status))
 
-    def fork(self, sandbox_id, fds, scratch_mb, fresh=False, pooled=True):
+    def fork(self, sandbox_id, fds, scratch_mb, fresh=False, pooled=True, netns=True):
         """Ask for a shell; fds are its channel, then its cgroup.procs files.
         `pooled` shells will wait in the pool; others are wanted at once."""
         if not self.alive:
             raise SandboxError("fork sandbox", sandbox_id, "the zygote is not running")
         msg = {"op": "fork", "id": sandbox_id, "hostname": sandbox_id,
-               "scratch_mb": scratch_mb, "fresh": fresh, "pooled": pooled}
+               "scratch_mb": scratch_mb, "fresh": fresh, "pooled": pooled, "netns": netns}
         try:
             proto.send_packet(self.control, msg, fds)
         except BlockingIOError:

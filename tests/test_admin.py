@@ -212,3 +212,37 @@ def test_without_zygote_each_sandbox_gets_a_fresh_interpreter(own_worker):
     assert (status, body) == (200, "Hello, fresh!")
     assert "interpreter;dur=" in headers["server-timing"]
     assert w.call("probe", {"op": "facts"})[2]["pid"] == 1
+
+
+def test_timeout_is_504_kills_the_sandbox_and_the_next_call_works(own_worker):
+    w = own_worker(limits={"runtime_sec": 1})
+    w.add_function("slow", "import os, time\n"
+                           "def handler(event):\n"
+                           "    if event.get('fork') and os.fork() == 0:\n"
+                           "        os.execv('/bin/sleep', ['sleep', '61.5'])\n"  # would outlive it
+                           "    time.sleep(event['seconds'])\n"
+                           "    return 'done'\n")
+    start = time.monotonic()
+    status, headers, body = w.call("slow", {"seconds": 30, "fork": True})
+    elapsed = time.monotonic() - start
+    assert status == 504 and body["errorType"] == "Sandbox.Timedout"
+    assert body["errorMessage"] == "Task timed out after 1.00 seconds"
+    assert 1.0 <= elapsed < 2.0  # within the limit + 1 s
+    _, _, sandboxes = w.request("GET", "/sandboxes")
+    assert "slow" not in sandboxes.decode()
+    assert w.call("slow", {"seconds": 0.1})[::2] == (200, "done")
+    # Nothing of the timed-out sandbox survives: not its grandchild either.
+    survivors = subprocess.run(["pgrep", "-f", "sleep 61.5"], capture_output=True, text=True)
+    assert survivors.stdout == ""
+
+
+def test_network_isolation_off_shares_the_host_network(own_worker):
+    # The comparison setting: it shows that the isolation tests can fail.
+    w = own_worker(network_isolation=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        _, _, r = w.call("probe", {"op": "connect", "host": "127.0.0.1", "port": port})
+    assert r == {"ok": True, "value": "connected"}
+    assert len(w.call("probe", {"op": "interfaces"})[2]) > 1

@@ -110,9 +110,9 @@ def test_missing_entry_file_is_500_saying_so(worker):
 def test_syntax_error_is_500_saying_so(worker):
     worker.add_function("broken", "def handler(event)\n    return 1\n")
     status, _, body = worker.call("broken", {})
-    assert status == 500 and body["errorType"] == "Runtime.UserCodeSyntaxError"
-    assert "line 1" in body["errorMessage"]
-    assert not sandboxes(worker, "broken")  # the failed sandbox is gone
+    assert status == 500 and body["errorType"] == "Runtime.UserCodeSyntaxError", body
+    assert "line 1" in body["errorMessage"], body
+    assert not sandboxes(worker, "broken"), sandboxes(worker, "broken")  # it is gone
 
 
 def test_import_error_and_missing_handler_are_500(worker):

@@ -116,3 +116,33 @@ def test_fd_table_is_small(facts):
     # stdin, stdout, stderr, its channel and the fd listdir itself opened;
     # nothing of the zygote's (control socket, wakeup pipe, namespace fds).
     assert len(facts["fds"]) <= 6, facts["fds"]
+
+
+@pytest.fixture
+def host_server():
+    """A TCP server on the host's loopback, as a local service would be."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield server.getsockname()[1]
+
+
+def test_network_is_only_its_own_loopback(worker):
+    _, _, interfaces = worker.call("probe", {"op": "interfaces"})
+    assert interfaces == ["lo"]
+    _, _, r = worker.call("probe", {"op": "loopback"})
+    assert r == {"ok": True, "value": "connected"}  # lo is up
+
+
+def test_cannot_reach_the_worker_or_host_loopback_services(worker, host_server):
+    # The host end is really listening: the host itself can connect.
+    socket.create_connection(("127.0.0.1", host_server), timeout=2).close()
+    for port in (worker.port, host_server):
+        _, _, r = worker.call("probe", {"op": "connect", "host": "127.0.0.1", "port": port})
+        assert r["ok"] is False, port
+    # Nor any other host address.
+    host_ip = socket.gethostbyname(socket.gethostname())
+    if not host_ip.startswith("127."):
+        _, _, r = worker.call("probe", {"op": "connect", "host": host_ip, "port": worker.port})
+        assert r["ok"] is False

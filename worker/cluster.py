@@ -27,12 +27,14 @@ def template_defaults():
         "pool_size": 8,
         "zygote": True,
         "favor_cgroup_moves": True,
+        "network_isolation": True,
         "limits": {
             "mem_mb": 256,
             "procs": 64,
             "cpu_percent": 100,
             "scratch_mb": 64,
             "request_kb": 6144,
+            "runtime_sec": 30,
         },
     }
 

@@ -18,6 +18,7 @@ class Limits:
     cpu_percent: int
     scratch_mb: int
     request_kb: int
+    runtime_sec: int
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class WorkerConfig:
     pool_size: int
     zygote: bool
     favor_cgroup_moves: bool
+    network_isolation: bool
     limits: Limits
 
     @property
@@ -96,6 +98,7 @@ def from_dict(raw, source):
         pool_size=_count("%s: pool_size" % source, raw["pool_size"]),
         zygote=_flag("%s: zygote" % source, raw["zygote"]),
         favor_cgroup_moves=_flag("%s: favor_cgroup_moves" % source, raw["favor_cgroup_moves"]),
+        network_isolation=_flag("%s: network_isolation" % source, raw["network_isolation"]),
         limits=Limits(**limits),
     )
 

@@ -74,6 +74,13 @@ class HandlerDied(WorkerError):
     headers = ((b"X-Function-Error", b"Unhandled"),)
 
 
+class TimedOut(WorkerError):
+    """The call ran past limits.runtime_sec; its sandbox was killed."""
+    status = 504
+    error_type = "Sandbox.Timedout"
+    headers = ((b"X-Function-Error", b"Unhandled"),)
+
+
 class SandboxFailed(WorkerError):
     """The platform could not build a sandbox: not the function's fault."""
     status = 500

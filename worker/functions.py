@@ -13,7 +13,8 @@ import time
 from sandbox.errors import SandboxError
 from sandbox.runtime import proto
 
-from .errors import Busy, HandlerDied, HandlerRaised, InitFailed, SandboxFailed, Unavailable
+from .errors import (Busy, HandlerDied, HandlerRaised, InitFailed, SandboxFailed, TimedOut,
+                     Unavailable)
 
 
 class ChannelClosed(Exception):
@@ -83,15 +84,17 @@ class Instance:
         self.sandbox = sandbox
         self.channel = channel
         self.busy = True
+        self.timed_out = False
         self.calls = 0
         self.last_used = time.monotonic()
 
 
 class FunctionTable:
-    def __init__(self, manager, registry, max_sandboxes):
+    def __init__(self, manager, registry, max_sandboxes, timeout):
         self.manager = manager
         self.registry = registry
         self.max_sandboxes = max_sandboxes
+        self.timeout = timeout  # seconds a call may take, cold start included
         self.idle = collections.defaultdict(list)   # function name -> [Instance]
         self.instances = {}                          # sandbox id -> Instance
         self.closing = False
@@ -111,12 +114,19 @@ class FunctionTable:
         # On a cold start the shell began with the code as soon as it got it.
         sent = time.monotonic() if instance.calls else instance.sandbox.assigned_at
         instance.calls += 1
+        # Past the deadline the whole sandbox is killed (threads and children
+        # too, through its cgroup), which ends the call with a closed channel.
+        timer = asyncio.get_running_loop().call_later(self.timeout, self._time_out, instance)
         try:
             reply = await instance.channel.call({"id": request_id, "body": body})
         except ChannelClosed:
             reason = await instance.sandbox.exit_reason()
             await self._destroy(instance)
+            if instance.timed_out:
+                raise TimedOut("Task timed out after %.2f seconds" % self.timeout) from None
             raise HandlerDied("the handler of %r %s" % (name, reason)) from None
+        finally:
+            timer.cancel()
         inside = 0.0
         for phase, key in (("attach", "attach"), ("load", "load"), ("handler", "run")):
             if key in reply:
@@ -135,6 +145,10 @@ class FunctionTable:
         if status == "ok":
             return reply["body"]
         raise HandlerRaised(reply["errorMessage"], reply["errorType"], reply.get("stackTrace", ()))
+
+    def _time_out(self, instance):
+        instance.timed_out = True
+        instance.sandbox.kill()
 
     def _take_idle(self, function):
         idle = self.idle.get(function.name)

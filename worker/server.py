@@ -35,12 +35,12 @@ async def run(config):
         rootfs=rootfs, cgroup_root=config.cgroup, log_fd=2, hostname="ol-%d" % config.port,
         limits=Limits(limits.mem_mb, limits.procs, limits.cpu_percent),
         scratch_mb=limits.scratch_mb, pool_size=config.pool_size, max_live=config.max_sandboxes,
-        fresh=not config.zygote))
+        fresh=not config.zygote, netns=config.network_isolation))
     try:
         registry = Registry(config.registry)
     except OSError as e:
         raise StartError("watch registry %s: %s" % (config.registry, e.strerror)) from None
-    table = FunctionTable(manager, registry, config.max_sandboxes)
+    table = FunctionTable(manager, registry, config.max_sandboxes, limits.runtime_sec)
     app = App(table, limits.request_kb * 1024)
     try:
         server = await loop.create_server(lambda: HttpProtocol(app), config.host, config.port,

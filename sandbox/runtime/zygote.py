@@ -9,11 +9,13 @@ That is a shell: the worker keeps a few ready, and gives one a function's
 code only when a call needs it.  The zygote reaps its children and reports
 each exit status to the worker.
 """
+import fcntl
 import gc
 import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -131,7 +133,14 @@ class Zygote:
                 os.write(fd, b"0")
                 os.close(fd)
             times.append(time.monotonic())
-            sc.unshare(HANDLER_NS)
+            if msg.get("netns", True):
+                # Its own network: only a loopback of its own.  It cannot
+                # reach the worker's port, the host's loopback services or
+                # other sandboxes.
+                sc.unshare(HANDLER_NS | sc.CLONE_NEWNET)
+                bring_up_loopback()
+            else:
+                sc.unshare(HANDLER_NS)
             mounts.apply(mounts.shell_plan(msg["scratch_mb"]))
             socket.sethostname(msg["hostname"])
             times.append(time.monotonic())
@@ -145,6 +154,17 @@ class Zygote:
                                           repr(times)])
         handler.serve(channel_fd, times, rehearse=msg.get("pooled", True))
         os._exit(0)
+
+
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def bring_up_loopback():
+    """A new network namespace has a loopback device, but it is down."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sh", b"lo", 0)
+        flags = struct.unpack("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
 
 
 def warm_up():

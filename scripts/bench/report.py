@@ -8,7 +8,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-WAYS = ("zygote", "warm", "fresh", "chroot", "bwrap", "crun", "runc")
+WAYS = ("zygote", "hostnet", "warm", "fresh", "chroot", "bwrap", "crun", "runc")
 PHASES = ("total", "worker", "wait", "fork", "cgroup", "mounts", "interpreter", "attach",
           "load", "handler", "ipc")
 
@@ -65,6 +65,7 @@ def phase_table(results):
     lines = ["| run | " + " | ".join(PHASES) + " |", "|---|" + "---:|" * len(PHASES)]
     for way, handler, scenario in (("zygote", "hello", "back-to-back"),
                                    ("zygote", "hello", "idle-200ms"),
+                                   ("hostnet", "hello", "back-to-back"),
                                    ("zygote", "heavy", "back-to-back"),
                                    ("fresh", "hello", "back-to-back"),
                                    ("warm", "hello", "back-to-back")):

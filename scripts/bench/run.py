@@ -10,6 +10,7 @@ Ways measured, for the hello and heavy-stdlib handlers:
   chroot    a fresh python3 in the rootfs, no namespaces: the floor without a zygote
   fresh     our sandbox, but a fresh interpreter per sandbox (worker "zygote": false)
   zygote    our sandbox forked from the zygote (the default)
+  hostnet   the same without its own network namespace (network_isolation false)
   warm      a call on a live handler
   bwrap, crun, runc   the peers, each running the same handler on the same rootfs
 
@@ -276,26 +277,28 @@ def main():
         results["runs"].append(dict(way=way, handler=handler, scenario=scenario,
                                     samples=samples, timings=list(timings), **extra))
     try:
-        step(1, total, "starting two workers (with and without the zygote), %d functions each"
-             % (2 * copies))
+        step(1, total, "starting three workers (zygote, no network namespace, no zygote)")
         zygote = Cluster(tmp, "zygote", copies, max_sandboxes=copies + 100, pool_size=16)
         clusters.append(zygote)
         fresh = Cluster(tmp, "fresh", n + n_idle, zygote=False, max_sandboxes=copies + 100)
         clusters.append(fresh)
+        hostnet = Cluster(tmp, "hostnet", n + n_idle, network_isolation=False,
+                          max_sandboxes=copies + 100, pool_size=16)
+        clusters.append(hostnet)
 
         step(2, total, "cold starts back to back (n=%d per handler and way)" % n)
         for handler in ("hello", "heavy"):
-            for way, cluster in (("zygote", zygote), ("fresh", fresh)):
+            for way, cluster in (("zygote", zygote), ("hostnet", hostnet), ("fresh", fresh)):
                 samples, timings = run_sequential(cluster, handler, n, 0)
                 record(way, handler, "back-to-back", samples, timings)
             samples, timings = run_sequential(zygote, handler, n * 5, 0, warm=True)
             record("warm", handler, "back-to-back", samples, timings)
 
         step(3, total, "cold starts after 200 ms idle gaps (n=%d)" % n_idle)
-        zygote.restart()
-        fresh.restart()
+        for cluster in (zygote, hostnet, fresh):
+            cluster.restart()
         for handler in ("hello", "heavy"):
-            for way, cluster in (("zygote", zygote), ("fresh", fresh)):
+            for way, cluster in (("zygote", zygote), ("hostnet", hostnet), ("fresh", fresh)):
                 samples, timings = run_sequential(cluster, handler, n_idle // 2, 0.2)
                 record(way, handler, "idle-200ms", samples, timings)
             samples, timings = run_sequential(zygote, handler, n_idle // 2, 0.2, warm=True)

@@ -25,6 +25,20 @@ def _read(path):
         return f.read()
 
 
+def _connect(host, port):
+    with socket.create_connection((host, port), timeout=2):
+        return "connected"
+
+
+def _loopback():
+    """A server and a client on the sandbox's own loopback."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname(), timeout=2):
+            return "connected"
+
+
 def facts(_event):
     return {
         "pid": os.getpid(),
@@ -53,6 +67,9 @@ OPS = {
     "segv": lambda e: ctypes.string_at(0),
     "sleep": lambda e: (time.sleep(e.get("seconds", 0.1)), socket.gethostname())[1],
     "unjsonable": lambda e: {1, 2},
+    "interfaces": lambda e: [name for _, name in socket.if_nameindex()],
+    "connect": lambda e: _try(_connect, e["host"], e["port"]),
+    "loopback": lambda e: _try(_loopback),
 }
 
 
