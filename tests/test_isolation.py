@@ -146,3 +146,19 @@ def test_cannot_reach_the_worker_or_host_loopback_services(worker, host_server):
     if not host_ip.startswith("127."):
         _, _, r = worker.call("probe", {"op": "connect", "host": host_ip, "port": worker.port})
         assert r["ok"] is False
+
+
+def test_handler_code_runs_unprivileged(worker, facts):
+    assert facts["uid"] == 65534
+    _, _, status = worker.call("probe", {"op": "status"})
+    for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[caps], 16) == 0, (caps, status[caps])
+    assert status["NoNewPrivs"] == "1"
+    assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4
+    assert status["Groups"].strip() == ""
+
+
+def test_privileged_attacks_fail(worker):
+    _, _, results = worker.call("probe", {"op": "attacks"})
+    assert not [name for name, result in results.items() if result == "succeeded"], results
+    assert results["mount"] == "EPERM" and results["setuid0"] == "EPERM"

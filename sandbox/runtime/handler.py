@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 
-from . import mounts, proto
+from . import mounts, privileges, proto
 
 CODE_DIR = "/handler"
 FRESH_CHANNEL_FD = 3
@@ -118,6 +118,11 @@ def serve(channel_fd, setup_times, rehearse=True):
     worker closes the channel (or drops this shell unused).  A shell that a
     call is already waiting for skips the rehearsal: it would only delay it."""
     channel = socket.socket(fileno=channel_fd)
+    try:
+        privileges.before_assignment()
+    except OSError as e:
+        report_setup_failure(channel.detach(), e)
+        return
     if rehearse:
         rehearsal()
     channel.sendall(proto.pack({"op": "ready", "t": setup_times}))
@@ -130,6 +135,7 @@ def serve(channel_fd, setup_times, rehearse=True):
         os.setpriority(os.PRIO_PROCESS, 0, 0)  # leave the pool's low priority
         mounts.apply(mounts.code_plan(fds[0]))
         os.chdir(CODE_DIR)
+        privileges.after_assignment()
     except Exception as e:
         report_setup_failure(channel.detach(), e)
         return

@@ -40,6 +40,9 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
 
 _NS_NAMES = (
     (CLONE_NEWNS, "mnt"), (CLONE_NEWCGROUP, "cgroup"), (CLONE_NEWUTS, "uts"),
@@ -109,8 +112,8 @@ def mount_setattr(fd, attr_set, flags=AT_EMPTY_PATH | AT_RECURSIVE):
     _check(lib.ol_mount_setattr(fd, b"", flags, attr_set, 0, 0), "mount_setattr", "fd %d" % fd)
 
 
-def set_pdeathsig(sig):
-    _check(lib.ol_prctl(PR_SET_PDEATHSIG, sig, 0), "prctl", "PR_SET_PDEATHSIG")
+def prctl(option, arg, name):
+    _check(lib.ol_prctl(option, arg, 0), "prctl", name)
 
 
 def spawn(argv, env, fds, ns_flags=0, cgroup_fd=-1):

@@ -39,6 +39,50 @@ def _loopback():
             return "connected"
 
 
+def _attacks():
+    """Each privileged thing a hostile handler might try: what happened."""
+    import ctypes
+    import resource
+    import stat
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def c(result):
+        if result != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    attempts = {
+        "mount": lambda: c(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", 0, None)),
+        "umount": lambda: c(libc.umount2(b"/handler", 2)),
+        "unshare": lambda: c(libc.unshare(0x00020000)),
+        "setns": lambda: c(libc.setns(os.open("/proc/self/ns/uts", os.O_RDONLY), 0)),
+        "chroot": lambda: os.chroot("/tmp"),
+        "mknod": lambda: os.mknod("/tmp/mem", 0o600 | stat.S_IFCHR, os.makedev(1, 1)),
+        "sethostname": lambda: socket.sethostname("evil"),
+        "setuid0": lambda: os.setuid(0),
+        "sysrq": lambda: open("/proc/sysrq-trigger", "w").write("h"),
+        "raise_nofile": lambda: resource.setrlimit(
+            resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] + 1,) * 2),
+        "init_module": lambda: c(libc.syscall(175, None, 0, b"")),
+    }
+    out = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            out[name] = "succeeded"
+        except OSError as e:
+            out[name] = errno.errorcode.get(e.errno, str(e.errno))
+        except Exception as e:  # noqa: BLE001 - any refusal is fine
+            out[name] = type(e).__name__
+    return out
+
+
+def _status():
+    with open("/proc/self/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
 def facts(_event):
     return {
         "pid": os.getpid(),
@@ -67,6 +111,8 @@ OPS = {
     "segv": lambda e: ctypes.string_at(0),
     "sleep": lambda e: (time.sleep(e.get("seconds", 0.1)), socket.gethostname())[1],
     "unjsonable": lambda e: {1, 2},
+    "attacks": lambda e: _attacks(),
+    "status": lambda e: _status(),
     "interfaces": lambda e: [name for _, name in socket.if_nameindex()],
     "connect": lambda e: _try(_connect, e["host"], e["port"]),
     "loopback": lambda e: _try(_loopback),
