@@ -227,3 +227,13 @@ def test_many_cold_starts_in_a_row_drain_and_refill_the_pool(worker):
     for i in range(20):
         worker.add_function("burst%d" % i, "def handler(event):\n    return %d\n" % i)
     assert [worker.call("burst%d" % i, {})[2] for i in range(20)] == list(range(20))
+
+
+def test_unreadable_code_is_500_saying_why(worker):
+    d = worker.add_function("private", "def handler(event):\n    return 1\n")
+    os.chmod(d, 0o700)  # the handler runs as nobody: it cannot read this
+    status, _, body = worker.call("private", {})
+    assert status == 500 and body["errorType"] == "Runtime.PermissionDenied", body
+    assert "chmod" in body["errorMessage"]
+    os.chmod(d, 0o755)
+    assert worker.call("private", {})[::2] == (200, 1)  # chmod is a change: reloaded

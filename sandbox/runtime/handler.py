@@ -47,8 +47,19 @@ class Context:
 
 def load(code_dir=CODE_DIR):
     """Import the function's entry; returns (callable, wants_context)."""
+    try:
+        present = set(os.listdir(code_dir))
+    except PermissionError:
+        present = None
     for filename, module, attr in ENTRIES:
-        if not os.path.exists(os.path.join(code_dir, filename)):
+        path = os.path.join(code_dir, filename)
+        if present is None or (filename in present and not os.access(path, os.R_OK)):
+            # The worker saw the file as root; the handler runs as nobody.
+            raise LoadError("Runtime.PermissionDenied",
+                            "the function's code is not readable by the sandbox's user (uid %d):"
+                            " make its files readable by others, e.g. chmod -R a+rX on its "
+                            "directory" % os.getuid())
+        if filename not in present:
             continue
         if code_dir not in sys.path:
             sys.path.insert(0, code_dir)

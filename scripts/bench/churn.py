@@ -20,6 +20,7 @@ from worker.functions import Channel  # noqa: E402
 
 async def churn(seconds, concurrency):
     code = tempfile.mkdtemp(prefix="olchurn-")
+    os.chmod(code, 0o755)  # handlers run as nobody
     with open(os.path.join(code, "lambda_func.py"), "w") as f:
         f.write("def handler(event):\n    return 'Hello'\n")
     log = os.open(os.devnull, os.O_WRONLY)

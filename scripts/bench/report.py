@@ -118,6 +118,9 @@ def targets(results):
     if "per_s" in churn:
         rows.append(("sandbox churn (create + call + destroy)", "≥ 500/s",
                      "%.0f/s" % churn["per_s"], churn["per_s"] >= 500))
+    elif "error" in churn:
+        rows.append(("sandbox churn (create + call + destroy)", "≥ 500/s",
+                     "failed: %s" % churn["error"].splitlines()[-1][:120], False))
     mem = results.get("memory", {})
     if mem.get("pss_kb"):
         median = statistics.median(mem["pss_kb"]) / 1024
