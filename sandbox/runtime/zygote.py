@@ -20,7 +20,7 @@ import sys
 import time
 
 try:
-    from . import handler, mounts, proto
+    from . import handler, mounts, privileges, proto
     from . import syscalls as sc
 except ImportError as e:  # a rootfs without msgpack or the cffi backend
     print("zygote: cannot boot: %s" % e, file=sys.stderr)
@@ -192,6 +192,7 @@ def main():
     try:
         control = socket.socket(fileno=CONTROL_FD)
         warm_up()
+        privileges.narrow_bounding_set()
         os.nice(POOL_NICE)
     except Exception as e:
         print("zygote: cannot boot: %s: %s" % (type(e).__name__, e), file=sys.stderr)
