@@ -100,6 +100,10 @@ static void spawn_child(const char *path, char *const argv[], char *const envp[]
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
 
+    /* A session of its own: no terminal, and no signals meant for the
+     * worker's process group (Ctrl-C on a foreground worker). */
+    if (syscall(SYS_setsid) < 0)
+        goto fail;
     /* Die with the process that spawned us: a sandbox never outlives its
      * worker, even when the worker is SIGKILLed. */
     if (syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)

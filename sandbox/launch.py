@@ -57,7 +57,7 @@ def zygote_root_plan(rootfs, scratch_mb, runtime_dir=RUNTIME_DIR):
         m.Symlink("/proc/self/fd/0", at("dev/stdin")),
         m.Symlink("/proc/self/fd/1", at("dev/stdout")),
         m.Symlink("/proc/self/fd/2", at("dev/stderr")),
-        m.RemountReadonly(at("dev")),
+        m.RemountReadonly(at("dev"), nodev=False),  # its nodes must stay usable
         m.Tmpfs(at("tmp"), scratch_mb, 0o1777),
         m.PivotRoot(rootfs),
     ]

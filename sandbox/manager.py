@@ -39,6 +39,12 @@ class SandboxConfig:
     netns: bool = True   # a network namespace of its own (False: the host's, unsafe)
 
 
+# What the worker copies of one sandbox's stdout and stderr into its log;
+# the rest is read and dropped, so a flood can neither block the handler
+# nor fill the disk.
+OUTPUT_CAP = 1 << 20
+
+
 class Sandbox:
     """A shell while it waits in the pool; then one function's handler.
     `channel` is the worker's end of its stream socket."""
@@ -54,6 +60,9 @@ class Sandbox:
         self.taken_from_pool = False
         self.waited = 0.0           # seconds the caller of create() waited for a shell
         self.assigned_at = None     # when it was given its code
+        self.output_fd = None       # read end of its stdout/stderr pipe
+        self.output_seen = 0
+        self.output_partial = b""
         self.exited = asyncio.get_running_loop().create_future()  # -> description
 
     def host_pid(self):
@@ -75,7 +84,8 @@ class Sandbox:
             return "closed its channel but is still running"
 
     def kill(self):
-        self.cgroup.kill()
+        if not self.exited.done():  # its cgroup may already serve another
+            self.cgroup.kill()
 
 
 class CgroupPool:
@@ -167,24 +177,72 @@ class SandboxManager:
         sandbox_id = "sb-%d" % self._serial
         cgroup = self.cgroups.acquire()
         fds = []
+        ours = output = None
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             fds.append(theirs.detach())
+            output, output_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            fds.append(output_w)
             fds += cgroup.open_procs()
             self.zygote.fork(sandbox_id, fds, self.config.scratch_mb, self.config.fresh, pooled,
                              self.config.netns)
         except (OSError, SandboxError) as e:
+            for end in (ours, output):
+                if end is not None:
+                    os.close(end) if isinstance(end, int) else end.close()
             self.cgroups.release(cgroup)
             raise SandboxError("fork shell", sandbox_id, str(e)) from None
         finally:
             for fd in fds:
                 os.close(fd)
         sandbox = Sandbox(sandbox_id, cgroup, ours)
+        sandbox.output_fd = output
         self.sandboxes[sandbox_id] = sandbox
         self.starting += 1
         ours.setblocking(False)
-        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_shell_ready, sandbox)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ours.fileno(), self._on_shell_ready, sandbox)
+        loop.add_reader(output, self._on_output, sandbox)
         return sandbox
+
+    def _finish_output(self, sandbox):
+        """Its processes are gone: copy what is left in its pipe, close it."""
+        for _ in range(64):
+            if sandbox.output_fd is None:
+                return
+            before = sandbox.output_seen
+            self._on_output(sandbox)
+            if sandbox.output_fd is not None and sandbox.output_seen == before:
+                break  # nothing more to read, but no EOF either
+        if sandbox.output_fd is not None:
+            asyncio.get_running_loop().remove_reader(sandbox.output_fd)
+            os.close(sandbox.output_fd)
+            sandbox.output_fd = None
+
+    def _on_output(self, sandbox):
+        """Copy a sandbox's output into the log, a line at a time, each line
+        prefixed with the function and the sandbox, up to OUTPUT_CAP."""
+        try:
+            data = os.read(sandbox.output_fd, 1 << 16)
+        except BlockingIOError:
+            return
+        if not data:
+            asyncio.get_running_loop().remove_reader(sandbox.output_fd)
+            os.close(sandbox.output_fd)
+            sandbox.output_fd = None
+            data = b"\n" if sandbox.output_partial else b""
+        before = sandbox.output_seen
+        sandbox.output_seen += len(data)
+        if before >= OUTPUT_CAP:
+            return
+        if sandbox.output_seen > OUTPUT_CAP:
+            data = data[:OUTPUT_CAP - before] + b"\n[output over %d bytes: the rest is dropped]\n" \
+                % OUTPUT_CAP
+        lines = (sandbox.output_partial + data).split(b"\n")
+        sandbox.output_partial = lines.pop()[-4096:]
+        if lines:
+            prefix = ("[%s %s] " % (sandbox.label or "-", sandbox.id)).encode()
+            os.write(self.config.log_fd, b"".join(prefix + line + b"\n" for line in lines))
 
     def _on_shell_ready(self, sandbox):
         try:
@@ -257,6 +315,7 @@ class SandboxManager:
                 os.close(code_fd)
         except OSError as e:  # SyscallError included: it names the operation
             sandbox.kill()
+            sandbox.channel.close()
             raise SandboxError("give code to sandbox", sandbox.id, str(e)) from None
         return sandbox
 
@@ -287,6 +346,7 @@ class SandboxManager:
             if sandbox in self.pool:
                 self.pool.remove(sandbox)
             sandbox.channel.close()
+        self._finish_output(sandbox)
         try:
             self.cgroups.release(sandbox.cgroup)
         except SandboxError as e:

@@ -116,7 +116,8 @@ class Zygote:
         return "%s; see the worker log" % (BOOT_FAILURES.get(code) or describe_status(status))
 
     def fork(self, sandbox_id, fds, scratch_mb, fresh=False, pooled=True, netns=True):
-        """Ask for a shell; fds are its channel, then its cgroup.procs files.
+        """Ask for a shell; fds are its channel, its output pipe, then its
+        cgroup.procs files.
         `pooled` shells will wait in the pool; others are wanted at once."""
         if not self.alive:
             raise SandboxError("fork sandbox", sandbox_id, "the zygote is not running")

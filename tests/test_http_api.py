@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import socket
+import time
 
 import pytest
 
@@ -237,3 +238,37 @@ def test_unreadable_code_is_500_saying_why(worker):
     assert "chmod" in body["errorMessage"]
     os.chmod(d, 0o755)
     assert worker.call("private", {})[::2] == (200, 1)  # chmod is a change: reloaded
+
+
+def test_handler_output_goes_to_the_log_with_its_function_and_sandbox(worker):
+    worker.add_function("talker", "import sys\n"
+                                  "def handler(event):\n"
+                                  "    print('said', event['word'])\n"
+                                  "    print('warned', file=sys.stderr)\n"
+                                  "    return 1\n")
+    worker.call("talker", {"word": "xyzzy"})
+    log = os.path.join(worker.path, "logs", "worker-%d.log" % worker.port)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = open(log).read().splitlines()
+        said = [line for line in lines if "said xyzzy" in line]
+        if said and [line for line in lines if "warned" in line]:
+            break
+        time.sleep(0.02)
+    assert said and said[0].startswith("[talker sb-"), said
+
+
+def test_handler_cannot_read_the_worker_log_or_other_fds(worker):
+    _, _, facts = worker.call("probe", {"op": "facts"})
+    assert facts["fds"][:4] == [0, 1, 2, facts["fds"][3]] and len(facts["fds"]) <= 5
+    _, _, r = worker.call("probe", {"op": "read", "path": "/proc/self/fd/1"})
+    assert r["ok"] is False or "worker[" not in r["value"]  # its own pipe, not the log
+
+
+def test_devices_work_and_ptys_are_private(worker):
+    _, _, r = worker.call("probe", {"op": "read", "path": "/dev/null"})
+    assert r == {"ok": True, "value": ""}
+    _, _, r = worker.call("probe", {"op": "write", "path": "/dev/null", "data": "x"})
+    assert r["ok"] is True
+    _, _, r = worker.call("probe", {"op": "listdir", "path": "/dev/pts"})
+    assert r["ok"] is True and set(r["value"]) <= {"ptmx"}  # no other sandbox's ptys

@@ -22,7 +22,7 @@ Proc = namedtuple("Proc", "dst")
 Devpts = namedtuple("Devpts", "dst")
 Mkdir = namedtuple("Mkdir", "path mode")
 Symlink = namedtuple("Symlink", "target path")
-RemountReadonly = namedtuple("RemountReadonly", "dst")
+RemountReadonly = namedtuple("RemountReadonly", "dst nodev", defaults=(True,))
 # Attach a detached mount (an open_tree fd from the host) at `dst`.
 AttachTree = namedtuple("AttachTree", "fd dst")
 # Make `new_root` the root and detach the old one, so no host path stays
@@ -79,7 +79,8 @@ def _symlink(op):
 
 
 def _remount_readonly(op):
-    sc.mount(None, op.dst, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | _SAFE)
+    flags = _SAFE if op.nodev else sc.MS_NOSUID
+    sc.mount(None, op.dst, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | flags)
 
 
 def _attach_tree(op):
@@ -124,6 +125,9 @@ def shell_plan(scratch_mb):
         Proc("/proc"),
         Tmpfs("/tmp", scratch_mb, 0o1777),
         Tmpfs("/dev/shm", scratch_mb, 0o1777),
+        # Its own ptys: sandboxes share a uid, so a shared devpts would let
+        # one open another's terminals.
+        Devpts("/dev/pts"),
     ]
 
 

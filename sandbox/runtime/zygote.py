@@ -120,18 +120,23 @@ class Zygote:
     def become_shell(self, msg, fds, forked_at):
         """In the child: finish the sandbox, then serve calls.  Never returns."""
         times = [forked_at, time.monotonic()]
-        channel_fd, cgroup_fds = fds[0], fds[1:]
+        channel_fd, output_fd, cgroup_fds = fds[0], fds[1], fds[2:]
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            self.control.close()
-            for fd in (self.wake_r, self.wake_w, self.own_pidns):
-                os.close(fd)
             # Join the sandbox's cgroups first, so that everything the
             # handler allocates from here on is charged to it.
             for fd in cgroup_fds:
                 os.write(fd, b"0")
-                os.close(fd)
+            # Its output goes to a pipe of its own, which the worker reads:
+            # never the worker's log or terminal, which it could reopen
+            # through /proc/self/fd and read.
+            os.dup2(output_fd, 1)
+            os.dup2(output_fd, 2)
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, 0)
+            self.control.detach()
+            close_all_but(0, 1, 2, channel_fd)
             times.append(time.monotonic())
             if msg.get("netns", True):
                 # Its own network: only a loopback of its own.  It cannot
@@ -154,6 +159,18 @@ class Zygote:
                                           repr(times)])
         handler.serve(channel_fd, times, rehearse=msg.get("pooled", True))
         os._exit(0)
+
+
+def close_all_but(*keep):
+    """Close every fd not in `keep`: a handler inherits nothing of the
+    zygote's (its control socket, epoll, wakeup pipe, namespace fd)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own fd, already closed
 
 
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1

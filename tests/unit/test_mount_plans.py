@@ -9,10 +9,10 @@ def test_zygote_root_plan_shape():
     assert plan[1] == m.Bind("/r", "/r", readonly=True)
     assert plan[-1] == m.PivotRoot("/r")
     assert m.Bind("/rt", "/r/ol/olrt", readonly=True) in plan
-    assert m.RemountReadonly("/r/dev") in plan
+    assert m.RemountReadonly("/r/dev", nodev=False) in plan
     # /dev may hold devices (its nodes are made there), but is read-only after.
     dev = plan.index(m.Tmpfs("/r/dev", 1, 0o755, nodev=False))
-    assert dev < plan.index(m.RemountReadonly("/r/dev"))
+    assert dev < plan.index(m.RemountReadonly("/r/dev", nodev=False))
     assert m.Tmpfs("/r/tmp", 16, 0o1777) in plan
     assert m.Proc("/r/proc") in plan
 
