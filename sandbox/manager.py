@@ -153,9 +153,11 @@ class SandboxManager:
 
     def _on_zygote_death(self, zygote, reason):
         # Its children died with it (it was pid 1 of their parent namespace).
-        self.log("zygote %s; restarting it" % reason)
         for sandbox_id in list(self.sandboxes):
             self._on_child_exit(sandbox_id, None, "its zygote " + reason)
+        if self.closing:
+            return
+        self.log("zygote %s; restarting it" % reason)
         self._restarting = asyncio.ensure_future(self._restart_zygote())
 
     async def _restart_zygote(self):
@@ -263,9 +265,7 @@ class SandboxManager:
             self.log("shell %s failed: %s" % (sandbox.id, reason))
             sandbox.state = "failed"
             sandbox.kill()
-            if self.waiters:
-                self.waiters.popleft().set_exception(
-                    SandboxError("build sandbox", sandbox.id, reason))
+            self._fail_waiter(SandboxError("build sandbox", sandbox.id, reason))
             return
         sandbox.setup_times = msg["t"]
         while self.waiters:
@@ -276,6 +276,13 @@ class SandboxManager:
                 return
         sandbox.state = "pooled"
         self.pool.append(sandbox)
+
+    def _fail_waiter(self, error):
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+                return
 
     async def _take_shell(self):
         if self.pool:
@@ -339,9 +346,8 @@ class SandboxManager:
         if sandbox.state == "starting":
             self.starting -= 1
             asyncio.get_running_loop().remove_reader(sandbox.channel.fileno())
-            if self.waiters:
-                self.waiters.popleft().set_exception(SandboxError(
-                    "build sandbox", sandbox_id, error or describe_status(status)))
+            self._fail_waiter(SandboxError("build sandbox", sandbox_id,
+                                           error or describe_status(status)))
         if sandbox.state in ("starting", "pooled", "failed"):
             if sandbox in self.pool:
                 self.pool.remove(sandbox)
@@ -353,7 +359,10 @@ class SandboxManager:
             self.log(str(e))
         if not sandbox.exited.done():
             sandbox.exited.set_result(error or describe_status(status))
-        self._refill()
+        if sandbox.state == "pooled":
+            # Only a pooled shell's death calls for a new one: refilling after
+            # shells that failed to start would fork in a loop on a broken host.
+            self._refill()
 
     async def destroy(self, sandbox, timeout=2.0):
         """Kill a sandbox and wait until it is gone and its cgroup free."""
@@ -376,9 +385,11 @@ class SandboxManager:
             await self.zygote.stop()
         for sandbox_id in list(self.sandboxes):
             self._on_child_exit(sandbox_id, None, "the worker shut down")
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_exception(SandboxError("create sandbox", "-", "shutting down"))
-        self.root.remove()
-        self.root.remove_empty_parents()
+        while self.waiters:
+            self._fail_waiter(SandboxError("create sandbox", "-", "the worker is shutting down"))
+        try:
+            self.root.remove()
+            self.root.remove_empty_parents()
+        except SandboxError as e:
+            self.log("shutdown: %s" % e)
 

@@ -90,6 +90,13 @@ class Zygote:
             booted = await asyncio.wait_for(ready, timeout)
         except asyncio.TimeoutError:
             booted = False
+        except BaseException:  # cancelled (shutdown while booting): leave nothing
+            loop.remove_reader(control.fileno())
+            loop.remove_reader(self.pidfd)
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            _reap(self.pidfd, block=True)
+            self._close()
+            raise
         loop.remove_reader(control.fileno())
         loop.remove_reader(self.pidfd)
         msg = None
@@ -174,6 +181,7 @@ class Zygote:
         loop.remove_reader(pidfd)
         gone = loop.create_future()
         loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+        loop.remove_reader(self.control.fileno())
         self.control.close()
         self.control = None
         try:

@@ -272,3 +272,40 @@ def test_devices_work_and_ptys_are_private(worker):
     assert r["ok"] is True
     _, _, r = worker.call("probe", {"op": "listdir", "path": "/dev/pts"})
     assert r["ok"] is True and set(r["value"]) <= {"ptmx"}  # no other sandbox's ptys
+
+
+def test_pipelined_requests_are_answered_in_order(worker):
+    requests = b""
+    for i in range(4):
+        body = json.dumps({"name": str(i)}).encode()
+        requests += b"POST /run/hello HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(body), body)
+    requests += b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", worker.port)) as s:
+        s.settimeout(10)
+        s.sendall(requests)
+        data = b""
+        while not data.endswith(b"ready"):
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+    answers = [data.find(b"Hello, %d!" % i) for i in range(4)] + [data.find(b"ready")]
+    assert -1 not in answers and answers == sorted(answers)
+
+
+def test_upgrade_requests_are_answered_as_http_1_1_then_closed(worker):
+    # curl --http2 against http:// asks for an h2c upgrade: it must get a
+    # normal answer, not a dropped connection.
+    body = b'{"name": "h2c"}'
+    with socket.create_connection(("127.0.0.1", worker.port)) as s:
+        s.settimeout(5)
+        s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                  b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'"Hello, h2c!"')

@@ -46,7 +46,11 @@ class Channel:
         if not data:
             self._lost()
             return
-        self.unpacker.feed(data)
+        try:
+            self.unpacker.feed(data)
+        except proto.BufferFull:  # a handler writing junk: it is not heard again
+            self._lost()
+            return
         for msg in self.unpacker:
             waiter, self.waiter = self.waiter, None
             if waiter is not None and not waiter.done():
@@ -54,14 +58,14 @@ class Channel:
 
     def _lost(self):
         self.close()
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ChannelClosed())
 
     def close(self):
         if not self.closed:
             self.closed = True
             self.loop.remove_reader(self.sock.fileno())
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ChannelClosed())
 
     async def call(self, msg):
         if self.closed:
@@ -97,6 +101,7 @@ class FunctionTable:
         self.timeout = timeout  # seconds a call may take, cold start included
         self.idle = collections.defaultdict(list)   # function name -> [Instance]
         self.instances = {}                          # sandbox id -> Instance
+        self.pending = 0                             # cold starts under way
         self.closing = False
         registry.on_change = self._retire_idle
 
@@ -120,6 +125,9 @@ class FunctionTable:
         try:
             reply = await instance.channel.call({"id": request_id, "body": body})
         except ChannelClosed:
+            if self.closing:
+                await self._destroy(instance)
+                raise Unavailable("the worker is shutting down") from None
             reason = await instance.sandbox.exit_reason()
             await self._destroy(instance)
             if instance.timed_out:
@@ -157,18 +165,33 @@ class FunctionTable:
             if instance.version == function.version and not instance.channel.closed:
                 instance.busy = True
                 return instance
-            asyncio.ensure_future(self._destroy(instance))
+            self._retire(instance)
         return None
+
+    def _retire(self, instance):
+        """Out of the table now; its sandbox is destroyed in the background."""
+        self._forget(instance)
+        asyncio.ensure_future(self._destroy(instance))
 
     async def _cold_start(self, function):
         if self.closing:
             raise Unavailable("the worker is shutting down")
-        if len(self.instances) >= self.max_sandboxes and not self._evict_one():
+        # Cold starts under way count: under a burst they would all pass a
+        # check of the live sandboxes alone.
+        if len(self.instances) + self.pending >= self.max_sandboxes and not self._evict_one():
             raise Busy("all %d sandboxes are busy" % self.max_sandboxes)
+        self.pending += 1
         try:
-            sandbox = await self.manager.create(function.path, function.name)
+            sandbox = await asyncio.wait_for(
+                self.manager.create(function.path, function.name), self.timeout)
+        except asyncio.TimeoutError:
+            raise SandboxFailed("no sandbox was ready within %d s" % self.timeout) from None
         except SandboxError as e:
+            if self.closing:
+                raise Unavailable("the worker is shutting down") from None
             raise SandboxFailed(str(e)) from None
+        finally:
+            self.pending -= 1
         channel = Channel(sandbox.channel)
         instance = Instance(function, sandbox, channel)
         self.instances[sandbox.id] = instance
@@ -179,9 +202,9 @@ class FunctionTable:
         if not candidates:
             return False
         victim = min(candidates, key=lambda i: i.last_used)
-        self.idle[victim.function.name].remove(victim)
-        asyncio.ensure_future(self._destroy(victim))
-        self._forget(victim)
+        if victim in self.idle[victim.function.name]:
+            self.idle[victim.function.name].remove(victim)
+        self._retire(victim)
         return True
 
     def _release(self, instance):
@@ -190,14 +213,14 @@ class FunctionTable:
         current = self.registry.cache.get(instance.function.name)
         if self.closing or instance.channel.closed or current is None \
                 or current.version != instance.version:
-            asyncio.ensure_future(self._destroy(instance))
+            self._retire(instance)
         else:
             self.idle[instance.function.name].append(instance)
 
     def _retire_idle(self, name):
         """The function's code changed: its idle instances run old code."""
         for instance in self.idle.pop(name, []):
-            asyncio.ensure_future(self._destroy(instance))
+            self._retire(instance)
 
     def _forget(self, instance):
         self.instances.pop(instance.sandbox.id, None)
@@ -216,7 +239,13 @@ class FunctionTable:
                         "pid": instance.sandbox.host_pid()})
         return out
 
-    async def close(self):
+    async def close(self, drain_seconds=5.0):
+        """Let calls in flight finish (for up to `drain_seconds`), then
+        destroy every sandbox; calls still running then get 503."""
         self.closing = True
+        deadline = time.monotonic() + drain_seconds
+        while (self.pending or any(i.busy for i in self.instances.values())) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         await asyncio.gather(*(self._destroy(i) for i in list(self.instances.values())),
                              return_exceptions=True)

@@ -2,7 +2,9 @@
 keep-alive, Content-Length and chunked bodies, a body-size limit enforced
 before the body is read, and one request in flight per connection."""
 import asyncio
+import collections
 import json
+import logging
 import uuid
 
 import httptools
@@ -13,6 +15,8 @@ REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not
 # After answering 413 we read and drop at most this much more, so the client
 # sees the answer instead of a connection reset; then we hang up.
 DISCARD_LIMIT = 64 << 20
+
+log = logging.getLogger("worker")
 
 
 class Request:
@@ -50,12 +54,20 @@ def early_error(status, error_type, message):
 
 class HttpProtocol(asyncio.Protocol):
     """`app` has `max_body` and `handle(request) -> Response` (a coroutine),
-    and may answer some requests at once with `handle_now(request)`."""
+    and may answer some requests at once with `handle_now(request)`.
+
+    Requests on one connection are answered one at a time, in order: a
+    client that pipelines them gets its answers in the order it asked."""
 
     def __init__(self, app):
         self.app = app
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
+        self.queue = collections.deque()  # parsed requests waiting their turn
+        self.busy = False
+        self.upgraded = False  # the client asked to switch protocols
+        self.held = None       # an upgrade request whose body comes after it
+        self.held_body = b""
         self._reset()
 
     def _reset(self):
@@ -69,9 +81,22 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data):
+        if self.upgraded:
+            self._collect_held_body(data)
+            return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            # A request with "Upgrade:" (curl --http2 on http:// sends h2c).
+            # It is answered as plain HTTP/1.1, which is allowed; nothing
+            # after it is read.  llhttp hands its body over as data of the
+            # new protocol, so the body is taken from there.
+            self.upgraded = True
+            self._collect_held_body(data[e.args[0]:] if e.args else b"")
+            if not self.busy and self.held is None:
+                self.transport.close()
         except httptools.HttpParserError:
+            self.queue.clear()
             if self.rejected is None:
                 self._send(early_error(400, "Http.BadRequest", "malformed HTTP request"), False)
             self.transport.close()
@@ -109,13 +134,43 @@ class HttpProtocol(asyncio.Protocol):
             return
         request = Request(self.parser.get_method().decode(), self.url.split(b"?", 1)[0].decode(
             "latin-1"), self.headers, b"".join(self.body), self.parser.should_keep_alive())
-        response = self.app.handle_now(request)
-        if response is not None:
-            self._send(response, request.keep_alive)
+        length = self.headers.get("content-length", "0")
+        if "upgrade" in self.headers and length.isdigit() and int(length) > 0:
+            self.held = request  # its body is still to come, after the upgrade point
+            self.held_length = int(length)
             return
-        self.transport.pause_reading()
-        task = asyncio.ensure_future(self.app.handle(request))
-        task.add_done_callback(lambda t: self._finish(t, request.keep_alive))
+        self.queue.append(request)
+        if not self.busy:
+            self._next()
+
+    def _collect_held_body(self, data):
+        if self.held is None:
+            return
+        self.held_body += data
+        if len(self.held_body) >= self.held_length:
+            request, self.held = self.held, None
+            request.body = self.held_body[:self.held_length]
+            request.keep_alive = False
+            self.queue.append(request)
+            if not self.busy:
+                self._next()
+
+    def _next(self):
+        """Answer queued requests in order, until one has to wait."""
+        while self.queue and not self.transport.is_closing():
+            request = self.queue.popleft()
+            try:
+                response = self.app.handle_now(request)
+            except Exception:
+                log.exception("answering %s %s failed", request.method, request.path)
+                response = early_error(500, "Platform.Error", "internal worker error")
+            if response is None:
+                self.busy = True
+                self.transport.pause_reading()
+                task = asyncio.ensure_future(self.app.handle(request))
+                task.add_done_callback(lambda t: self._finish(t, request.keep_alive))
+                return
+            self._send(response, request.keep_alive)
 
     # -- answers ------------------------------------------------------------------
     def _reject_too_large(self):
@@ -126,11 +181,15 @@ class HttpProtocol(asyncio.Protocol):
         self._send(self.rejected, False, hang_up=False)
 
     def _finish(self, task, keep_alive):
+        self.busy = False
         if task.cancelled():
             self.transport.close()
             return
         self._send(task.result(), keep_alive)
-        if keep_alive and not self.transport.is_closing():
+        self._next()
+        if self.upgraded and not self.busy:
+            self.transport.close()
+        elif not self.busy and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def _send(self, response, keep_alive, hang_up=True):

@@ -117,7 +117,7 @@ def invoke(fn, wants_context, function_name, request):
     run = time.monotonic() - start
     try:
         body = json.dumps(result).encode()
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # not JSON, too deep (RecursionError), a broken __str__...
         return {"status": "error", "errorType": "Runtime.MarshalError",
                 "errorMessage": "the return value is not JSON: %s" % e, "stackTrace": [],
                 "run": run}

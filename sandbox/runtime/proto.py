@@ -22,8 +22,14 @@ def pack(msg):
     return msgpack.packb(msg, use_bin_type=True)
 
 
+# The most a channel buffers for one message: a handler cannot make the
+# worker hold more than this on its behalf.
+MAX_MESSAGE = 64 << 20
+BufferFull = msgpack.BufferFull
+
+
 def unpacker():
-    return msgpack.Unpacker(raw=False, max_buffer_size=1 << 31)
+    return msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE)
 
 
 def send_packet(sock, msg, fds=()):
