@@ -13,6 +13,10 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
 #include <linux/close_range.h>
 #include <linux/sched.h>
 #include <signal.h>
@@ -137,4 +141,71 @@ int ol_spawn(uint64_t flags, int cgroup_fd, const char *path, char *const argv[]
     if (pid == 0)
         spawn_child(path, argv, envp, fds, nfds, err_fd);
     return (int)pid;
+}
+
+/*
+ * The seccomp filter of handler processes, applied to every thread.
+ *
+ * Handlers already run unprivileged; the filter shrinks what the kernel
+ * exposes to them.  It refuses (EPERM) the syscalls that Docker's default
+ * profile blocks for the same reasons, namespace creation through clone()
+ * flags, and every other syscall ABI (32-bit int 0x80 and x32 calls use
+ * other numbers and would walk around the list).  clone3 answers ENOSYS:
+ * its flags sit in memory where a filter cannot read them, and glibc falls
+ * back to clone(), whose flags can be checked.
+ */
+#if defined(__x86_64__)
+#define OL_AUDIT_ARCH AUDIT_ARCH_X86_64
+#elif defined(__aarch64__)
+#define OL_AUDIT_ARCH AUDIT_ARCH_AARCH64
+#endif
+
+#define DENY(nr) BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (nr), 0, 1), \
+                 BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM)
+
+#define CLONE_NAMESPACES 0x7E020000u  /* CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET */
+
+int ol_seccomp_install(void)
+{
+#ifdef OL_AUDIT_ARCH
+    struct sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, OL_AUDIT_ARCH, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+#ifdef __X32_SYSCALL_BIT
+        BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, __X32_SYSCALL_BIT, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+#endif
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_clone3, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_clone, 0, 4),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0])),
+        BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, CLONE_NAMESPACES, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        DENY(SYS_mount), DENY(SYS_umount2), DENY(SYS_pivot_root), DENY(SYS_chroot),
+        DENY(SYS_setns), DENY(SYS_unshare),
+        DENY(SYS_open_tree), DENY(SYS_move_mount), DENY(SYS_fsopen), DENY(SYS_fsconfig),
+        DENY(SYS_fsmount), DENY(SYS_fspick), DENY(SYS_mount_setattr),
+        DENY(SYS_keyctl), DENY(SYS_add_key), DENY(SYS_request_key),
+        DENY(SYS_bpf), DENY(SYS_perf_event_open), DENY(SYS_ptrace), DENY(SYS_process_vm_readv),
+        DENY(SYS_process_vm_writev), DENY(SYS_userfaultfd),
+        DENY(SYS_kexec_load), DENY(SYS_kexec_file_load), DENY(SYS_init_module),
+        DENY(SYS_finit_module), DENY(SYS_delete_module), DENY(SYS_reboot),
+        DENY(SYS_swapon), DENY(SYS_swapoff), DENY(SYS_acct), DENY(SYS_quotactl),
+        DENY(SYS_open_by_handle_at), DENY(SYS_name_to_handle_at),
+        DENY(SYS_settimeofday), DENY(SYS_clock_settime), DENY(SYS_clock_adjtime),
+        DENY(SYS_adjtimex), DENY(SYS_syslog), DENY(SYS_vhangup),
+        DENY(SYS_io_uring_setup), DENY(SYS_io_uring_enter), DENY(SYS_io_uring_register),
+#ifdef SYS_iopl
+        DENY(SYS_iopl), DENY(SYS_ioperm),
+#endif
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = { sizeof filter / sizeof filter[0], filter };
+    RET(syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog));
+#else
+    return -ENOSYS;
+#endif
 }

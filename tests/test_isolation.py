@@ -154,6 +154,7 @@ def test_handler_code_runs_unprivileged(worker, facts):
     for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(status[caps], 16) == 0, (caps, status[caps])
     assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2"  # filter mode
     assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4
     assert status["Groups"].strip() == ""
 
@@ -162,3 +163,12 @@ def test_privileged_attacks_fail(worker):
     _, _, results = worker.call("probe", {"op": "attacks"})
     assert not [name for name, result in results.items() if result == "succeeded"], results
     assert results["mount"] == "EPERM" and results["setuid0"] == "EPERM"
+    # Refused by the seccomp filter even where nobody could otherwise do them:
+    for name in ("unshare_user", "clone_newuser", "keyctl", "bpf", "ptrace_traceme",
+                 "userfaultfd", "perf_event_open", "io_uring_setup"):
+        assert results[name] == "EPERM", (name, results[name])
+
+
+def test_everyday_things_still_work(worker):
+    _, _, out = worker.call("probe", {"op": "everyday"})
+    assert out == ["thread", "fork exit 7", "subprocess", "urandom 8"]

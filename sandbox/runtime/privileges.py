@@ -63,3 +63,6 @@ def after_assignment():
     # A uid change clears the parent-death signal, so it is set after it:
     # a handler never outlives its zygote.
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL, "PR_SET_PDEATHSIG")
+    # Last: the filter refuses the syscalls used above (cbits/olsys.c says
+    # which and why); from here on they stay refused for good.
+    sc.seccomp_install()

@@ -112,6 +112,11 @@ def mount_setattr(fd, attr_set, flags=AT_EMPTY_PATH | AT_RECURSIVE):
     _check(lib.ol_mount_setattr(fd, b"", flags, attr_set, 0, 0), "mount_setattr", "fd %d" % fd)
 
 
+def seccomp_install():
+    """The handlers' seccomp filter (cbits/olsys.c), on every thread."""
+    _check(lib.ol_seccomp_install(), "seccomp", "SECCOMP_SET_MODE_FILTER")
+
+
 def prctl(option, arg, name):
     _check(lib.ol_prctl(option, arg, 0), "prctl", name)
 

@@ -65,6 +65,15 @@ def _attacks():
         "raise_nofile": lambda: resource.setrlimit(
             resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] + 1,) * 2),
         "init_module": lambda: c(libc.syscall(175, None, 0, b"")),
+        "unshare_user": lambda: c(libc.unshare(0x10000000)),
+        "clone_newuser": lambda: c(0 if libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0) >= 0
+                                   else -1),
+        "keyctl": lambda: c(libc.syscall(250, 0, -3, 0, 0, 0)),  # KEYCTL_GET_KEYRING_ID
+        "bpf": lambda: c(libc.syscall(321, 0, None, 0)),
+        "ptrace_traceme": lambda: c(libc.ptrace(0, 0, None, None)),
+        "userfaultfd": lambda: c(0 if libc.syscall(323, 0) >= 0 else -1),
+        "perf_event_open": lambda: c(0 if libc.syscall(298, None, 0, -1, -1, 0) >= 0 else -1),
+        "io_uring_setup": lambda: c(0 if libc.syscall(425, 1, None) >= 0 else -1),
     }
     out = {}
     for name, attempt in attempts.items():
@@ -75,6 +84,25 @@ def _attacks():
             out[name] = errno.errorcode.get(e.errno, str(e.errno))
         except Exception as e:  # noqa: BLE001 - any refusal is fine
             out[name] = type(e).__name__
+    return out
+
+
+def _everyday():
+    """What ordinary handlers do, which the hardening must not break."""
+    import subprocess
+    import threading
+    out = []
+    t = threading.Thread(target=lambda: out.append("thread"))
+    t.start()
+    t.join()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    out.append("fork exit %d" % os.WEXITSTATUS(os.waitpid(pid, 0)[1]))
+    out.append(subprocess.run(["/bin/echo", "subprocess"], capture_output=True,
+                              text=True).stdout.strip())
+    with open("/dev/urandom", "rb") as f:
+        out.append("urandom %d" % len(f.read(8)))
     return out
 
 
@@ -112,6 +140,7 @@ OPS = {
     "sleep": lambda e: (time.sleep(e.get("seconds", 0.1)), socket.gethostname())[1],
     "unjsonable": lambda e: {1, 2},
     "attacks": lambda e: _attacks(),
+    "everyday": lambda e: _everyday(),
     "status": lambda e: _status(),
     "interfaces": lambda e: [name for _, name in socket.if_nameindex()],
     "connect": lambda e: _try(_connect, e["host"], e["port"]),
