@@ -192,6 +192,19 @@ class Cgroup:
             _write(os.path.join(d["cpu"], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
             _write(os.path.join(d["cpu"], "cpu.cfs_quota_us"), str(quota))
 
+    def oom_kills(self):
+        """How many processes the kernel has killed here for lack of memory
+        (v2's memory.events, v1's memory.oom_control: both say oom_kill)."""
+        name = "memory.events" if self.mode.name == "v2" else "memory.oom_control"
+        try:
+            with open(os.path.join(self.limit_dirs()["memory"], name)) as f:
+                for line in f:
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
     def open_procs(self):
         """fds of cgroup.procs in every hierarchy.  Writing "0" to each moves
         the writer in, even from inside a sandbox where /sys is not mounted."""

@@ -60,6 +60,8 @@ class Sandbox:
         self.taken_from_pool = False
         self.waited = 0.0           # seconds the caller of create() waited for a shell
         self.assigned_at = None     # when it was given its code
+        self.oom_kills = 0          # its cgroup's OOM kills before it (cgroups are reused)
+        self.out_of_memory = False
         self.output_fd = None       # read end of its stdout/stderr pipe
         self.output_seen = 0
         self.output_partial = b""
@@ -198,6 +200,7 @@ class SandboxManager:
             for fd in fds:
                 os.close(fd)
         sandbox = Sandbox(sandbox_id, cgroup, ours)
+        sandbox.oom_kills = cgroup.oom_kills()
         sandbox.output_fd = output
         self.sandboxes[sandbox_id] = sandbox
         self.starting += 1
@@ -353,6 +356,9 @@ class SandboxManager:
                 self.pool.remove(sandbox)
             sandbox.channel.close()
         self._finish_output(sandbox)
+        if status is not None and sandbox.cgroup.oom_kills() > sandbox.oom_kills:
+            sandbox.out_of_memory = True
+            error = "ran out of memory (its limit is %d MB)" % self.config.limits.mem_mb
         try:
             self.cgroups.release(sandbox.cgroup)
         except SandboxError as e:

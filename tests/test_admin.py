@@ -246,3 +246,17 @@ def test_network_isolation_off_shares_the_host_network(own_worker):
         _, _, r = w.call("probe", {"op": "connect", "host": "127.0.0.1", "port": port})
     assert r == {"ok": True, "value": "connected"}
     assert len(w.call("probe", {"op": "interfaces"})[2]) > 1
+
+
+def test_out_of_memory_is_502_and_the_next_call_works(own_worker):
+    w = own_worker(limits={"mem_mb": 64})
+    w.add_function("hog", "def handler(event):\n"
+                          "    hoard = bytearray(event['mb'] << 20)\n"
+                          "    return len(hoard)\n")
+    status, headers, body = w.call("hog", {"mb": 200})
+    assert status == 502 and body["errorType"] == "Runtime.OutOfMemory", body
+    assert "64 MB" in body["errorMessage"]
+    assert w.call("hog", {"mb": 8})[::2] == (200, 8 << 20)
+    assert w.call("hello", {"name": "zygote"})[2] == "Hello, zygote!"  # the zygote lives
+    status, _, body = w.call("probe", {"op": "exit", "code": 9})
+    assert body["errorType"] == "Runtime.ExitError"  # a plain exit is not an OOM

@@ -43,7 +43,7 @@ def test_no_host_path_is_visible(worker, facts, tmp_path):
     # The old root was detached after pivot_root: only the sandbox's own
     # mounts remain, all under the rootfs bind at "/".
     assert set(targets) <= {"/", "/ol/olrt", "/proc", "/dev", "/tmp", "/handler"} | {
-        t for t in targets if t.startswith("/dev/")}
+        t for t in targets if t.startswith(("/dev/", "/proc/"))}
 
 
 def test_root_is_read_only(worker):
@@ -172,3 +172,23 @@ def test_privileged_attacks_fail(worker):
 def test_everyday_things_still_work(worker):
     _, _, out = worker.call("probe", {"op": "everyday"})
     assert out == ["thread", "fork exit 7", "subprocess", "urandom 8"]
+
+
+def test_proc_is_masked_and_sys_is_absent(worker):
+    _, _, facts = worker.call("probe", {"op": "facts"})
+    targets = {line.split()[4]: line.split()[5] for line in facts["mountinfo"]}
+    for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug"):
+        _, _, r = worker.call("probe", {"op": "read", "path": path})
+        if r.get("errno") == "ENOENT":
+            continue  # this kernel has no such file
+        assert r == {"ok": True, "value": ""}, (path, r)  # /dev/null behind it
+        assert path in targets
+    # Masked by /dev/null: a write goes nowhere (and as nobody it is refused anyway).
+    _, _, r = worker.call("probe", {"op": "write", "path": "/proc/sysrq-trigger", "data": "h"})
+    assert r in ({"ok": True, "value": 1}, {"ok": False, "errno": "EACCES"},
+                 {"ok": False, "errno": "ENOENT"}), r  # ENOENT: a kernel without SysRq
+    _, _, r = worker.call("probe", {"op": "listdir", "path": "/proc/acpi"})
+    assert r["ok"] is False or r["value"] == []
+    assert targets["/proc/sys"].startswith("ro")
+    _, _, r = worker.call("probe", {"op": "exists", "path": "/sys/kernel"})
+    assert r is False

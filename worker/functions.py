@@ -132,6 +132,9 @@ class FunctionTable:
             await self._destroy(instance)
             if instance.timed_out:
                 raise TimedOut("Task timed out after %.2f seconds" % self.timeout) from None
+            if instance.sandbox.out_of_memory:
+                raise HandlerDied("the handler of %r %s" % (name, reason),
+                                  "Runtime.OutOfMemory") from None
             raise HandlerDied("the handler of %r %s" % (name, reason)) from None
         finally:
             timer.cancel()

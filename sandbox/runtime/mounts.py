@@ -23,6 +23,11 @@ Devpts = namedtuple("Devpts", "dst")
 Mkdir = namedtuple("Mkdir", "path mode")
 Symlink = namedtuple("Symlink", "target path")
 RemountReadonly = namedtuple("RemountReadonly", "dst nodev", defaults=(True,))
+# Hide a /proc path: a file behind /dev/null, a directory behind an empty
+# read-only tmpfs.  A path this kernel lacks is skipped.
+Mask = namedtuple("Mask", "path")
+# Make an existing path read-only (skipped if this kernel lacks it).
+ReadonlyPath = namedtuple("ReadonlyPath", "path")
 # Attach a detached mount (an open_tree fd from the host) at `dst`.
 AttachTree = namedtuple("AttachTree", "fd dst")
 # Make `new_root` the root and detach the old one, so no host path stays
@@ -78,6 +83,18 @@ def _symlink(op):
         raise sc.SyscallError("symlink", op.path, e.errno) from None
 
 
+def _mask(op):
+    if os.path.isdir(op.path):
+        sc.mount("tmpfs", op.path, "tmpfs", _SAFE | sc.MS_NOEXEC | sc.MS_RDONLY, "size=0k,mode=500")
+    elif os.path.exists(op.path):
+        sc.mount("/dev/null", op.path, None, sc.MS_BIND)
+
+
+def _readonly_path(op):
+    if os.path.exists(op.path):
+        _bind(Bind(op.path, op.path, readonly=True))
+
+
 def _remount_readonly(op):
     flags = _SAFE if op.nodev else sc.MS_NOSUID
     sc.mount(None, op.dst, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | flags)
@@ -106,6 +123,8 @@ _APPLY = {
     Mkdir: _mkdir,
     Symlink: _symlink,
     DeviceNode: _device_node,
+    Mask: _mask,
+    ReadonlyPath: _readonly_path,
     RemountReadonly: _remount_readonly,
     AttachTree: _attach_tree,
     PivotRoot: _pivot_root,
@@ -118,11 +137,19 @@ def apply(ops):
         _APPLY[type(op)](op)
 
 
+# What of /proc a sandbox does not see, and what it sees read-only: the
+# kernel's memory, keys, timers and scheduler internals, the magic SysRq
+# key, hardware tables, and every kernel tunable.
+PROC_MASKED = ("kcore", "keys", "kmsg", "timer_list", "sched_debug", "latency_stats",
+               "sysrq-trigger", "acpi", "scsi", "asound")
+PROC_READONLY = ("sys", "bus", "fs", "irq")
+
+
 def shell_plan(scratch_mb):
     """What a zygote's child mounts over the zygote's tree to become a
     sandbox shell: its own /proc, and scratch /tmp and /dev/shm."""
-    return [
-        Proc("/proc"),
+    return [Proc("/proc")] + [Mask("/proc/" + p) for p in PROC_MASKED] + [
+        ReadonlyPath("/proc/" + p) for p in PROC_READONLY] + [
         Tmpfs("/tmp", scratch_mb, 0o1777),
         Tmpfs("/dev/shm", scratch_mb, 0o1777),
         # Its own ptys: sandboxes share a uid, so a shared devpts would let

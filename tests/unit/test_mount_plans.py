@@ -34,7 +34,11 @@ def test_dev_gets_only_harmless_devices():
 
 def test_shell_and_code_plans():
     plan = m.shell_plan(32)
-    assert m.Proc("/proc") in plan
+    assert plan[0] == m.Proc("/proc")  # masks go on top of its own /proc
+    for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug",
+                 "/proc/sysrq-trigger", "/proc/acpi", "/proc/scsi"):
+        assert m.Mask(path) in plan
+    assert m.ReadonlyPath("/proc/sys") in plan
     assert m.Tmpfs("/tmp", 32, 0o1777) in plan and m.Tmpfs("/dev/shm", 32, 0o1777) in plan
     assert m.code_plan(7) == [m.AttachTree(7, "/handler")]
 
