@@ -24,7 +24,7 @@ setup(
     python_requires=">=3.9",
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15", "msgpack>=1.0", "uvloop>=0.18", "httptools>=0.5",
-                      "inotify_simple>=1.3"],
+                      "inotify_simple>=1.3", "PyYAML>=6"],
     cffi_modules=["cbits/build.py:ffibuilder"],
     ext_modules=[Extension("sandbox.runtime.libolsys", ["cbits/olsys.c"],
                            include_dirs=["cbits"], extra_compile_args=["-Wall"])],

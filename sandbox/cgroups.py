@@ -192,6 +192,14 @@ class Cgroup:
             _write(os.path.join(d["cpu"], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
             _write(os.path.join(d["cpu"], "cpu.cfs_quota_us"), str(quota))
 
+    def memory_limit_mb(self):
+        name = "memory.max" if self.mode.name == "v2" else "memory.limit_in_bytes"
+        try:
+            with open(os.path.join(self.limit_dirs()["memory"], name)) as f:
+                return int(f.read()) >> 20
+        except (OSError, ValueError):
+            return 0
+
     def oom_kills(self):
         """How many processes the kernel has killed here for lack of memory
         (v2's memory.events, v1's memory.oom_control: both say oom_kill)."""

@@ -61,6 +61,7 @@ class Sandbox:
         self.waited = 0.0           # seconds the caller of create() waited for a shell
         self.assigned_at = None     # when it was given its code
         self.oom_kills = 0          # its cgroup's OOM kills before it (cgroups are reused)
+        self.limits_customized = False
         self.out_of_memory = False
         self.output_fd = None       # read end of its stdout/stderr pipe
         self.output_seen = 0
@@ -108,11 +109,13 @@ class CgroupPool:
         self.serial += 1
         return Cgroup("%s/cg-%d" % (self.root, self.serial)).create(self.limits)
 
-    def release(self, cgroup):
+    def release(self, cgroup, customized=False):
         if cgroup.pids():
             cgroup.remove()  # not empty after its sandbox died: do not reuse
-        else:
-            self.free.append(cgroup)
+            return
+        if customized:
+            cgroup.set_limits(self.limits)  # back to the defaults for the next one
+        self.free.append(cgroup)
 
 
 class SandboxManager:
@@ -304,8 +307,9 @@ class SandboxManager:
                 self.waiters.remove(waiter)
 
     # -- sandboxes -------------------------------------------------------------------
-    async def create(self, code_dir, label=""):
-        """A sandbox serving the code in `code_dir`: a ready shell given it."""
+    async def create(self, code_dir, label="", limits=None, scratch_mb=None):
+        """A sandbox serving the code in `code_dir`: a ready shell given it,
+        with `limits` and `scratch_mb` where they differ from the defaults."""
         started = time.monotonic()
         if self._restarting is not None and not self._restarting.done():
             await self._restarting
@@ -314,16 +318,23 @@ class SandboxManager:
         asyncio.get_running_loop().call_soon(self._refill)
         sandbox.waited = time.monotonic() - started
         sandbox.label = label
+        assign = {"op": "assign", "function": label}
+        if scratch_mb and scratch_mb != self.config.scratch_mb:
+            assign["scratch_mb"] = scratch_mb
         try:
+            if limits and limits != self.config.limits:
+                # Before it has its code: nothing runs yet under the old limits.
+                sandbox.limits_customized = True
+                sandbox.cgroup.set_limits(limits)
             code_fd = self._code_tree(code_dir)
             sandbox.assigned_at = time.monotonic()
             try:
                 sandbox.channel.sendmsg(
-                    [proto.pack({"op": "assign", "function": label})],
+                    [proto.pack(assign)],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [code_fd]))])
             finally:
                 os.close(code_fd)
-        except OSError as e:  # SyscallError included: it names the operation
+        except (OSError, SandboxError) as e:  # SyscallError included: it names the operation
             sandbox.kill()
             sandbox.channel.close()
             raise SandboxError("give code to sandbox", sandbox.id, str(e)) from None
@@ -358,9 +369,9 @@ class SandboxManager:
         self._finish_output(sandbox)
         if status is not None and sandbox.cgroup.oom_kills() > sandbox.oom_kills:
             sandbox.out_of_memory = True
-            error = "ran out of memory (its limit is %d MB)" % self.config.limits.mem_mb
+            error = "ran out of memory (its limit is %d MB)" % sandbox.cgroup.memory_limit_mb()
         try:
-            self.cgroups.release(sandbox.cgroup)
+            self.cgroups.release(sandbox.cgroup, sandbox.limits_customized)
         except SandboxError as e:
             self.log(str(e))
         if not sandbox.exited.done():

@@ -260,3 +260,45 @@ def test_out_of_memory_is_502_and_the_next_call_works(own_worker):
     assert w.call("hello", {"name": "zygote"})[2] == "Hello, zygote!"  # the zygote lives
     status, _, body = w.call("probe", {"op": "exit", "code": 9})
     assert body["errorType"] == "Runtime.ExitError"  # a plain exit is not an OOM
+
+
+def test_ol_yaml_limits_override_the_cluster_and_are_reset_after(own_worker):
+    w = own_worker()
+    hog = "def handler(event):\n    hoard = bytearray(event['mb'] << 20)\n    return len(hoard)\n"
+    d = w.add_function("small", hog)
+    with open(os.path.join(d, "ol.yaml"), "w") as f:
+        f.write("limits:\n  mem_mb: 48\n  runtime_sec: 1\n  scratch_mb: 2\n")
+    status, _, body = w.call("small", {"mb": 100})
+    assert status == 502 and body["errorType"] == "Runtime.OutOfMemory", body
+    assert "48 MB" in body["errorMessage"]
+    w.add_function("small2", open(os.path.join(w.registry, "probe", "lambda_func.py")).read())
+    with open(os.path.join(w.registry, "small2", "ol.yaml"), "w") as f:
+        f.write("limits:\n  runtime_sec: 1\n  scratch_mb: 2\n")
+    _, _, r = w.call("small2", {"op": "write", "path": "/tmp/f", "data": "x" * 1024,
+                                 "repeat": 3 << 10})
+    assert r == {"ok": False, "errno": "ENOSPC"}  # 3 MB into a 2 MB /tmp
+    status, _, body = w.call("small2", {"op": "sleep", "seconds": 5})
+    assert status == 504 and "1.00 seconds" in body["errorMessage"]
+    # Everything else still has the cluster's limits (256 MB), recycled cgroups included.
+    for _ in range(3):
+        assert w.call("hello", {"name": "x"})[0] == 200
+    w.add_function("big", hog)
+    assert w.call("big", {"mb": 100})[::2] == (200, 100 << 20)
+
+
+@pytest.mark.parametrize("text,words", [
+    ("limits:\n  mem_mb: -1\n", "limits.mem_mb"),
+    ("limits:\n  memory: 5\n", "unknown limits"),
+    ("limits:\n  request_kb: 5\n", "unknown limits"),
+    ("flavour: mint\n", "only a `limits:` block"),
+    ("limits: [1\n", "cannot be read"),
+])
+def test_bad_ol_yaml_is_500_saying_what_is_wrong(worker, text, words):
+    d = worker.add_function("badyaml", "def handler(event):\n    return 1\n")
+    with open(os.path.join(d, "ol.yaml"), "w") as f:
+        f.write(text)
+    status, _, body = worker.call("badyaml", {})
+    assert status == 500 and body["errorType"] == "Runtime.ConfigError", body
+    assert words in body["errorMessage"] and "ol.yaml" in body["errorMessage"]
+    os.unlink(os.path.join(d, "ol.yaml"))
+    assert worker.call("badyaml", {})[::2] == (200, 1)  # fixed: picked up at once

@@ -49,6 +49,12 @@ def _positive_int(where, value):
     return value
 
 
+def check_limits(source, limits):
+    """Each given limit must be a positive integer."""
+    for name, value in limits.items():
+        _positive_int("%s: limits.%s" % (source, name), value)
+
+
 def _count(where, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError("%s must be a whole number, not %r" % (where, value))
@@ -81,8 +87,7 @@ def from_dict(raw, source):
     unknown = sorted(set(limits) - limit_names)
     if unknown:
         raise ConfigError("%s: unknown limit(s) %s" % (source, ", ".join(unknown)))
-    for name in limit_names:
-        _positive_int("%s: limits.%s" % (source, name), limits[name])
+    check_limits(source, limits)
     for key in ("cluster", "rootfs", "host"):
         if not isinstance(raw[key], str) or not raw[key]:
             raise ConfigError("%s: %s must be a non-empty string" % (source, key))

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import time
 
+from sandbox.cgroups import Limits
 from sandbox.errors import SandboxError
 from sandbox.runtime import proto
 
@@ -94,11 +95,10 @@ class Instance:
 
 
 class FunctionTable:
-    def __init__(self, manager, registry, max_sandboxes, timeout):
+    def __init__(self, manager, registry, max_sandboxes):
         self.manager = manager
         self.registry = registry
         self.max_sandboxes = max_sandboxes
-        self.timeout = timeout  # seconds a call may take, cold start included
         self.idle = collections.defaultdict(list)   # function name -> [Instance]
         self.instances = {}                          # sandbox id -> Instance
         self.pending = 0                             # cold starts under way
@@ -121,7 +121,8 @@ class FunctionTable:
         instance.calls += 1
         # Past the deadline the whole sandbox is killed (threads and children
         # too, through its cgroup), which ends the call with a closed channel.
-        timer = asyncio.get_running_loop().call_later(self.timeout, self._time_out, instance)
+        timeout = function.limits.runtime_sec
+        timer = asyncio.get_running_loop().call_later(timeout, self._time_out, instance)
         try:
             reply = await instance.channel.call({"id": request_id, "body": body})
         except ChannelClosed:
@@ -131,7 +132,7 @@ class FunctionTable:
             reason = await instance.sandbox.exit_reason()
             await self._destroy(instance)
             if instance.timed_out:
-                raise TimedOut("Task timed out after %.2f seconds" % self.timeout) from None
+                raise TimedOut("Task timed out after %.2f seconds" % timeout) from None
             if instance.sandbox.out_of_memory:
                 raise HandlerDied("the handler of %r %s" % (name, reason),
                                   "Runtime.OutOfMemory") from None
@@ -184,11 +185,14 @@ class FunctionTable:
         if len(self.instances) + self.pending >= self.max_sandboxes and not self._evict_one():
             raise Busy("all %d sandboxes are busy" % self.max_sandboxes)
         self.pending += 1
+        limits = function.limits
         try:
-            sandbox = await asyncio.wait_for(
-                self.manager.create(function.path, function.name), self.timeout)
+            sandbox = await asyncio.wait_for(self.manager.create(
+                function.path, function.name,
+                Limits(limits.mem_mb, limits.procs, limits.cpu_percent), limits.scratch_mb),
+                limits.runtime_sec)
         except asyncio.TimeoutError:
-            raise SandboxFailed("no sandbox was ready within %d s" % self.timeout) from None
+            raise SandboxFailed("no sandbox was ready within %d s" % limits.runtime_sec) from None
         except SandboxError as e:
             if self.closing:
                 raise Unavailable("the worker is shutting down") from None

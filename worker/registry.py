@@ -1,18 +1,26 @@
 """Where functions live: `<registry>/<name>/`, with `lambda_func.py` defining
-handler(event) or `f.py` defining f(event).
+handler(event) or `f.py` defining f(event), and optionally an `ol.yaml`
+whose `limits:` block overrides the cluster's limits for that function.
 
 Changes are tracked with inotify, drained at each lookup, so the next call
 after an edit always sees the new code, with no polling and no stat of the
 whole tree per call.
 """
+import dataclasses
 import os
 import re
 
+import yaml
 from inotify_simple import INotify, flags
 
+from .config import ConfigError, check_limits
 from .errors import InitFailed, NotFound
 
 ENTRY_FILES = ("lambda_func.py", "f.py")
+CONFIG_FILE = "ol.yaml"
+# Limits a function may set for itself.  The request body limit is not one:
+# it is enforced before the request is routed to any function.
+FUNCTION_LIMITS = ("mem_mb", "procs", "cpu_percent", "scratch_mb", "runtime_sec")
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 WATCH = (flags.MODIFY | flags.ATTRIB | flags.CLOSE_WRITE | flags.CREATE | flags.DELETE
          | flags.MOVED_FROM | flags.MOVED_TO | flags.DELETE_SELF | flags.MOVE_SELF)
@@ -21,15 +29,17 @@ WATCH = (flags.MODIFY | flags.ATTRIB | flags.CLOSE_WRITE | flags.CREATE | flags.
 class Function:
     """A function's code as last seen: `version` grows with every change."""
 
-    def __init__(self, name, path, version):
+    def __init__(self, name, path, version, limits):
         self.name = name
         self.path = path
         self.version = version
+        self.limits = limits  # the cluster's, with ol.yaml's on top
 
 
 class Registry:
-    def __init__(self, root):
+    def __init__(self, root, limits):
         self.root = root
+        self.limits = limits  # the cluster's defaults
         self.inotify = INotify(nonblocking=True)
         self.inotify.add_watch(root, flags.CREATE | flags.DELETE | flags.MOVED_FROM
                                | flags.MOVED_TO | flags.ATTRIB)
@@ -62,9 +72,36 @@ class Registry:
         for e in entries:
             if e.is_dir(follow_symlinks=False) and e.name != "__pycache__":
                 self._watch_tree(name, e.path)
-        fn = Function(name, path, self.versions.setdefault(name, 0))
+        limits = self.limits
+        if any(e.name == CONFIG_FILE for e in entries):
+            limits = self._read_config(name, os.path.join(path, CONFIG_FILE))
+        fn = Function(name, path, self.versions.setdefault(name, 0), limits)
         self.cache[name] = fn
         return fn
+
+    def _read_config(self, name, path):
+        """The function's limits from its ol.yaml, checked."""
+        where = "%s of function %r" % (CONFIG_FILE, name)
+        try:
+            with open(path) as f:
+                config = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise InitFailed("%s cannot be read: %s" % (where, e), "Runtime.ConfigError") from None
+        if not isinstance(config, dict) or set(config) - {"limits"}:
+            raise InitFailed("%s: expected only a `limits:` block, found %s"
+                             % (where, sorted(config) if isinstance(config, dict) else config),
+                             "Runtime.ConfigError")
+        limits = config.get("limits") or {}
+        unknown = set(limits) - set(FUNCTION_LIMITS) if isinstance(limits, dict) else {limits}
+        if unknown:
+            raise InitFailed("%s: unknown limits %s; known: %s" % (
+                where, sorted(map(str, unknown)), ", ".join(FUNCTION_LIMITS)),
+                "Runtime.ConfigError")
+        try:
+            check_limits(where, limits)
+        except ConfigError as e:
+            raise InitFailed(str(e), "Runtime.ConfigError") from None
+        return dataclasses.replace(self.limits, **limits)
 
     def _watch(self, name, path):
         try:

@@ -37,10 +37,10 @@ async def run(config):
         scratch_mb=limits.scratch_mb, pool_size=config.pool_size, max_live=config.max_sandboxes,
         fresh=not config.zygote, netns=config.network_isolation))
     try:
-        registry = Registry(config.registry)
+        registry = Registry(config.registry, config.limits)
     except OSError as e:
         raise StartError("watch registry %s: %s" % (config.registry, e.strerror)) from None
-    table = FunctionTable(manager, registry, config.max_sandboxes, limits.runtime_sec)
+    table = FunctionTable(manager, registry, config.max_sandboxes)
     app = App(table, limits.request_kb * 1024)
     try:
         server = await loop.create_server(lambda: HttpProtocol(app), config.host, config.port,

@@ -144,7 +144,7 @@ def serve(channel_fd, setup_times, rehearse=True):
     assigned = time.monotonic()
     try:
         os.setpriority(os.PRIO_PROCESS, 0, 0)  # leave the pool's low priority
-        mounts.apply(mounts.code_plan(fds[0]))
+        mounts.apply(mounts.code_plan(fds[0], assign.get("scratch_mb")))
         os.chdir(CODE_DIR)
         privileges.after_assignment()
     except Exception as e:

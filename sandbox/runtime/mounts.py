@@ -23,6 +23,7 @@ Devpts = namedtuple("Devpts", "dst")
 Mkdir = namedtuple("Mkdir", "path mode")
 Symlink = namedtuple("Symlink", "target path")
 RemountReadonly = namedtuple("RemountReadonly", "dst nodev", defaults=(True,))
+ResizeTmpfs = namedtuple("ResizeTmpfs", "dst size_mb")
 # Hide a /proc path: a file behind /dev/null, a directory behind an empty
 # read-only tmpfs.  A path this kernel lacks is skipped.
 Mask = namedtuple("Mask", "path")
@@ -83,6 +84,10 @@ def _symlink(op):
         raise sc.SyscallError("symlink", op.path, e.errno) from None
 
 
+def _resize_tmpfs(op):
+    sc.mount(None, op.dst, None, sc.MS_REMOUNT | _SAFE, "size=%dm" % op.size_mb)
+
+
 def _mask(op):
     if os.path.isdir(op.path):
         sc.mount("tmpfs", op.path, "tmpfs", _SAFE | sc.MS_NOEXEC | sc.MS_RDONLY, "size=0k,mode=500")
@@ -124,6 +129,7 @@ _APPLY = {
     Symlink: _symlink,
     DeviceNode: _device_node,
     Mask: _mask,
+    ResizeTmpfs: _resize_tmpfs,
     ReadonlyPath: _readonly_path,
     RemountReadonly: _remount_readonly,
     AttachTree: _attach_tree,
@@ -158,6 +164,10 @@ def shell_plan(scratch_mb):
     ]
 
 
-def code_plan(code_fd):
-    """What a shell mounts once it is given a function: its code."""
-    return [AttachTree(code_fd, "/handler")]
+def code_plan(code_fd, scratch_mb=None):
+    """What a shell mounts once it is given a function: its code, and its
+    scratch space resized if the function asks for another size."""
+    plan = [AttachTree(code_fd, "/handler")]
+    if scratch_mb:
+        plan += [ResizeTmpfs("/tmp", scratch_mb), ResizeTmpfs("/dev/shm", scratch_mb)]
+    return plan

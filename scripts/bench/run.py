@@ -228,16 +228,21 @@ def run_churn(seconds, concurrency):
 
 
 def run_soak(cluster, seconds):
-    """Warm and cold calls for `seconds`, sampling the worker's RSS."""
+    """Warm calls for `seconds`, and every 50th call a cold start after an
+    edit of the function's code, sampling the worker's RSS."""
     client = Client(cluster.port)
+    warm, edited = cluster.fresh_name("hello"), cluster.fresh_name("hello")
+    source = os.path.join(cluster.path, "registry", edited, "lambda_func.py")
     end = time.monotonic() + seconds
     rss, calls, next_sample = [], 0, 0.0
     start = time.monotonic()
     while time.monotonic() < end:
-        call(client, "hello-0")
+        call(client, warm)
         calls += 1
-        if calls % 50 == 0:  # and a cold one now and then, recycling sandboxes
-            call(client, cluster.fresh_name("hello"))
+        if calls % 50 == 0:  # the edit retires its sandbox: the call is a cold start
+            with open(source, "w") as f:
+                f.write("def handler(event):\n    return %d\n" % calls)
+            call(client, edited)
         now = time.monotonic() - start
         if now >= next_sample:
             rss.append((round(now, 1), rss_kb(cluster.worker_pid())))
