@@ -43,6 +43,8 @@ class SandboxConfig:
 # the rest is read and dropped, so a flood can neither block the handler
 # nor fill the disk.
 OUTPUT_CAP = 1 << 20
+# A longer line is written out in pieces of this size.
+OUTPUT_LINE = 16 << 10
 
 
 class Sandbox:
@@ -65,7 +67,8 @@ class Sandbox:
         self.out_of_memory = False
         self.output_fd = None       # read end of its stdout/stderr pipe
         self.output_seen = 0
-        self.output_partial = b""
+        self.output_partial = b""   # a line not finished yet
+        self.output_capped = False
         self.exited = asyncio.get_running_loop().create_future()  # -> description
 
     def host_pid(self):
@@ -188,7 +191,10 @@ class SandboxManager:
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             fds.append(theirs.detach())
-            output, output_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            # Only our end is non-blocking: the handler's writes must block
+            # (not fail) when the pipe is full; we read it as fast as it fills.
+            output, output_w = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(output, False)
             fds.append(output_w)
             fds += cgroup.open_procs()
             self.zygote.fork(sandbox_id, fds, self.config.scratch_mb, self.config.fresh, pooled,
@@ -242,12 +248,19 @@ class SandboxManager:
         before = sandbox.output_seen
         sandbox.output_seen += len(data)
         if before >= OUTPUT_CAP:
-            return
-        if sandbox.output_seen > OUTPUT_CAP:
-            data = data[:OUTPUT_CAP - before] + b"\n[output over %d bytes: the rest is dropped]\n" \
-                % OUTPUT_CAP
+            if data and not sandbox.output_capped:
+                sandbox.output_capped = True
+                data = b"\n[output over %d bytes: the rest is dropped]\n" % OUTPUT_CAP
+            else:
+                return
+        else:
+            data = data[:OUTPUT_CAP - before]
         lines = (sandbox.output_partial + data).split(b"\n")
-        sandbox.output_partial = lines.pop()[-4096:]
+        partial = lines.pop()
+        while len(partial) >= OUTPUT_LINE:
+            lines.append(partial[:OUTPUT_LINE])
+            partial = partial[OUTPUT_LINE:]
+        sandbox.output_partial = partial
         if lines:
             prefix = ("[%s %s] " % (sandbox.label or "-", sandbox.id)).encode()
             os.write(self.config.log_fd, b"".join(prefix + line + b"\n" for line in lines))

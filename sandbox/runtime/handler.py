@@ -165,8 +165,11 @@ def serve(channel_fd, setup_times, rehearse=True):
             if startup:
                 reply.update(startup)
                 startup = None
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass  # the function closed or broke its own output
             channel.sendall(proto.pack(reply))
         data = channel.recv(1 << 16)
         if not data:

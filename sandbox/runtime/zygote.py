@@ -18,6 +18,7 @@ import socket
 import struct
 import sys
 import time
+import traceback
 
 try:
     from . import handler, mounts, privileges, proto
@@ -157,8 +158,15 @@ class Zygote:
             os.dup2(channel_fd, handler.FRESH_CHANNEL_FD)
             os.execv("/usr/bin/python3", ["python3", "-s", "-B", "-m", "olrt.fresh",
                                           repr(times)])
-        handler.serve(channel_fd, times, rehearse=msg.get("pooled", True))
-        os._exit(0)
+        # Whatever happens, the child ends here: an exception must never
+        # unwind into the zygote's own loop, which is on this stack too.
+        status = 0
+        try:
+            handler.serve(channel_fd, times, rehearse=msg.get("pooled", True))
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        os._exit(status)
 
 
 def close_all_but(*keep):
