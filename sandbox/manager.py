@@ -324,6 +324,8 @@ class SandboxManager:
         """A sandbox serving the code in `code_dir`: a ready shell given it,
         with `limits` and `scratch_mb` where they differ from the defaults."""
         started = time.monotonic()
+        if self.closing:
+            raise SandboxError("create sandbox", code_dir, "the manager is shutting down")
         if self._restarting is not None and not self._restarting.done():
             await self._restarting
         sandbox = await self._take_shell()

@@ -136,6 +136,9 @@ def serve(channel_fd, setup_times, rehearse=True):
         return
     if rehearse:
         rehearsal()
+    # Built: back to normal priority, so that the call that wakes it is not
+    # queued behind the pool's background work.
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
     channel.sendall(proto.pack({"op": "ready", "t": setup_times}))
     unpacker = proto.unpacker()
     assign, fds = _wait_assign(channel, unpacker)
@@ -143,7 +146,6 @@ def serve(channel_fd, setup_times, rehearse=True):
         return
     assigned = time.monotonic()
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)  # leave the pool's low priority
         mounts.apply(mounts.code_plan(fds[0], assign.get("scratch_mb")))
         os.chdir(CODE_DIR)
         privileges.after_assignment()

@@ -209,7 +209,7 @@ def warm_up():
 
 # Forking and preparing shells is background work: at this niceness it
 # yields the CPU to the calls being served (2 cores are easily saturated).
-# A shell returns to normal priority when it is given a function.
+# A shell returns to normal priority once it is ready.
 POOL_NICE = 10
 
 

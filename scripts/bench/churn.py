@@ -44,9 +44,15 @@ async def churn(seconds, concurrency):
             latencies.append(time.perf_counter() - start)
 
     started = time.monotonic()
+    tasks = [asyncio.ensure_future(one_after_another()) for _ in range(concurrency)]
     try:
-        await asyncio.gather(*(one_after_another() for _ in range(concurrency)))
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()  # the first failure, if any
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         elapsed = time.monotonic() - started
         await manager.shutdown()
         os.unlink(os.path.join(code, "lambda_func.py"))
