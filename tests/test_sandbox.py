@@ -141,3 +141,25 @@ def test_freeze_stops_a_sandbox_and_thaw_resumes_it(tmp_path, manager_config):
         assert (await asyncio.wait_for(reply, 5))["body"] == b'"awake"'
         await manager.shutdown()
     asyncio.run(scenario())
+
+
+def test_a_load_failure_is_heard_even_when_the_request_cannot_be_sent(tmp_path, manager_config):
+    """The shell reports a load failure and exits before the request is
+    written: the worker must still get the report, not a broken pipe."""
+    from worker.functions import Channel
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "lambda_func.py").write_text("import no_such_module\n")
+
+    async def scenario():
+        manager = SandboxManager(manager_config())
+        await manager.start()
+        sandbox = await manager.create(str(code), "broken")
+        await sandbox.exit_reason()  # it has already failed and exited
+        channel = Channel(sandbox.channel)
+        reply = await channel.call({"id": "r", "body": b"{}" * 100_000})  # big: EPIPE for sure
+        assert reply["status"] == "init_error" and reply["errorType"] == "Runtime.ImportModuleError"
+        channel.close()
+        await manager.destroy(sandbox)
+        await manager.shutdown()
+    asyncio.run(scenario())

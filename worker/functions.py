@@ -27,38 +27,41 @@ class Channel:
 
     A plain non-blocking socket watched by the event loop: cheaper to set
     up on a cold start than an asyncio transport, and enough for strict
-    request-reply traffic."""
+    request-reply traffic.  A message that arrives while no call waits
+    (a load failure, sent before the request was) is kept for the next."""
 
     def __init__(self, sock):
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self.unpacker = proto.unpacker()
+        self.inbox = collections.deque()
         self.waiter = None
         self.closed = False
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     def _on_readable(self):
+        """Read what is there; False once there is nothing more to read now."""
         try:
             data = self.sock.recv(1 << 18)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
-            self._lost()
-            return
+            self.close()
+            return False
         try:
             self.unpacker.feed(data)
         except proto.BufferFull:  # a handler writing junk: it is not heard again
-            self._lost()
-            return
+            self.close()
+            return False
         for msg in self.unpacker:
             waiter, self.waiter = self.waiter, None
             if waiter is not None and not waiter.done():
                 waiter.set_result(msg)
-
-    def _lost(self):
-        self.close()
+            else:
+                self.inbox.append(msg)
+        return True
 
     def close(self):
         if not self.closed:
@@ -69,17 +72,22 @@ class Channel:
             waiter.set_exception(ChannelClosed())
 
     async def call(self, msg):
-        if self.closed:
-            raise ChannelClosed()
-        self.waiter = self.loop.create_future()
         data = proto.pack(msg)
         try:
             sent = self.sock.send(data)
             if sent < len(data):  # a big body: let the loop finish it
                 await self.loop.sock_sendall(self.sock, data[sent:])
         except OSError:
-            self._lost()
-        return await self.waiter
+            # It is gone; first hear what it said before it went.
+            while not self.closed and self._on_readable():
+                pass
+            self.close()
+        if self.inbox:
+            return self.inbox.popleft()
+        if self.closed:
+            raise ChannelClosed()
+        waiter = self.waiter = self.loop.create_future()
+        return await waiter
 
 
 class Instance:
