@@ -15,6 +15,14 @@ from sandbox.runtime import proto
 ROOTFS = os.path.join(REPO, "build", "rootfs")
 
 
+def code_dir(tmp_path, source):
+    """A function's code directory holding `source` as lambda_func.py."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "lambda_func.py").write_text(source)
+    return code
+
+
 def host_mounts():
     with open("/proc/self/mountinfo") as f:
         return sorted(line.split()[4] for line in f)
@@ -52,9 +60,7 @@ async def ask(sandbox, body):
 
 
 def test_destroy_leaves_no_process_cgroup_mount_or_socket(tmp_path, manager_config):
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "lambda_func.py").write_text("def handler(event):\n    return event\n")
+    code = code_dir(tmp_path, "def handler(event):\n    return event\n")
     mounts_before = host_mounts()
 
     async def scenario():
@@ -82,9 +88,7 @@ def test_destroy_leaves_no_process_cgroup_mount_or_socket(tmp_path, manager_conf
 
 
 def test_many_sandboxes_and_shutdown_removes_them_all(tmp_path, manager_config):
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+    code = code_dir(tmp_path, "def handler(event):\n    return 1\n")
 
     async def scenario():
         manager = SandboxManager(manager_config())
@@ -124,9 +128,7 @@ def test_a_zygote_that_cannot_import_says_why_once(rootfs_without_msgpack, manag
 
 
 def test_freeze_stops_a_sandbox_and_thaw_resumes_it(tmp_path, manager_config):
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "lambda_func.py").write_text("def handler(event):\n    return 'awake'\n")
+    code = code_dir(tmp_path, "def handler(event):\n    return 'awake'\n")
 
     async def scenario():
         manager = SandboxManager(manager_config())
@@ -147,9 +149,7 @@ def test_a_load_failure_is_heard_even_when_the_request_cannot_be_sent(tmp_path, 
     """The shell reports a load failure and exits before the request is
     written: the worker must still get the report, not a broken pipe."""
     from worker.functions import Channel
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "lambda_func.py").write_text("import no_such_module\n")
+    code = code_dir(tmp_path, "import no_such_module\n")
 
     async def scenario():
         manager = SandboxManager(manager_config())
