@@ -403,10 +403,6 @@ class SandboxManager:
             sandbox.kill()
             await sandbox.exit_reason(timeout)
 
-    def live(self):
-        """Sandboxes that serve a function (not pooled shells)."""
-        return [s for s in self.sandboxes.values() if s.state == "assigned"]
-
     async def shutdown(self):
         self.closing = True
         for sandbox in list(self.sandboxes.values()):
