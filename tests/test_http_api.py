@@ -309,3 +309,23 @@ def test_upgrade_requests_are_answered_as_http_1_1_then_closed(worker):
                 break
             data += chunk
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'"Hello, h2c!"')
+
+
+def test_idle_sandboxes_are_frozen_so_leftover_threads_stop(worker):
+    worker.add_function("ticker", "import threading, time\n"
+                                  "ticks = [0]\n"
+                                  "def tick():\n"
+                                  "    while True:\n"
+                                  "        ticks[0] += 1\n"
+                                  "        time.sleep(0.01)\n"
+                                  "def handler(event):\n"
+                                  "    if event.get('start'):\n"
+                                  "        threading.Thread(target=tick, daemon=True).start()\n"
+                                  "    return ticks[0]\n")
+    worker.call("ticker", {"start": True})
+    first = worker.call("ticker", {})[2]
+    time.sleep(1.0)  # awake, the thread would tick about 100 times
+    second = worker.call("ticker", {})[2]
+    assert second - first < 40, (first, second)
+    time.sleep(0.05)  # thawed for the call: it runs while the sandbox is taken
+    assert worker.call("ticker", {})[2] > second

@@ -12,6 +12,12 @@ import time
 
 from sandbox.cgroups import Limits
 from sandbox.errors import SandboxError
+
+# An instance idle this long is frozen (its cgroup), and thawed when a call
+# takes it: a thread or child a handler leaves behind cannot keep running
+# between calls.  Not at once: back-to-back calls would pay two cgroup
+# writes each.
+FREEZE_AFTER = 0.1
 from sandbox.runtime import proto
 
 from .errors import (Busy, HandlerDied, HandlerRaised, InitFailed, SandboxFailed, TimedOut,
@@ -97,6 +103,8 @@ class Instance:
         self.sandbox = sandbox
         self.channel = channel
         self.busy = True
+        self.frozen = False
+        self.freeze_timer = None
         self.timed_out = False
         self.calls = 0
         self.last_used = time.monotonic()
@@ -176,12 +184,15 @@ class FunctionTable:
             instance = idle.pop()
             if instance.version == function.version and not instance.channel.closed:
                 instance.busy = True
+                self._thaw(instance)
                 return instance
             self._retire(instance)
         return None
 
     def _retire(self, instance):
         """Out of the table now; its sandbox is destroyed in the background."""
+        if instance.freeze_timer is not None:
+            instance.freeze_timer.cancel()
         self._forget(instance)
         asyncio.ensure_future(self._destroy(instance))
 
@@ -231,6 +242,25 @@ class FunctionTable:
             self._retire(instance)
         else:
             self.idle[instance.function.name].append(instance)
+            instance.freeze_timer = asyncio.get_running_loop().call_later(
+                FREEZE_AFTER, self._freeze, instance)
+
+    def _freeze(self, instance):
+        instance.freeze_timer = None
+        if not instance.busy and not instance.frozen and not instance.sandbox.exited.done():
+            try:
+                instance.sandbox.cgroup.freeze()
+                instance.frozen = True
+            except SandboxError:
+                pass  # no freezer on this host: it stays awake
+
+    def _thaw(self, instance):
+        if instance.freeze_timer is not None:
+            instance.freeze_timer.cancel()
+            instance.freeze_timer = None
+        if instance.frozen:
+            instance.frozen = False
+            instance.sandbox.cgroup.thaw()
 
     def _retire_idle(self, name):
         """The function's code changed: its idle instances run old code."""
