@@ -57,7 +57,6 @@ class Sandbox:
         self.channel = channel
         self.label = None
         self.state = "starting"     # -> "pooled" -> "assigned"
-        self.created = time.time()
         self.setup_times = ()       # monotonic stamps from the zygote and the shell
         self.taken_from_pool = False
         self.waited = 0.0           # seconds the caller of create() waited for a shell
@@ -200,9 +199,10 @@ class SandboxManager:
             self.zygote.fork(sandbox_id, fds, self.config.scratch_mb, self.config.fresh, pooled,
                              self.config.netns)
         except (OSError, SandboxError) as e:
-            for end in (ours, output):
-                if end is not None:
-                    os.close(end) if isinstance(end, int) else end.close()
+            if ours is not None:
+                ours.close()
+            if output is not None:
+                os.close(output)
             self.cgroups.release(cgroup)
             raise SandboxError("fork shell", sandbox_id, str(e)) from None
         finally:
@@ -229,9 +229,13 @@ class SandboxManager:
             if sandbox.output_fd is not None and sandbox.output_seen == before:
                 break  # nothing more to read, but no EOF either
         if sandbox.output_fd is not None:
-            asyncio.get_running_loop().remove_reader(sandbox.output_fd)
-            os.close(sandbox.output_fd)
-            sandbox.output_fd = None
+            self._close_output(sandbox)
+
+    @staticmethod
+    def _close_output(sandbox):
+        asyncio.get_running_loop().remove_reader(sandbox.output_fd)
+        os.close(sandbox.output_fd)
+        sandbox.output_fd = None
 
     def _on_output(self, sandbox):
         """Copy a sandbox's output into the log, a line at a time, each line
@@ -241,9 +245,7 @@ class SandboxManager:
         except BlockingIOError:
             return
         if not data:
-            asyncio.get_running_loop().remove_reader(sandbox.output_fd)
-            os.close(sandbox.output_fd)
-            sandbox.output_fd = None
+            self._close_output(sandbox)
             data = b"\n" if sandbox.output_partial else b""
         before = sandbox.output_seen
         sandbox.output_seen += len(data)
@@ -287,21 +289,26 @@ class SandboxManager:
             self._fail_waiter(SandboxError("build sandbox", sandbox.id, reason))
             return
         sandbox.setup_times = msg["t"]
+        waiter = self._next_waiter()
+        if waiter is not None:
+            sandbox.state = "assigned"
+            waiter.set_result(sandbox)
+        else:
+            sandbox.state = "pooled"
+            self.pool.append(sandbox)
+
+    def _next_waiter(self):
+        """The oldest create() still waiting for a shell (cancelled ones skipped)."""
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
-                sandbox.state = "assigned"
-                waiter.set_result(sandbox)
-                return
-        sandbox.state = "pooled"
-        self.pool.append(sandbox)
+                return waiter
+        return None
 
     def _fail_waiter(self, error):
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(error)
-                return
+        waiter = self._next_waiter()
+        if waiter is not None:
+            waiter.set_exception(error)
 
     async def _take_shell(self):
         if self.pool:

@@ -67,6 +67,7 @@ class HttpProtocol(asyncio.Protocol):
         self.busy = False
         self.upgraded = False  # the client asked to switch protocols
         self.held = None       # an upgrade request whose body comes after it
+        self.held_length = 0
         self.held_body = b""
         self._reset()
 
@@ -75,6 +76,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers = {}
         self.body = []
         self.size = 0
+        self.length = None    # Content-Length, when the request gives one
         self.rejected = None  # a Response sent before the body was read
 
     def connection_made(self, transport):
@@ -112,8 +114,9 @@ class HttpProtocol(asyncio.Protocol):
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self):
-        length = self.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.app.max_body:
+        length = self.headers.get("content-length", "")
+        self.length = int(length) if length.isdigit() else None
+        if self.length is not None and self.length > self.app.max_body:
             self._reject_too_large()
 
     def on_body(self, chunk):
@@ -134,10 +137,9 @@ class HttpProtocol(asyncio.Protocol):
             return
         request = Request(self.parser.get_method().decode(), self.url.split(b"?", 1)[0].decode(
             "latin-1"), self.headers, b"".join(self.body), self.parser.should_keep_alive())
-        length = self.headers.get("content-length", "0")
-        if "upgrade" in self.headers and length.isdigit() and int(length) > 0:
+        if "upgrade" in self.headers and self.length:
             self.held = request  # its body is still to come, after the upgrade point
-            self.held_length = int(length)
+            self.held_length = self.length
             return
         self.queue.append(request)
         if not self.busy:
