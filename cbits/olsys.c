@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/audit.h>
+#include <linux/capability.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <stddef.h>
@@ -70,6 +71,20 @@ int ol_mount_setattr(int dirfd, const char *path, unsigned int flags,
 int ol_prctl(int option, unsigned long arg2, unsigned long arg3)
 {
     RET(syscall(SYS_prctl, option, arg2, arg3, 0, 0));
+}
+
+/* Empty every capability set: the bounding set (cap 0..last_cap), then the
+ * effective, permitted and inheritable ones.  In one call because a new user
+ * namespace hands its creator all of them again. */
+int ol_drop_all_caps(int last_cap)
+{
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+    for (int cap = 0; cap <= last_cap; cap++)
+        if (syscall(SYS_prctl, PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
+            return -errno;
+    memset(data, 0, sizeof(data));
+    RET(syscall(SYS_capset, &header, data));
 }
 
 /* Runs in the child of ol_spawn: only async-signal-safe calls until execve. */

@@ -1,7 +1,8 @@
 """Host-side Linux primitives and the sandbox lifecycle.
 
 Public modules: `sandbox.manager` (SandboxManager, Sandbox, SandboxConfig),
-`sandbox.cgroups` (Cgroup, Limits, mode) and `sandbox.errors`.  This file
-imports nothing, so that `bin/admin` can use `sandbox.cgroups` with any
-python3 and no third-party packages.
+`sandbox.cgroups` (Cgroup, Limits, mode), `sandbox.uids` (the sandboxes'
+host uids) and `sandbox.errors`.  This file imports nothing, so that
+`bin/admin` can use `sandbox.cgroups` and `sandbox.uids` with any python3
+and no third-party packages.
 """

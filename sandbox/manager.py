@@ -22,6 +22,7 @@ from .cgroups import Cgroup, Limits
 from .errors import SandboxError
 from .runtime import proto
 from .runtime import syscalls as sc
+from .uids import DEFAULT_FLOOR, UID_SLOTS
 from .zygote import Zygote, describe_status
 
 
@@ -37,6 +38,7 @@ class SandboxConfig:
     max_live: int = 128  # most sandboxes serving functions at once
     fresh: bool = False  # exec a new interpreter per sandbox: for comparison only
     netns: bool = True   # a network namespace of its own (False: the host's, unsafe)
+    uid_base: int = DEFAULT_FLOOR  # sandbox n runs as host uid uid_base + n (sandbox.uids)
 
 
 # What the worker copies of one sandbox's stdout and stderr into its log;
@@ -51,9 +53,10 @@ class Sandbox:
     """A shell while it waits in the pool; then one function's handler.
     `channel` is the worker's end of its stream socket."""
 
-    def __init__(self, sandbox_id, cgroup, channel):
+    def __init__(self, sandbox_id, cgroup, channel, uid):
         self.id = sandbox_id
         self.cgroup = cgroup
+        self.uid = uid              # the host uid its code runs as
         self.channel = channel
         self.label = None
         self.state = "starting"     # -> "pooled" -> "assigned"
@@ -94,10 +97,15 @@ class Sandbox:
 
 
 class CgroupPool:
+    """Cgroups made ahead of time and reused.  Each has a number, unique
+    among the live ones, which also picks its sandbox's host uid."""
+
     def __init__(self, root, limits):
         self.root = root
         self.limits = limits
         self.free = []
+        self.number = {}          # cgroup path -> its number
+        self.spare_numbers = []   # of cgroups that were removed
         self.serial = 0
 
     def reserve(self, count):
@@ -108,12 +116,22 @@ class CgroupPool:
         return self.free.pop() if self.free else self._new()
 
     def _new(self):
-        self.serial += 1
-        return Cgroup("%s/cg-%d" % (self.root, self.serial)).create(self.limits)
+        if self.spare_numbers:
+            number = self.spare_numbers.pop()
+        elif self.serial + 1 < UID_SLOTS:
+            self.serial += 1
+            number = self.serial
+        else:
+            raise SandboxError("make cgroup", self.root, "all %d sandbox slots are in use"
+                               % (UID_SLOTS - 1))
+        cgroup = Cgroup("%s/cg-%d" % (self.root, number)).create(self.limits)
+        self.number[cgroup.path] = number
+        return cgroup
 
     def release(self, cgroup, customized=False):
         if cgroup.pids():
             cgroup.remove()  # not empty after its sandbox died: do not reuse
+            self.spare_numbers.append(self.number.pop(cgroup.path))
             return
         if customized:
             cgroup.set_limits(self.limits)  # back to the defaults for the next one
@@ -196,8 +214,9 @@ class SandboxManager:
             os.set_blocking(output, False)
             fds.append(output_w)
             fds += cgroup.open_procs()
-            self.zygote.fork(sandbox_id, fds, self.config.scratch_mb, self.config.fresh, pooled,
-                             self.config.netns)
+            uid = self.config.uid_base + self.cgroups.number[cgroup.path]
+            self.zygote.fork(sandbox_id, fds, uid, self.config.scratch_mb, self.config.fresh,
+                             pooled, self.config.netns)
         except (OSError, SandboxError) as e:
             if ours is not None:
                 ours.close()
@@ -208,7 +227,7 @@ class SandboxManager:
         finally:
             for fd in fds:
                 os.close(fd)
-        sandbox = Sandbox(sandbox_id, cgroup, ours)
+        sandbox = Sandbox(sandbox_id, cgroup, ours, uid)
         sandbox.oom_kills = cgroup.oom_kills()
         sandbox.output_fd = output
         self.sandboxes[sandbox_id] = sandbox

@@ -122,13 +122,13 @@ class Zygote:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         return "%s; see the worker log" % (BOOT_FAILURES.get(code) or describe_status(status))
 
-    def fork(self, sandbox_id, fds, scratch_mb, fresh=False, pooled=True, netns=True):
-        """Ask for a shell; fds are its channel, its output pipe, then its
-        cgroup.procs files.
+    def fork(self, sandbox_id, fds, uid, scratch_mb, fresh=False, pooled=True, netns=True):
+        """Ask for a shell whose code will run as host `uid`; fds are its
+        channel, its output pipe, then its cgroup.procs files.
         `pooled` shells will wait in the pool; others are wanted at once."""
         if not self.alive:
             raise SandboxError("fork sandbox", sandbox_id, "the zygote is not running")
-        msg = {"op": "fork", "id": sandbox_id, "hostname": sandbox_id,
+        msg = {"op": "fork", "id": sandbox_id, "hostname": sandbox_id, "uid": uid,
                "scratch_mb": scratch_mb, "fresh": fresh, "pooled": pooled, "netns": netns}
         try:
             proto.send_packet(self.control, msg, fds)

@@ -15,7 +15,8 @@ def proc(pid, name):
 
 
 @pytest.fixture(scope="module")
-def handler_pid(worker):
+def handler(worker):
+    """(host pid, host uid) of a live handler."""
     # A handler with a second thread alive, so that every thread is checked.
     worker.add_function("posture", "import threading, time\n"
                                    "threading.Thread(target=time.sleep, args=(3600,),"
@@ -24,10 +25,16 @@ def handler_pid(worker):
     assert worker.call("posture", {})[2] == "ok"
     _, _, body = worker.request("GET", "/sandboxes")
     (sandbox,) = [s for s in json.loads(body) if s["function"] == "posture"]
-    return sandbox["pid"]
+    return sandbox["pid"], sandbox["uid"]
 
 
-def test_every_thread_is_unprivileged_and_filtered(handler_pid):
+@pytest.fixture(scope="module")
+def handler_pid(handler):
+    return handler[0]
+
+
+def test_every_thread_is_unprivileged_and_filtered(handler):
+    handler_pid, uid = handler
     threads = os.listdir("/proc/%d/task" % handler_pid)
     assert len(threads) == 2
     for tid in threads:
@@ -37,12 +44,37 @@ def test_every_thread_is_unprivileged_and_filtered(handler_pid):
             assert int(status[caps], 16) == 0, (tid, caps)
         assert status["NoNewPrivs"].strip() == "1"
         assert status["Seccomp"].strip() == "2"
-        assert status["Uid"].split() == ["65534"] * 4
-        assert status["Gid"].split() == ["65534"] * 4
+        # As the host sees it: the sandbox's own uid, no host user's.
+        assert status["Uid"].split() == [str(uid)] * 4
+        assert status["Gid"].split() == [str(uid)] * 4
+        assert status["Groups"].strip() == ""
+
+
+def test_its_user_namespace_maps_only_its_own_uid(handler):
+    handler_pid, uid = handler
+    assert uid >= 65536  # never root, never one of the host's users
+    assert proc(handler_pid, "uid_map").split() == ["65534", str(uid), "1"]
+    assert proc(handler_pid, "gid_map").split() == ["65534", str(uid), "1"]
+    assert proc(handler_pid, "setgroups").strip() == "deny"
+
+
+def test_files_it_writes_in_scratch_belong_to_its_uid_on_the_host(worker, handler):
+    handler_pid, uid = handler
+    worker.add_function("scratch-owner", "import os\n"
+                                          "def handler(event):\n"
+                                          "    with open('/tmp/mine', 'w') as f:\n"
+                                          "        f.write('x')\n"
+                                          "    return os.getuid()\n")
+    assert worker.call("scratch-owner", {})[2] == 65534  # "nobody" as it sees itself
+    _, _, body = worker.request("GET", "/sandboxes")
+    (sandbox,) = [s for s in json.loads(body) if s["function"] == "scratch-owner"]
+    st = os.stat("/proc/%d/root/tmp/mine" % sandbox["pid"])
+    assert (st.st_uid, st.st_gid) == (sandbox["uid"], sandbox["uid"])
+    assert sandbox["uid"] != uid  # every live sandbox has a uid of its own
 
 
 def test_namespaces_all_differ_from_the_hosts(handler_pid):
-    for ns in ("mnt", "pid", "ipc", "uts", "net", "cgroup"):
+    for ns in ("mnt", "pid", "ipc", "uts", "net", "cgroup", "user"):
         ours = os.readlink("/proc/%d/ns/%s" % (handler_pid, ns))
         assert ours != os.readlink("/proc/self/ns/%s" % ns), ns
 

@@ -28,6 +28,7 @@ def template_defaults():
         "zygote": True,
         "favor_cgroup_moves": True,
         "network_isolation": True,
+        "uid_base": None,
         "limits": {
             "mem_mb": 256,
             "procs": 64,

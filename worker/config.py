@@ -4,6 +4,8 @@ import json
 import os
 from dataclasses import dataclass, fields
 
+from sandbox.uids import UID_MAX, UID_SLOTS, default_base
+
 from .cluster import Cluster, merge, template_defaults
 
 
@@ -32,6 +34,7 @@ class WorkerConfig:
     zygote: bool
     favor_cgroup_moves: bool
     network_isolation: bool
+    uid_base: int
     limits: Limits
 
     @property
@@ -94,16 +97,31 @@ def from_dict(raw, source):
     port = _positive_int("%s: port" % source, raw["port"])
     if port > 65535:
         raise ConfigError("%s: port must be at most 65535, not %d" % (source, port))
+    max_sandboxes = _positive_int("%s: max_sandboxes" % source, raw["max_sandboxes"])
+    pool_size = _count("%s: pool_size" % source, raw["pool_size"])
+    # Every sandbox alive at once, plus shells and the dying, needs a uid.
+    if max_sandboxes + 2 * pool_size >= UID_SLOTS:
+        raise ConfigError("%s: max_sandboxes + 2 * pool_size must be below %d"
+                          % (source, UID_SLOTS))
+    uid_base = raw.get("uid_base")
+    if uid_base is None:
+        uid_base = default_base(port)
+    elif isinstance(uid_base, bool) or not isinstance(uid_base, int) \
+            or not 65536 <= uid_base <= UID_MAX - UID_SLOTS:
+        # Below 65536 live the host's own users: a sandbox must never be one.
+        raise ConfigError("%s: uid_base must be null or an integer from 65536 to %d, not %r"
+                          % (source, UID_MAX - UID_SLOTS, uid_base))
     return WorkerConfig(
         cluster=os.path.abspath(raw["cluster"]),
         port=port,
         host=raw["host"],
         rootfs=os.path.abspath(raw["rootfs"]),
-        max_sandboxes=_positive_int("%s: max_sandboxes" % source, raw["max_sandboxes"]),
-        pool_size=_count("%s: pool_size" % source, raw["pool_size"]),
+        max_sandboxes=max_sandboxes,
+        pool_size=pool_size,
         zygote=_flag("%s: zygote" % source, raw["zygote"]),
         favor_cgroup_moves=_flag("%s: favor_cgroup_moves" % source, raw["favor_cgroup_moves"]),
         network_isolation=_flag("%s: network_isolation" % source, raw["network_isolation"]),
+        uid_base=uid_base,
         limits=Limits(**limits),
     )
 

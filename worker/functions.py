@@ -12,16 +12,16 @@ import time
 
 from sandbox.cgroups import Limits
 from sandbox.errors import SandboxError
+from sandbox.runtime import proto
+
+from .errors import (Busy, HandlerDied, HandlerRaised, InitFailed, SandboxFailed, TimedOut,
+                     Unavailable)
 
 # An instance idle this long is frozen (its cgroup), and thawed when a call
 # takes it: a thread or child a handler leaves behind cannot keep running
 # between calls.  Not at once: back-to-back calls would pay two cgroup
 # writes each.
 FREEZE_AFTER = 0.1
-from sandbox.runtime import proto
-
-from .errors import (Busy, HandlerDied, HandlerRaised, InitFailed, SandboxFailed, TimedOut,
-                     Unavailable)
 
 
 class ChannelClosed(Exception):
@@ -281,7 +281,7 @@ class FunctionTable:
         for instance in list(self.instances.values()):
             out.append({"id": instance.sandbox.id, "function": instance.function.name,
                         "state": "busy" if instance.busy else "idle",
-                        "pid": instance.sandbox.host_pid()})
+                        "pid": instance.sandbox.host_pid(), "uid": instance.sandbox.uid})
         return out
 
     async def close(self, drain_seconds=5.0):

@@ -124,9 +124,9 @@ def invoke(fn, wants_context, function_name, request):
     return {"status": "ok", "body": body, "run": run}
 
 
-def serve(channel_fd, setup_times, rehearse=True):
-    """Say ready, wait for a function, load it, serve it.  Returns when the
-    worker closes the channel (or drops this shell unused).  A shell that a
+def serve(channel_fd, setup_times, host_uid, rehearse=True):
+    """Say ready, wait for a function, load it, serve it as `host_uid`.
+    Returns when the worker closes the channel (or drops this shell unused).  A shell that a
     call is already waiting for skips the rehearsal: it would only delay it."""
     channel = socket.socket(fileno=channel_fd)
     try:
@@ -148,7 +148,7 @@ def serve(channel_fd, setup_times, rehearse=True):
     try:
         mounts.apply(mounts.code_plan(fds[0], assign.get("scratch_mb")))
         os.chdir(CODE_DIR)
-        privileges.after_assignment()
+        privileges.after_assignment(host_uid)
     except Exception as e:
         report_setup_failure(channel.detach(), e)
         return

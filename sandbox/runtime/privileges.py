@@ -8,10 +8,11 @@ import signal
 
 from . import syscalls as sc
 
-# The unprivileged identity that handler code runs as.  Without a user
-# namespace it is the host's "nobody"; everything it could reach as nobody
-# is already hidden by the mount, PID and network namespaces.
-HANDLER_UID = HANDLER_GID = 65534
+# Who handler code is inside its user namespace: "nobody".  On the host it
+# is a uid of its own (the worker picks one per live sandbox), so two
+# sandboxes never share an identity, and nothing a handler owns or writes is
+# owned by any real user or by root.
+SANDBOX_UID = SANDBOX_GID = 65534
 
 
 def _last_cap():
@@ -50,15 +51,17 @@ def before_assignment():
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def after_assignment():
+def after_assignment(host_uid):
     """Once the code is attached, before any of it runs."""
     # Leaving uid 0 clears the permitted, effective and ambient capability
     # sets: mount, unshare, setns, ptrace of others, raw sockets, chroot,
-    # mknod and module loading all fail from here on.
-    os.setresgid(HANDLER_GID, HANDLER_GID, HANDLER_GID)
-    os.setresuid(HANDLER_UID, HANDLER_UID, HANDLER_UID)
+    # mknod and module loading all fail from here on.  The uid is the
+    # sandbox's own, never shared with another sandbox or a host user.
+    os.setresgid(host_uid, host_uid, host_uid)
+    os.setresuid(host_uid, host_uid, host_uid)
+    enter_user_namespace(host_uid)
     # Not dumpable: its memory and /proc files stay closed to other
-    # processes of the same uid (other sandboxes run as nobody too).
+    # processes, and no core can be written.
     sc.prctl(sc.PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
     # A uid change clears the parent-death signal, so it is set after it:
     # a handler never outlives its zygote.
@@ -66,3 +69,31 @@ def after_assignment():
     # Last: the filter refuses the syscalls used above (cbits/olsys.c says
     # which and why); from here on they stay refused for good.
     sc.seccomp_install()
+
+
+def enter_user_namespace(host_uid):
+    """Become "nobody" of a user namespace of its own, mapped to `host_uid`.
+
+    Its uid and gid map hold that one id, so root (or any other host user)
+    means nothing inside, and every file it creates belongs to host_uid on
+    the host.  Every other namespace it is in still belongs to the host's
+    user namespace, so the capabilities a new user namespace grants its
+    creator give no power over them; they are dropped anyway."""
+    # The change of uid made it non-dumpable, which hands its /proc files to
+    # root; it must own them to write its own maps.
+    sc.prctl(sc.PR_SET_DUMPABLE, 1, "PR_SET_DUMPABLE")
+    sc.unshare(sc.CLONE_NEWUSER)
+    # Without "deny", a process could drop a supplementary group that some
+    # file denies access to (setgroups is refused from here on).
+    for name, line in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (SANDBOX_UID, host_uid)),
+                       ("gid_map", "%d %d 1" % (SANDBOX_GID, host_uid))):
+        path = "/proc/self/" + name
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise sc.SyscallError("write", "%s (%s)" % (path, line), e.errno) from None
+    sc.drop_all_caps(LAST_CAP)

@@ -112,6 +112,11 @@ def mount_setattr(fd, attr_set, flags=AT_EMPTY_PATH | AT_RECURSIVE):
     _check(lib.ol_mount_setattr(fd, b"", flags, attr_set, 0, 0), "mount_setattr", "fd %d" % fd)
 
 
+def drop_all_caps(last_cap):
+    """Empty this thread's bounding, effective, permitted and inheritable sets."""
+    _check(lib.ol_drop_all_caps(last_cap), "drop capabilities", "0..%d" % last_cap)
+
+
 def seccomp_install():
     """The handlers' seccomp filter (cbits/olsys.c), on every thread."""
     _check(lib.ol_seccomp_install(), "seccomp", "SECCOMP_SET_MODE_FILTER")

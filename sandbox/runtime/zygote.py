@@ -157,12 +157,12 @@ class Zygote:
             # No zygote benefit: a new interpreter, for comparison only.
             os.dup2(channel_fd, handler.FRESH_CHANNEL_FD)
             os.execv("/usr/bin/python3", ["python3", "-s", "-B", "-m", "olrt.fresh",
-                                          repr(times)])
+                                          repr(times), str(msg["uid"])])
         # Whatever happens, the child ends here: an exception must never
         # unwind into the zygote's own loop, which is on this stack too.
         status = 0
         try:
-            handler.serve(channel_fd, times, rehearse=msg.get("pooled", True))
+            handler.serve(channel_fd, times, msg["uid"], rehearse=msg.get("pooled", True))
         except BaseException:
             traceback.print_exc()
             status = 1
