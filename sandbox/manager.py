@@ -57,6 +57,8 @@ class Sandbox:
         self.id = sandbox_id
         self.cgroup = cgroup
         self.uid = uid              # the host uid its code runs as
+        self.network = "isolated"   # "isolated" (only its loopback), "host", or "egress ADDR"
+        self.lease = None           # its egress namespace (sandbox.network.Lease)
         self.channel = channel
         self.label = None
         self.state = "starting"     # -> "pooled" -> "assigned"
@@ -139,8 +141,9 @@ class CgroupPool:
 
 
 class SandboxManager:
-    def __init__(self, config):
+    def __init__(self, config, network=None):
         self.config = config
+        self.network = network              # an EgressNetwork, if egress is enabled
         self.root = Cgroup(config.cgroup_root)
         self.cgroups = CgroupPool(config.cgroup_root, config.limits)
         self.sandboxes = {}                 # id -> Sandbox, in every state
@@ -228,6 +231,8 @@ class SandboxManager:
             for fd in fds:
                 os.close(fd)
         sandbox = Sandbox(sandbox_id, cgroup, ours, uid)
+        if not self.config.netns:
+            sandbox.network = "host"
         sandbox.oom_kills = cgroup.oom_kills()
         sandbox.output_fd = output
         self.sandboxes[sandbox_id] = sandbox
@@ -346,20 +351,37 @@ class SandboxManager:
                 self.waiters.remove(waiter)
 
     # -- sandboxes -------------------------------------------------------------------
-    async def create(self, code_dir, label="", limits=None, scratch_mb=None):
+    async def create(self, code_dir, label="", limits=None, scratch_mb=None, egress=False,
+                     process_limits=None):
         """A sandbox serving the code in `code_dir`: a ready shell given it,
-        with `limits` and `scratch_mb` where they differ from the defaults."""
+        with `limits` and `scratch_mb` where they differ from the defaults,
+        a network with egress if asked, and `process_limits` for the
+        handler process to set on itself ({"nofile", "fsize", "response"},
+        see sandbox.runtime.handler)."""
         started = time.monotonic()
         if self.closing:
             raise SandboxError("create sandbox", code_dir, "the manager is shutting down")
+        if egress and self.network is None:
+            raise SandboxError("create sandbox", code_dir, "egress is not enabled on this worker")
         if self._restarting is not None and not self._restarting.done():
             await self._restarting
-        sandbox = await self._take_shell()
+        lease = await self.network.acquire() if egress else None
+        try:
+            sandbox = await self._take_shell()
+        except BaseException:
+            if lease is not None:
+                self.network.release(lease, reusable=True)
+            raise
+        if lease is not None:
+            # Its own from here on: released when the sandbox is gone.
+            sandbox.lease, sandbox.network = lease, "egress " + lease.address
         # Refill after this call is on its way, not in front of it.
         asyncio.get_running_loop().call_soon(self._refill)
         sandbox.waited = time.monotonic() - started
         sandbox.label = label
         assign = {"op": "assign", "function": label}
+        if process_limits:
+            assign["process_limits"] = process_limits
         if scratch_mb and scratch_mb != self.config.scratch_mb:
             assign["scratch_mb"] = scratch_mb
         try:
@@ -368,11 +390,15 @@ class SandboxManager:
                 sandbox.limits_customized = True
                 sandbox.cgroup.set_limits(limits)
             code_fd = self._code_tree(code_dir)
+            fds = [code_fd]
+            if lease is not None:
+                assign["egress"] = True
+                fds.append(lease.fd)
             sandbox.assigned_at = time.monotonic()
             try:
                 sandbox.channel.sendmsg(
                     [proto.pack(assign)],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [code_fd]))])
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
             finally:
                 os.close(code_fd)
         except (OSError, SandboxError) as e:  # SyscallError included: it names the operation
@@ -411,6 +437,10 @@ class SandboxManager:
         if status is not None and sandbox.cgroup.oom_kills() > sandbox.oom_kills:
             sandbox.out_of_memory = True
             error = "ran out of memory (its limit is %d MB)" % sandbox.cgroup.memory_limit_mb()
+        if sandbox.lease is not None:
+            # Recycled only once nothing can be left in it.
+            self.network.release(sandbox.lease, reusable=not sandbox.cgroup.pids())
+            sandbox.lease = None
         try:
             self.cgroups.release(sandbox.cgroup, sandbox.limits_customized)
         except SandboxError as e:

@@ -96,3 +96,61 @@ def test_handler_cannot_see_or_signal_the_worker_or_zygote(worker):
     assert out[str(worker_pid)] == "ProcessLookupError"
     assert worker.request("GET", "/status")[0] == 200
     assert worker.call("hello", {"name": "still"})[2] == "Hello, still!"
+
+
+def with_config(worker, name, source, ol_yaml):
+    d = worker.add_function(name, source)
+    with open(os.path.join(d, "ol.yaml"), "w") as f:
+        f.write(ol_yaml)
+
+
+def test_a_response_over_its_limit_gets_502_and_the_function_still_works(worker):
+    with_config(worker, "big-reply", "def handler(event):\n"
+                                     "    return 'x' * event['n']\n",
+                "limits: {response_kb: 4}\n")
+    status, headers, body = worker.call("big-reply", {"n": 5000})
+    assert status == 502 and body["errorType"] == "Runtime.ResponseTooLarge", body
+    assert "over limits.response_kb (4 KiB)" in body["errorMessage"]
+    assert worker.call("big-reply", {"n": 100})[2] == "x" * 100
+
+
+def test_a_handler_flooding_its_channel_gets_502(worker):
+    # Past the runtime's own check: it writes straight to its socket.
+    with_config(worker, "raw-flood",
+                "import os, socket, stat\n"
+                "def handler(event):\n"
+                "    for fd in [int(fd) for fd in os.listdir('/proc/self/fd')]:\n"
+                "        if fd > 2 and os.path.exists('/proc/self/fd/%d' % fd) \\\n"
+                "                and stat.S_ISSOCK(os.fstat(fd).st_mode):\n"
+                "            socket.socket(fileno=fd).sendall(b'\\xdb' + b'\\xff' * 4 + b'x' * (3 << 20))\n"
+                "    return 'sent'\n",
+                "limits: {response_kb: 64}\n")
+    status, _, body = worker.call("raw-flood", {})
+    assert status == 502 and body["errorType"] == "Runtime.ResponseTooLarge", body
+    assert worker.call("big-reply", {"n": 10})[0] == 200  # the worker is fine
+
+
+def test_rlimits_come_from_the_limits_and_cannot_be_raised(worker):
+    with_config(worker, "rlimits",
+                "import errno, os, resource\n"
+                "def handler(event):\n"
+                "    out = {'nofile': resource.getrlimit(resource.RLIMIT_NOFILE),\n"
+                "           'fsize': resource.getrlimit(resource.RLIMIT_FSIZE)}\n"
+                "    try:\n"
+                "        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))\n"
+                "        out['raise'] = 'succeeded'\n"
+                "    except (OSError, ValueError) as e:\n"
+                "        out['raise'] = type(e).__name__\n"
+                "    try:\n"
+                "        with open('/tmp/big', 'wb') as f:\n"
+                "            f.write(b'x' * (2 << 20))\n"
+                "        out['write'] = 'succeeded'\n"
+                "    except OSError as e:\n"
+                "        out['write'] = errno.errorcode[e.errno]\n"
+                "    return out\n",
+                "limits: {nofile: 100, fsize_mb: 1}\n")
+    status, _, out = worker.call("rlimits", {})
+    assert status == 200, out
+    assert out["nofile"] == [100, 100] and out["fsize"] == [1 << 20, 1 << 20]
+    assert out["raise"] in ("ValueError", "PermissionError")  # hard limit, no CAP_SYS_RESOURCE
+    assert out["write"] == "EFBIG"

@@ -29,6 +29,7 @@ def template_defaults():
         "favor_cgroup_moves": True,
         "network_isolation": True,
         "uid_base": None,
+        "egress": {"enabled": False, "subnet": "10.213.0.0/16", "spare": 2},
         "limits": {
             "mem_mb": 256,
             "procs": 64,
@@ -36,6 +37,9 @@ def template_defaults():
             "scratch_mb": 64,
             "request_kb": 6144,
             "runtime_sec": 30,
+            "response_kb": 6144,
+            "nofile": 1024,
+            "fsize_mb": 64,
         },
     }
 

@@ -1,5 +1,6 @@
 """A worker's configuration: one frozen record, read and checked once at
 start-up, then passed explicitly to whatever needs it."""
+import ipaddress
 import json
 import os
 from dataclasses import dataclass, fields
@@ -21,6 +22,16 @@ class Limits:
     scratch_mb: int
     request_kb: int
     runtime_sec: int
+    response_kb: int
+    nofile: int
+    fsize_mb: int
+
+
+@dataclass(frozen=True)
+class Egress:
+    enabled: bool  # set up the bridge and NAT, so functions may ask for egress
+    subnet: str    # a /24 of it per worker (sandbox.network.worker_subnet)
+    spare: int     # namespaces kept ready
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,7 @@ class WorkerConfig:
     favor_cgroup_moves: bool
     network_isolation: bool
     uid_base: int
+    egress: Egress
     limits: Limits
 
     @property
@@ -68,6 +80,25 @@ def _flag(where, value):
     if not isinstance(value, bool):
         raise ConfigError("%s must be true or false, not %r" % (where, value))
     return value
+
+
+def _egress(source, raw):
+    if not isinstance(raw, dict):
+        raise ConfigError("%s: egress must be an object" % source)
+    unknown = sorted(set(raw) - {f.name for f in fields(Egress)})
+    if unknown:
+        raise ConfigError("%s: unknown egress key(s) %s" % (source, ", ".join(unknown)))
+    subnet = raw["subnet"]
+    try:
+        net = ipaddress.IPv4Network(subnet)
+    except (ValueError, TypeError):
+        raise ConfigError("%s: egress.subnet must be an IPv4 network like 10.213.0.0/16, "
+                          "not %r" % (source, subnet)) from None
+    if net.prefixlen > 24 or not net.is_private:
+        raise ConfigError("%s: egress.subnet must be a private range of at least a /24, "
+                          "not %s" % (source, subnet))
+    spare = _count("%s: egress.spare" % source, raw["spare"])
+    return Egress(_flag("%s: egress.enabled" % source, raw["enabled"]), str(net), spare)
 
 
 def from_dict(raw, source):
@@ -122,6 +153,7 @@ def from_dict(raw, source):
         favor_cgroup_moves=_flag("%s: favor_cgroup_moves" % source, raw["favor_cgroup_moves"]),
         network_isolation=_flag("%s: network_isolation" % source, raw["network_isolation"]),
         uid_base=uid_base,
+        egress=_egress(source, raw["egress"]),
         limits=Limits(**limits),
     )
 

@@ -74,6 +74,13 @@ class HandlerDied(WorkerError):
     headers = ((b"X-Function-Error", b"Unhandled"),)
 
 
+class ResponseTooLarge(WorkerError):
+    """The function returned more than limits.response_kb."""
+    status = 502
+    error_type = "Runtime.ResponseTooLarge"
+    headers = ((b"X-Function-Error", b"Unhandled"),)
+
+
 class TimedOut(WorkerError):
     """The call ran past limits.runtime_sec; its sandbox was killed."""
     status = 504

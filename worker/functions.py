@@ -14,14 +14,24 @@ from sandbox.cgroups import Limits
 from sandbox.errors import SandboxError
 from sandbox.runtime import proto
 
-from .errors import (Busy, HandlerDied, HandlerRaised, InitFailed, SandboxFailed, TimedOut,
-                     Unavailable)
+from .errors import (Busy, HandlerDied, HandlerRaised, InitFailed, ResponseTooLarge,
+                     SandboxFailed, TimedOut, Unavailable)
 
 # An instance idle this long is frozen (its cgroup), and thawed when a call
 # takes it: a thread or child a handler leaves behind cannot keep running
 # between calls.  Not at once: back-to-back calls would pay two cgroup
 # writes each.
 FREEZE_AFTER = 0.1
+
+
+# What a reply may hold beyond its body: an error's message and stack.
+REPLY_OVERHEAD = 1 << 20
+
+
+def process_limits(limits):
+    """What the handler process enforces on itself, from a function's limits."""
+    return {"nofile": limits.nofile, "fsize": limits.fsize_mb << 20,
+            "response": limits.response_kb << 10}
 
 
 class ChannelClosed(Exception):
@@ -36,10 +46,11 @@ class Channel:
     request-reply traffic.  A message that arrives while no call waits
     (a load failure, sent before the request was) is kept for the next."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, max_message=proto.MAX_MESSAGE):
         self.sock = sock
         self.loop = asyncio.get_running_loop()
-        self.unpacker = proto.unpacker()
+        self.unpacker = proto.unpacker(max_message)
+        self.overflowed = False  # it sent more than a reply may hold
         self.inbox = collections.deque()
         self.waiter = None
         self.closed = False
@@ -58,7 +69,8 @@ class Channel:
             return False
         try:
             self.unpacker.feed(data)
-        except proto.BufferFull:  # a handler writing junk: it is not heard again
+        except proto.BufferFull:  # too much, or junk: it is not heard again
+            self.overflowed = True
             self.close()
             return False
         for msg in self.unpacker:
@@ -149,6 +161,10 @@ class FunctionTable:
             await self._destroy(instance)
             if instance.timed_out:
                 raise TimedOut("Task timed out after %.2f seconds" % timeout) from None
+            if instance.channel.overflowed:
+                raise ResponseTooLarge("the handler of %r sent a reply over %d KiB "
+                                       "(limits.response_kb)" % (name, function.limits.response_kb)
+                                       ) from None
             if instance.sandbox.out_of_memory:
                 raise HandlerDied("the handler of %r %s" % (name, reason),
                                   "Runtime.OutOfMemory") from None
@@ -165,6 +181,10 @@ class FunctionTable:
         if status == "setup_error":
             await self._destroy(instance)
             raise SandboxFailed("%s: %s" % (name, reply["errorMessage"]))
+        if status == "too_large":
+            self._release(instance)
+            raise ResponseTooLarge("the response of %r is %d bytes, over limits.response_kb (%d KiB)"
+                                   % (name, reply["size"], function.limits.response_kb))
         if status == "init_error":
             await self._destroy(instance)
             raise InitFailed("%s: %s" % (name, reply["errorMessage"]), reply["errorType"],
@@ -208,7 +228,8 @@ class FunctionTable:
         try:
             sandbox = await asyncio.wait_for(self.manager.create(
                 function.path, function.name,
-                Limits(limits.mem_mb, limits.procs, limits.cpu_percent), limits.scratch_mb),
+                Limits(limits.mem_mb, limits.procs, limits.cpu_percent), limits.scratch_mb,
+                function.egress, process_limits(limits)),
                 limits.runtime_sec)
         except asyncio.TimeoutError:
             raise SandboxFailed("no sandbox was ready within %d s" % limits.runtime_sec) from None
@@ -218,7 +239,7 @@ class FunctionTable:
             raise SandboxFailed(str(e)) from None
         finally:
             self.pending -= 1
-        channel = Channel(sandbox.channel)
+        channel = Channel(sandbox.channel, (limits.response_kb << 10) + REPLY_OVERHEAD)
         instance = Instance(function, sandbox, channel)
         self.instances[sandbox.id] = instance
         return instance
@@ -281,7 +302,8 @@ class FunctionTable:
         for instance in list(self.instances.values()):
             out.append({"id": instance.sandbox.id, "function": instance.function.name,
                         "state": "busy" if instance.busy else "idle",
-                        "pid": instance.sandbox.host_pid(), "uid": instance.sandbox.uid})
+                        "pid": instance.sandbox.host_pid(), "uid": instance.sandbox.uid,
+                        "network": instance.sandbox.network})
         return out
 
     async def close(self, drain_seconds=5.0):

@@ -1,6 +1,8 @@
 """Where functions live: `<registry>/<name>/`, with `lambda_func.py` defining
 handler(event) or `f.py` defining f(event), and optionally an `ol.yaml`
-whose `limits:` block overrides the cluster's limits for that function.
+whose `limits:` block overrides the cluster's limits for that function, and
+whose `egress: true` gives its sandboxes a route out (if the cluster
+enables egress).
 
 Changes are tracked with inotify, drained at each lookup, so the next call
 after an edit always sees the new code, with no polling and no stat of the
@@ -20,7 +22,8 @@ ENTRY_FILES = ("lambda_func.py", "f.py")
 CONFIG_FILE = "ol.yaml"
 # Limits a function may set for itself.  The request body limit is not one:
 # it is enforced before the request is routed to any function.
-FUNCTION_LIMITS = ("mem_mb", "procs", "cpu_percent", "scratch_mb", "runtime_sec")
+FUNCTION_LIMITS = ("mem_mb", "procs", "cpu_percent", "scratch_mb", "runtime_sec", "response_kb",
+                   "nofile", "fsize_mb")
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 WATCH = (flags.MODIFY | flags.ATTRIB | flags.CLOSE_WRITE | flags.CREATE | flags.DELETE
          | flags.MOVED_FROM | flags.MOVED_TO | flags.DELETE_SELF | flags.MOVE_SELF)
@@ -29,17 +32,19 @@ WATCH = (flags.MODIFY | flags.ATTRIB | flags.CLOSE_WRITE | flags.CREATE | flags.
 class Function:
     """A function's code as last seen: `version` grows with every change."""
 
-    def __init__(self, name, path, version, limits):
+    def __init__(self, name, path, version, limits, egress=False):
         self.name = name
         self.path = path
         self.version = version
         self.limits = limits  # the cluster's, with ol.yaml's on top
+        self.egress = egress  # its sandboxes get a network with a route out
 
 
 class Registry:
-    def __init__(self, root, limits):
+    def __init__(self, root, limits, egress=False):
         self.root = root
         self.limits = limits  # the cluster's defaults
+        self.egress = egress  # whether functions may ask for egress
         self.inotify = INotify(nonblocking=True)
         self.inotify.add_watch(root, flags.CREATE | flags.DELETE | flags.MOVED_FROM
                                | flags.MOVED_TO | flags.ATTRIB)
@@ -72,25 +77,33 @@ class Registry:
         for e in entries:
             if e.is_dir(follow_symlinks=False) and e.name != "__pycache__":
                 self._watch_tree(name, e.path)
-        limits = self.limits
+        limits, egress = self.limits, False
         if any(e.name == CONFIG_FILE for e in entries):
-            limits = self._read_config(name, os.path.join(path, CONFIG_FILE))
-        fn = Function(name, path, self.versions.setdefault(name, 0), limits)
+            limits, egress = self._read_config(name, os.path.join(path, CONFIG_FILE))
+        fn = Function(name, path, self.versions.setdefault(name, 0), limits, egress)
         self.cache[name] = fn
         return fn
 
     def _read_config(self, name, path):
-        """The function's limits from its ol.yaml, checked."""
+        """(limits, egress) from the function's ol.yaml, checked."""
         where = "%s of function %r" % (CONFIG_FILE, name)
         try:
             with open(path) as f:
                 config = yaml.safe_load(f) or {}
         except (OSError, yaml.YAMLError) as e:
             raise InitFailed("%s cannot be read: %s" % (where, e), "Runtime.ConfigError") from None
-        if not isinstance(config, dict) or set(config) - {"limits"}:
-            raise InitFailed("%s: expected only a `limits:` block, found %s"
+        if not isinstance(config, dict) or set(config) - {"limits", "egress"}:
+            raise InitFailed("%s: expected only `limits:` and `egress:`, found %s"
                              % (where, sorted(config) if isinstance(config, dict) else config),
                              "Runtime.ConfigError")
+        egress = config.get("egress", False)
+        if not isinstance(egress, bool):
+            raise InitFailed("%s: egress must be true or false, not %r" % (where, egress),
+                             "Runtime.ConfigError")
+        if egress and not self.egress:
+            raise InitFailed("%s asks for egress, but this cluster does not enable it "
+                             "(set egress.enabled in its config/template.json and restart "
+                             "the worker)" % where, "Runtime.ConfigError")
         limits = config.get("limits") or {}
         unknown = set(limits) - set(FUNCTION_LIMITS) if isinstance(limits, dict) else {limits}
         if unknown:
@@ -101,7 +114,7 @@ class Registry:
             check_limits(where, limits)
         except ConfigError as e:
             raise InitFailed(str(e), "Runtime.ConfigError") from None
-        return dataclasses.replace(self.limits, **limits)
+        return dataclasses.replace(self.limits, **limits), egress
 
     def _watch(self, name, path):
         try:

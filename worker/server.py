@@ -31,13 +31,21 @@ async def run(config):
     except RootfsError as e:
         raise StartError(str(e)) from None
     limits = config.limits
+    network = None
+    if config.egress.enabled:
+        # Imported only when used: pyroute2 is a big import for a worker
+        # that never needs it.
+        from sandbox.network import EgressNetwork
+        network = EgressNetwork(config.port, config.egress.subnet, config.egress.spare,
+                                log=log.warning)
     manager = SandboxManager(SandboxConfig(
         rootfs=rootfs, cgroup_root=config.cgroup, log_fd=2, hostname="ol-%d" % config.port,
         limits=Limits(limits.mem_mb, limits.procs, limits.cpu_percent),
         scratch_mb=limits.scratch_mb, pool_size=config.pool_size, max_live=config.max_sandboxes,
-        fresh=not config.zygote, netns=config.network_isolation, uid_base=config.uid_base))
+        fresh=not config.zygote, netns=config.network_isolation, uid_base=config.uid_base),
+        network)
     try:
-        registry = Registry(config.registry, config.limits)
+        registry = Registry(config.registry, config.limits, egress=network is not None)
     except OSError as e:
         raise StartError("watch registry %s: %s" % (config.registry, e.strerror)) from None
     table = FunctionTable(manager, registry, config.max_sandboxes)
@@ -54,6 +62,9 @@ async def run(config):
     if config.favor_cgroup_moves:
         log.info(favor_moves())
     try:
+        if network is not None:
+            await network.start()
+            log.info("egress: %s", network.describe())
         await manager.start()
         await server.start_serving()
         # A full collection walks every live object, and a busy worker holds
@@ -73,5 +84,7 @@ async def run(config):
         server.close()
         await table.close()
         await manager.shutdown()
+        if network is not None:
+            await network.close()
         registry.close()
-    log.info("stopped; every sandbox and cgroup removed")
+    log.info("stopped; every sandbox, cgroup and network removed")

@@ -19,6 +19,7 @@ import time
 import traceback
 
 from . import mounts, privileges, proto
+from . import syscalls as sc
 
 CODE_DIR = "/handler"
 FRESH_CHANNEL_FD = 3
@@ -101,7 +102,7 @@ def _error(exc, error_type=None):
             "errorMessage": str(exc), "stackTrace": _stack(exc)}
 
 
-def invoke(fn, wants_context, function_name, request):
+def invoke(fn, wants_context, function_name, request, max_response=None):
     try:
         event = json.loads(request["body"]) if request["body"] else {}
     except ValueError as e:
@@ -121,6 +122,8 @@ def invoke(fn, wants_context, function_name, request):
         return {"status": "error", "errorType": "Runtime.MarshalError",
                 "errorMessage": "the return value is not JSON: %s" % e, "stackTrace": [],
                 "run": run}
+    if max_response is not None and len(body) > max_response:
+        return {"status": "too_large", "size": len(body), "run": run}
     return {"status": "ok", "body": body, "run": run}
 
 
@@ -146,8 +149,15 @@ def serve(channel_fd, setup_times, host_uid, rehearse=True):
         return
     assigned = time.monotonic()
     try:
+        if assign.get("egress"):
+            # A namespace the worker prepared, with a route out: it replaces
+            # the loopback-only one this shell was built with.
+            sc.setns(fds[1], sc.CLONE_NEWNET)
+            os.close(fds[1])
         mounts.apply(mounts.code_plan(fds[0], assign.get("scratch_mb")))
         os.chdir(CODE_DIR)
+        limits = assign.get("process_limits", {})
+        privileges.set_rlimits(limits.get("nofile"), limits.get("fsize"))
         privileges.after_assignment(host_uid)
     except Exception as e:
         report_setup_failure(channel.detach(), e)
@@ -163,7 +173,7 @@ def serve(channel_fd, setup_times, host_uid, rehearse=True):
     name = assign.get("function", "")
     while True:
         for request in unpacker:
-            reply = invoke(fn, wants_context, name, request)
+            reply = invoke(fn, wants_context, name, request, limits.get("response"))
             if startup:
                 reply.update(startup)
                 startup = None

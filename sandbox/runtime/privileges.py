@@ -51,6 +51,15 @@ def before_assignment():
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def set_rlimits(nofile, fsize):
+    """The function's own limits, soft and hard alike: without
+    CAP_SYS_RESOURCE (gone soon after) no hard limit can be raised again.
+    A file grown past `fsize` fails with EFBIG (Python ignores SIGXFSZ)."""
+    for resource_id, value in ((resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_FSIZE, fsize)):
+        if value is not None:
+            resource.setrlimit(resource_id, (value, value))
+
+
 def after_assignment(host_uid):
     """Once the code is attached, before any of it runs."""
     # Leaving uid 0 clears the permitted, effective and ambient capability

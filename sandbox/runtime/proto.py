@@ -28,8 +28,8 @@ MAX_MESSAGE = 64 << 20
 BufferFull = msgpack.BufferFull
 
 
-def unpacker():
-    return msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE)
+def unpacker(max_message=MAX_MESSAGE):
+    return msgpack.Unpacker(raw=False, max_buffer_size=max_message)
 
 
 def send_packet(sock, msg, fds=()):

@@ -40,7 +40,7 @@ def test_sandbox_knows_nothing_of_the_worker():
 
 def test_worker_uses_sandbox_through_its_public_modules():
     public = {"sandbox.manager", "sandbox.cgroups", "sandbox.errors", "sandbox.runtime",
-              "sandbox.uids"}
+              "sandbox.uids", "sandbox.network"}
     for path in py_files("worker"):
         for module, _ in imports(path):
             if module.startswith("sandbox"):

@@ -1,0 +1,291 @@
+"""Egress for the sandboxes whose function asks for it.
+
+Every sandbox has a network namespace of its own with only a loopback (the
+shell makes it).  A sandbox with egress instead joins a namespace prepared
+here ahead of time:
+- a veth pair whose host end is a port of the worker's bridge, isolated
+  (bridge port isolation: ports cannot talk to each other, only through the
+  host, whose rules drop such traffic);
+- an address from the worker's subnet and a default route to the bridge;
+- the host masquerades its traffic to the uplink and drops whatever it
+  sends to the host itself (sandbox.nat).
+
+Namespaces are made in the background, kept ready, and recycled when their
+sandbox is gone: no namespace or veth is made or deleted on a request.  A
+shell joins one with setns when it is given its function.
+
+Everything here that talks netlink runs on one thread of its own: pyroute2
+must not run on the worker's event loop, and a thread can enter another
+network namespace (unshare, setns) without moving the rest of the process.
+
+    python -m sandbox.network cleanup PORT...   removes what a worker on
+                                                PORT left (after SIGKILL)
+"""
+import asyncio
+import collections
+import concurrent.futures
+import ipaddress
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import nat
+from .errors import SandboxError
+from .runtime import syscalls as sc
+
+MAIN_TABLE = 254
+
+
+def bridge_name(port):
+    return "olbr%d" % port
+
+
+def nat_tag(port):
+    return "ol%d" % port
+
+
+def worker_subnet(subnet, port):
+    """The /24 a worker uses: `subnet` itself if it is a /24, else the
+    (port mod n)th of the n /24s in it, so the workers of one cluster each
+    get their own."""
+    net = ipaddress.IPv4Network(subnet)
+    if net.prefixlen > 24:
+        raise ValueError("egress subnet %s is smaller than a /24" % subnet)
+    blocks = 1 << (24 - net.prefixlen)
+    return ipaddress.IPv4Network((int(net.network_address) + (port % blocks) * 256, 24))
+
+
+@dataclass
+class Lease:
+    """A prepared namespace; holding its fd keeps it (and its veth) alive."""
+    index: int
+    address: str
+    fd: int
+
+
+class EgressNetwork:
+    def __init__(self, port, subnet, spare, log=print):
+        self.port = port
+        self.bridge = bridge_name(port)
+        self.tag = nat_tag(port)
+        self.subnet = worker_subnet(subnet, port)
+        hosts = list(self.subnet.hosts())
+        self.gateway, self.addresses = str(hosts[0]), [str(h) for h in hosts[1:]]
+        self.spare = spare
+        self.log = log
+        self.free = []                      # leases ready for a sandbox
+        self.unused = list(range(len(self.addresses)))[::-1]  # address indexes never made
+        self.making = 0
+        self.waiters = collections.deque()  # futures of acquire() calls
+        self.closing = False
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ol-network")
+        self.ipr = None       # the thread's netlink socket, in the host's namespace
+        self.host_ns = None   # the host's network namespace, for the thread to return to
+
+    def describe(self):
+        return "%s on bridge %s" % (self.subnet, self.bridge)
+
+    # -- start and stop ------------------------------------------------------------
+    async def start(self):
+        await self._in_thread(self._setup)
+        self._refill()
+
+    async def _in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
+
+    def _setup(self):
+        """Bridge and rules, or a SandboxError and nothing changed."""
+        self.host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.ipr = IPRoute()
+        # A worker on this port that was SIGKILLed left its bridge and rules.
+        remove_leftovers(self.ipr, self.port)
+        try:
+            backend = nat.detect()
+        except nat.NatError as e:
+            raise SandboxError("enable egress", self.subnet, str(e)) from None
+        self._check_subnet_is_free()
+        try:
+            self.ipr.link("add", ifname=self.bridge, kind="bridge")
+            index = self.ipr.link_lookup(ifname=self.bridge)[0]
+            # No IPv6 on our links: the host would answer on a link-local
+            # address, which no IPv4 rule covers.
+            disable_ipv6(self.bridge)
+            self.ipr.addr("add", index=index, address=self.gateway, prefixlen=24)
+            self.ipr.link("set", index=index, state="up")
+        except (NetlinkError, OSError) as e:
+            remove_leftovers(self.ipr, self.port)
+            raise SandboxError("create bridge", self.bridge, str(e)) from None
+        try:
+            backend.install(self.tag, self.bridge, str(self.subnet))
+            nat.enable_forwarding()
+        except nat.NatError as e:
+            remove_leftovers(self.ipr, self.port)
+            raise SandboxError("enable egress", self.subnet, str(e)) from None
+
+    def _check_subnet_is_free(self):
+        """Refuse a subnet that overlaps one the host already routes: its
+        sandboxes' traffic (or the host's) would go the wrong way."""
+        for route in self.ipr.get_routes(family=socket.AF_INET):
+            dst, length = route.get("RTA_DST"), route["dst_len"]
+            if route.get("RTA_TABLE", route["table"]) != MAIN_TABLE or not dst or not length:
+                continue  # the default route, or another table's
+            if ipaddress.IPv4Network((dst, length), strict=False).overlaps(self.subnet):
+                dev = self.ipr.get_links(route.get("RTA_OIF"))[0].get("IFLA_IFNAME") \
+                    if route.get("RTA_OIF") else "?"
+                raise SandboxError("enable egress", self.subnet,
+                                   "it clashes with the host's route %s/%d dev %s: choose "
+                                   "another egress.subnet" % (dst, length, dev))
+
+    async def close(self):
+        """Drop every namespace and remove the bridge and the rules."""
+        self.closing = True
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(SandboxError("give egress", self.subnet,
+                                                  "the worker is shutting down"))
+        for lease in self.free:
+            os.close(lease.fd)  # the kernel deletes the namespace and its veth, in batches
+        self.free.clear()
+        if self.ipr is not None:
+            await self._in_thread(self._teardown)
+        self.thread.shutdown(wait=True)
+
+    def _teardown(self):
+        remove_leftovers(self.ipr, self.port)
+        self.ipr.close()
+        os.close(self.host_ns)
+
+    # -- leases --------------------------------------------------------------------
+    async def acquire(self):
+        """A prepared namespace for a sandbox: at once if one is ready."""
+        if self.closing:
+            raise SandboxError("give egress", self.subnet, "the worker is shutting down")
+        if self.free:
+            lease = self.free.pop()
+            self._refill()
+            return lease
+        if not self.unused and not self.making:
+            raise SandboxError("give egress", self.subnet, "all %d addresses are in use"
+                               % len(self.addresses))
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        self._refill()
+        return await waiter
+
+    def release(self, lease, reusable):
+        """Its sandbox is gone.  A namespace a process may still be in is
+        not handed out again; its address is not reused until restart."""
+        if reusable and not self.closing:
+            self.free.append(lease)
+            self._give_waiters()
+        else:
+            os.close(lease.fd)
+
+    def _give_waiters(self):
+        while self.free and self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(self.free.pop())
+
+    def _refill(self):
+        wanted = self.spare + len(self.waiters)
+        while not self.closing and self.unused and len(self.free) + self.making < wanted:
+            index = self.unused.pop()
+            self.making += 1
+            future = asyncio.get_running_loop().run_in_executor(self.thread, self._make, index)
+            future.add_done_callback(lambda f, index=index: self._made(index, f))
+
+    def _made(self, index, future):
+        self.making -= 1
+        try:
+            lease = future.result()
+        except SandboxError as e:
+            self.unused.append(index)
+            self.log(str(e))
+            while self.waiters:  # say why rather than leave a call waiting
+                waiter = self.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(e)
+                    break
+            return
+        if self.closing:
+            os.close(lease.fd)
+            return
+        self.free.append(lease)
+        self._give_waiters()
+
+    def _make(self, index):
+        """In the thread: a namespace with a veth into the bridge, addressed
+        and routed.  The thread alone enters it and comes back."""
+        veth = "olv%d-%d" % (self.port, index)
+        address = self.addresses[index]
+        sc.unshare(sc.CLONE_NEWNET)
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        sc.setns(self.host_ns, sc.CLONE_NEWNET)
+        try:
+            self.ipr.link("add", ifname=veth, kind="veth",
+                          peer={"ifname": "eth0", "net_ns_fd": fd})
+            link = self.ipr.link_lookup(ifname=veth)[0]
+            disable_ipv6(veth)
+            self.ipr.link("set", index=link, master=self.ipr.link_lookup(ifname=self.bridge)[0])
+            # Isolated: frames between two sandboxes' ports are not bridged.
+            self.ipr.brport("set", index=link, isolated=1)
+            self.ipr.link("set", index=link, state="up")
+            sc.setns(fd, sc.CLONE_NEWNET)
+            try:
+                with IPRoute() as inside:
+                    inside.link("set", index=inside.link_lookup(ifname="lo")[0], state="up")
+                    eth0 = inside.link_lookup(ifname="eth0")[0]
+                    inside.addr("add", index=eth0, address=address, prefixlen=24)
+                    inside.link("set", index=eth0, state="up")
+                    inside.route("add", dst="default", gateway=self.gateway)
+            finally:
+                sc.setns(self.host_ns, sc.CLONE_NEWNET)
+        except (NetlinkError, OSError) as e:
+            os.close(fd)  # the veth goes with the namespace
+            raise SandboxError("prepare egress namespace", "%s (%s)" % (veth, address),
+                               str(e)) from None
+        return Lease(index, address, fd)
+
+
+def disable_ipv6(ifname):
+    path = "/proc/sys/net/ipv6/conf/%s/disable_ipv6" % ifname
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+    except FileNotFoundError:
+        pass  # a kernel without IPv6
+
+
+def remove_leftovers(ipr, port):
+    """The rules and the bridge of a worker on `port`, if any.  Its
+    namespaces and veths went with the worker's process."""
+    try:
+        nat.detect().remove(nat_tag(port))
+    except nat.NatError:
+        pass  # no NAT tool: no rules either
+    try:
+        ipr.link("del", ifname=bridge_name(port))
+    except NetlinkError as e:
+        if e.code != 19:  # ENODEV: there was none
+            raise SandboxError("delete bridge", bridge_name(port), str(e)) from None
+
+
+def cleanup(ports):
+    with IPRoute() as ipr:
+        for port in ports:
+            remove_leftovers(ipr, port)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] != "cleanup" or not all(a.isdigit() for a in sys.argv[2:]):
+        sys.exit("usage: python -m sandbox.network cleanup PORT...")
+    try:
+        cleanup(int(a) for a in sys.argv[2:])
+    except SandboxError as e:
+        sys.exit("network cleanup: %s" % e)
