@@ -69,6 +69,7 @@ class Sandbox:
         self.oom_kills = 0          # its cgroup's OOM kills before it (cgroups are reused)
         self.limits_customized = False
         self.out_of_memory = False
+        self.lost_with_zygote = False  # it died because its zygote did: not its fault
         self.output_fd = None       # read end of its stdout/stderr pipe
         self.output_seen = 0
         self.output_partial = b""   # a line not finished yet
@@ -181,7 +182,8 @@ class SandboxManager:
 
     def _on_zygote_death(self, zygote, reason):
         # Its children died with it (it was pid 1 of their parent namespace).
-        for sandbox_id in list(self.sandboxes):
+        for sandbox_id, sandbox in list(self.sandboxes.items()):
+            sandbox.lost_with_zygote = True
             self._on_child_exit(sandbox_id, None, "its zygote " + reason)
         if self.closing:
             return

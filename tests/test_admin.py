@@ -1,5 +1,6 @@
 """bin/admin end to end: the quickstart, flag forms, bad input, and cleanup
 after `kill`, also when the worker was SIGKILLed."""
+import concurrent.futures
 import json
 import os
 import re
@@ -11,7 +12,10 @@ import time
 
 import pytest
 
-from conftest import ADMIN, REPO, admin, cluster_leftovers, free_port
+from conftest import ADMIN, REPO, Worker, admin, cluster_leftovers, free_port
+
+from sandbox.cgroups import Cgroup
+from worker.cluster import Cluster
 
 
 def port_free(port):
@@ -302,3 +306,23 @@ def test_bad_ol_yaml_is_500_saying_what_is_wrong(worker, text, words):
     assert words in body["errorMessage"] and "ol.yaml" in body["errorMessage"]
     os.unlink(os.path.join(d, "ol.yaml"))
     assert worker.call("badyaml", {})[::2] == (200, 1)  # fixed: picked up at once
+
+
+def test_a_zygote_death_is_a_platform_error_and_idle_slots_come_back(own_worker):
+    w = own_worker()
+    w.call("hello", {})
+    (idle,) = [s for s in json.loads(w.request("GET", "/sandboxes")[2]) if s["function"] == "hello"]
+    zygote = Cgroup(Cluster(w.path).worker_cgroup(w.port) + "/zygote").pids()[0]
+    other = Worker(w.path, w.port)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(other.call, "probe", {"op": "sleep", "seconds": 5})
+        time.sleep(0.5)
+        os.kill(zygote, signal.SIGKILL)
+        status, _, body = slow.result()
+    # Not the function's fault: a platform error, not Runtime.ExitError.
+    assert status == 500 and body["errorType"] == "Platform.SandboxError", body
+    assert "its zygote" in body["errorMessage"]
+    # The idle sandbox died with it and gave its slot back at once.
+    listed = [s["id"] for s in json.loads(w.request("GET", "/sandboxes")[2])]
+    assert idle["id"] not in listed
+    assert w.call("hello", {"name": "again"})[2] == "Hello, again!"  # a new zygote serves

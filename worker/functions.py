@@ -51,6 +51,7 @@ class Channel:
         self.loop = asyncio.get_running_loop()
         self.unpacker = proto.unpacker(max_message)
         self.overflowed = False  # it sent more than a reply may hold
+        self.on_close = lambda: None
         self.inbox = collections.deque()
         self.waiter = None
         self.closed = False
@@ -85,6 +86,7 @@ class Channel:
         if not self.closed:
             self.closed = True
             self.loop.remove_reader(self.sock.fileno())
+            self.on_close()
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(ChannelClosed())
@@ -165,6 +167,9 @@ class FunctionTable:
                 raise ResponseTooLarge("the handler of %r sent a reply over %d KiB "
                                        "(limits.response_kb)" % (name, function.limits.response_kb)
                                        ) from None
+            if instance.sandbox.lost_with_zygote:
+                raise SandboxFailed("the sandbox of %r was lost: %s; it is being restarted"
+                                    % (name, reason)) from None
             if instance.sandbox.out_of_memory:
                 raise HandlerDied("the handler of %r %s" % (name, reason),
                                   "Runtime.OutOfMemory") from None
@@ -241,8 +246,16 @@ class FunctionTable:
             self.pending -= 1
         channel = Channel(sandbox.channel, (limits.response_kb << 10) + REPLY_OVERHEAD)
         instance = Instance(function, sandbox, channel)
+        channel.on_close = lambda: self._on_channel_closed(instance)
         self.instances[sandbox.id] = instance
         return instance
+
+    def _on_channel_closed(self, instance):
+        """An idle sandbox died (killed from outside, or its zygote died):
+        it gives its slot back now, not when a call next finds it dead."""
+        if not instance.busy and instance in self.idle.get(instance.function.name, ()):
+            self.idle[instance.function.name].remove(instance)
+            self._retire(instance)
 
     def _evict_one(self):
         candidates = [i for i in self.instances.values() if not i.busy]
