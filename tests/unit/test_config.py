@@ -22,6 +22,17 @@ def test_defaults_fill_in():
     ({"cluster": "/c", "port": True}, "port"),
     ({"cluster": "", "port": 1}, "cluster"),
     ({"port": 1}, "cluster"),
+    ({"cluster": "/c", "uid_base": 0}, "uid_base"),
+    ({"cluster": "/c", "uid_base": 1000}, "uid_base"),
+    ({"cluster": "/c", "uid_base": 1 << 32}, "uid_base"),
+    ({"cluster": "/c", "max_sandboxes": 20000}, "below 16384"),
+    ({"cluster": "/c", "egress": {"enabled": "yes"}}, "egress.enabled"),
+    ({"cluster": "/c", "egress": {"subnet": "8.8.8.0/24"}}, "egress.subnet"),
+    ({"cluster": "/c", "egress": {"subnet": "10.1.2.0/25"}}, "egress.subnet"),
+    ({"cluster": "/c", "egress": {"subnet": "ten"}}, "egress.subnet"),
+    ({"cluster": "/c", "egress": {"nat": "nft"}}, "unknown egress key"),
+    ({"cluster": "/c", "egress": []}, "egress must be an object"),
+    ({"cluster": "/c", "limits": {"nofile": 0}}, "limits.nofile"),
 ])
 def test_bad_configs_name_the_key(raw, words):
     with pytest.raises(ConfigError, match=words):
@@ -52,3 +63,18 @@ def test_merge_is_deep():
 
 def test_clusters_with_the_same_name_get_distinct_cgroups(tmp_path):
     assert Cluster(str(tmp_path / "a" / "c")).cgroup != Cluster(str(tmp_path / "b" / "c")).cgroup
+
+
+def test_each_port_gets_its_own_uid_range():
+    from sandbox.uids import UID_SLOTS
+    a = from_dict({"cluster": "/c", "port": 8080}, "test").uid_base
+    b = from_dict({"cluster": "/c", "port": 8081}, "test").uid_base
+    assert b - a == UID_SLOTS and a >= 1 << 30
+    last = from_dict({"cluster": "/c", "port": 65535}, "test").uid_base + UID_SLOTS - 1
+    assert last < 1 << 31  # tools that keep uids in a signed int cope
+    assert from_dict({"cluster": "/c", "uid_base": 200000}, "test").uid_base == 200000
+
+
+def test_egress_defaults_off_with_a_private_range():
+    egress = from_dict({"cluster": "/c"}, "test").egress
+    assert egress.enabled is False and egress.subnet == "10.213.0.0/16" and egress.spare == 2
