@@ -8,7 +8,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-WAYS = ("zygote", "hostnet", "warm", "fresh", "chroot", "bwrap", "crun", "runc")
+WAYS = ("zygote", "hostnet", "egress", "warm", "fresh", "chroot", "bwrap", "crun", "runc")
 PHASES = ("total", "worker", "wait", "fork", "cgroup", "mounts", "interpreter", "attach",
           "load", "handler", "ipc")
 
@@ -66,6 +66,7 @@ def phase_table(results):
     for way, handler, scenario in (("zygote", "hello", "back-to-back"),
                                    ("zygote", "hello", "idle-200ms"),
                                    ("hostnet", "hello", "back-to-back"),
+                                   ("egress", "hello", "back-to-back"),
                                    ("zygote", "heavy", "back-to-back"),
                                    ("fresh", "hello", "back-to-back"),
                                    ("warm", "hello", "back-to-back")):

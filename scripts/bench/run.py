@@ -11,6 +11,8 @@ Ways measured, for the hello and heavy-stdlib handlers:
   fresh     our sandbox, but a fresh interpreter per sandbox (worker "zygote": false)
   zygote    our sandbox forked from the zygote (the default)
   hostnet   the same without its own network namespace (network_isolation false)
+  egress    the same with egress (ol.yaml `egress: true`): a pooled namespace
+            with a veth, an address and NAT (hello only)
   warm      a call on a live handler
   bwrap, crun, runc   the peers, each running the same handler on the same rootfs
 
@@ -69,14 +71,20 @@ class Cluster:
     """A worker of our own with `count` copies of each bench handler, so that
     every cold start has a function that was never called before."""
 
-    def __init__(self, base, name, count, **settings):
+    def __init__(self, base, name, count, egress=False, **settings):
         self.path = os.path.join(base, name)
         admin("new", "-cluster", self.path)
+        if egress:
+            settings["egress"] = {"enabled": True, "spare": 8}
         admin("setconf", "-cluster", self.path, json.dumps(settings))
         for handler in ("hello", "heavy"):
             src = os.path.join(HANDLERS, handler)
             for i in range(count):
-                shutil.copytree(src, os.path.join(self.path, "registry", "%s-%d" % (handler, i)))
+                dst = os.path.join(self.path, "registry", "%s-%d" % (handler, i))
+                shutil.copytree(src, dst)
+                if egress:
+                    with open(os.path.join(dst, "ol.yaml"), "w") as f:
+                        f.write("egress: true\n")
         self.port = free_port()
         admin("workers", "-cluster", self.path, "-p", self.port)
         self.next = {"hello": 0, "heavy": 0}
@@ -282,7 +290,7 @@ def main():
         results["runs"].append(dict(way=way, handler=handler, scenario=scenario,
                                     samples=samples, timings=list(timings), **extra))
     try:
-        step(1, total, "starting three workers (zygote, no network namespace, no zygote)")
+        step(1, total, "starting four workers (zygote, no network namespace, egress, no zygote)")
         zygote = Cluster(tmp, "zygote", copies, max_sandboxes=copies + 100, pool_size=16)
         clusters.append(zygote)
         fresh = Cluster(tmp, "fresh", n + n_idle, zygote=False, max_sandboxes=copies + 100)
@@ -290,20 +298,30 @@ def main():
         hostnet = Cluster(tmp, "hostnet", n + n_idle, network_isolation=False,
                           max_sandboxes=copies + 100, pool_size=16)
         clusters.append(hostnet)
+        # At most 253 egress sandboxes live at once per worker: hello only.
+        egress = Cluster(tmp, "egress", n + n_idle, egress=True, max_sandboxes=copies + 100,
+                         pool_size=16)
+        clusters.append(egress)
 
         step(2, total, "cold starts back to back (n=%d per handler and way)" % n)
         for handler in ("hello", "heavy"):
-            for way, cluster in (("zygote", zygote), ("hostnet", hostnet), ("fresh", fresh)):
+            ways = [("zygote", zygote), ("hostnet", hostnet), ("fresh", fresh)]
+            if handler == "hello":
+                ways.insert(2, ("egress", egress))
+            for way, cluster in ways:
                 samples, timings = run_sequential(cluster, handler, n, 0)
                 record(way, handler, "back-to-back", samples, timings)
             samples, timings = run_sequential(zygote, handler, n * 5, 0, warm=True)
             record("warm", handler, "back-to-back", samples, timings)
 
         step(3, total, "cold starts after 200 ms idle gaps (n=%d)" % n_idle)
-        for cluster in (zygote, hostnet, fresh):
+        for cluster in (zygote, hostnet, egress, fresh):
             cluster.restart()
         for handler in ("hello", "heavy"):
-            for way, cluster in (("zygote", zygote), ("hostnet", hostnet), ("fresh", fresh)):
+            ways = [("zygote", zygote), ("hostnet", hostnet), ("fresh", fresh)]
+            if handler == "hello":
+                ways.insert(2, ("egress", egress))
+            for way, cluster in ways:
                 samples, timings = run_sequential(cluster, handler, n_idle // 2, 0.2)
                 record(way, handler, "idle-200ms", samples, timings)
             samples, timings = run_sequential(zygote, handler, n_idle // 2, 0.2, warm=True)
