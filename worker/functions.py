@@ -177,7 +177,10 @@ class FunctionTable:
         finally:
             timer.cancel()
         inside = 0.0
-        for phase, key in (("attach", "attach"), ("load", "load"), ("handler", "run")):
+        if "received" in reply:  # a cold start: how long the shell took to wake up
+            reply["wake"] = reply["received"] - sent
+        for phase, key in (("wake", "wake"), ("attach", "attach"), ("drop", "drop"),
+                           ("load", "load"), ("handler", "run")):
             if key in reply:
                 phases.append((phase, reply[key], ""))
                 inside += reply[key]

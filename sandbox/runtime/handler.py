@@ -7,7 +7,8 @@ Replies are {"status": "ok", "body": JSON}, or {"status": "error" |
 "init_error", "errorType", "errorMessage", "stackTrace"} for faults of the
 function's code, or {"status": "setup_error", "errorMessage"} when the
 sandbox itself could not be finished (a platform fault).  Replies carry
-timings in seconds: "run" always, "attach" and "load" on the first.
+timings in seconds: "run" always; on the first, "received" (when the code
+arrived, a monotonic stamp), "attach", "drop" (privileges) and "load".
 """
 import importlib
 import inspect
@@ -156,6 +157,7 @@ def serve(channel_fd, setup_times, host_uid, rehearse=True):
             os.close(fds[1])
         mounts.apply(mounts.code_plan(fds[0], assign.get("scratch_mb")))
         os.chdir(CODE_DIR)
+        mounted = time.monotonic()
         limits = assign.get("process_limits", {})
         privileges.set_rlimits(limits.get("nofile"), limits.get("fsize"))
         privileges.after_assignment(host_uid)
@@ -169,7 +171,8 @@ def serve(channel_fd, setup_times, host_uid, rehearse=True):
         channel.sendall(proto.pack({"status": "init_error", "errorType": e.error_type,
                                     "errorMessage": str(e), "stackTrace": e.stack}))
         return
-    startup = {"attach": attached - assigned, "load": time.monotonic() - attached}
+    startup = {"received": assigned, "attach": mounted - assigned, "drop": attached - mounted,
+               "load": time.monotonic() - attached}
     name = assign.get("function", "")
     while True:
         for request in unpacker:

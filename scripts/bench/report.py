@@ -9,8 +9,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 WAYS = ("zygote", "hostnet", "egress", "warm", "fresh", "chroot", "bwrap", "crun", "runc")
-PHASES = ("total", "worker", "wait", "fork", "cgroup", "mounts", "interpreter", "attach",
-          "load", "handler", "ipc")
+PHASES = ("total", "worker", "wait", "fork", "cgroup", "mounts", "interpreter", "wake",
+          "attach", "drop", "load", "handler", "ipc")
 
 
 def host_info():
