@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -164,7 +165,8 @@ int ol_spawn(uint64_t flags, int cgroup_fd, const char *path, char *const argv[]
  * Handlers already run unprivileged; the filter shrinks what the kernel
  * exposes to them.  It refuses (EPERM) the syscalls that Docker's default
  * profile blocks for the same reasons, namespace creation through clone()
- * flags, and every other syscall ABI (32-bit int 0x80 and x32 calls use
+ * flags, sockets of families other than unix, inet, inet6 and netlink
+ * (EAFNOSUPPORT), and every other syscall ABI (32-bit int 0x80 and x32 calls use
  * other numbers and would walk around the list).  clone3 answers ENOSYS:
  * its flags sit in memory where a filter cannot read them, and glibc falls
  * back to clone(), whose flags can be checked.
@@ -198,6 +200,18 @@ int ol_seccomp_install(void)
         BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0])),
         BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, CLONE_NAMESPACES, 0, 1),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        /* Sockets of the families a network namespace isolates, and no
+         * other: vsock, for one, reaches the hypervisor and every vsock
+         * service of the machine from any namespace. */
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_socket, 1, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_socketpair, 0, 7),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0])),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AF_UNIX, 4, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AF_INET, 3, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AF_INET6, 2, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AF_NETLINK, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EAFNOSUPPORT),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
         DENY(SYS_mount), DENY(SYS_umount2), DENY(SYS_pivot_root), DENY(SYS_chroot),
         DENY(SYS_setns), DENY(SYS_unshare),

@@ -40,14 +40,6 @@ from .runtime import syscalls as sc
 MAIN_TABLE = 254
 
 
-def bridge_name(port):
-    return "olbr%d" % port
-
-
-def nat_tag(port):
-    return "ol%d" % port
-
-
 def worker_subnet(subnet, port):
     """The /24 a worker uses: `subnet` itself if it is a /24, else the
     (port mod n)th of the n /24s in it, so the workers of one cluster each
@@ -70,8 +62,8 @@ class Lease:
 class EgressNetwork:
     def __init__(self, port, subnet, spare, log=print):
         self.port = port
-        self.bridge = bridge_name(port)
-        self.tag = nat_tag(port)
+        self.bridge = nat.bridge_name(port)
+        self.tag = nat.worker_tag(port)
         self.subnet = worker_subnet(subnet, port)
         hosts = list(self.subnet.hosts())
         self.gateway, self.addresses = str(hosts[0]), [str(h) for h in hosts[1:]]
@@ -113,7 +105,10 @@ class EgressNetwork:
             index = self.ipr.link_lookup(ifname=self.bridge)[0]
             # No IPv6 on our links: the host would answer on a link-local
             # address, which no IPv4 rule covers.
-            disable_ipv6(self.bridge)
+            set_sysctl("ipv6/conf/%s/disable_ipv6" % self.bridge, "1")
+            # Sandboxes talk only to the gateway; a redirect would point one
+            # at a direct path to another, which the bridge refuses anyway.
+            set_sysctl("ipv4/conf/%s/send_redirects" % self.bridge, "0")
             self.ipr.addr("add", index=index, address=self.gateway, prefixlen=24)
             self.ipr.link("set", index=index, state="up")
         except (NetlinkError, OSError) as e:
@@ -231,7 +226,7 @@ class EgressNetwork:
             self.ipr.link("add", ifname=veth, kind="veth",
                           peer={"ifname": "eth0", "net_ns_fd": fd})
             link = self.ipr.link_lookup(ifname=veth)[0]
-            disable_ipv6(veth)
+            set_sysctl("ipv6/conf/%s/disable_ipv6" % veth, "1")
             self.ipr.link("set", index=link, master=self.ipr.link_lookup(ifname=self.bridge)[0])
             # Isolated: frames between two sandboxes' ports are not bridged.
             self.ipr.brport("set", index=link, isolated=1)
@@ -253,11 +248,11 @@ class EgressNetwork:
         return Lease(index, address, fd)
 
 
-def disable_ipv6(ifname):
-    path = "/proc/sys/net/ipv6/conf/%s/disable_ipv6" % ifname
+def set_sysctl(name, value):
+    """A net sysctl of the thread's current namespace (the host's)."""
     try:
-        with open(path, "w") as f:
-            f.write("1")
+        with open("/proc/sys/net/" + name, "w") as f:
+            f.write(value)
     except FileNotFoundError:
         pass  # a kernel without IPv6
 
@@ -266,14 +261,14 @@ def remove_leftovers(ipr, port):
     """The rules and the bridge of a worker on `port`, if any.  Its
     namespaces and veths went with the worker's process."""
     try:
-        nat.detect().remove(nat_tag(port))
+        nat.detect().remove(nat.worker_tag(port))
     except nat.NatError:
         pass  # no NAT tool: no rules either
     try:
-        ipr.link("del", ifname=bridge_name(port))
+        ipr.link("del", ifname=nat.bridge_name(port))
     except NetlinkError as e:
         if e.code != 19:  # ENODEV: there was none
-            raise SandboxError("delete bridge", bridge_name(port), str(e)) from None
+            raise SandboxError("delete bridge", nat.bridge_name(port), str(e)) from None
 
 
 def cleanup(ports):

@@ -1,0 +1,295 @@
+"""The packet filter and NAT rules that give egress sandboxes the network
+and nothing else.
+
+A worker's egress sandboxes sit behind a bridge of its own (see
+sandbox.network).  The rules, all keyed by a short tag naming the worker:
+- NAT: traffic from the worker's subnet that leaves through any other
+  interface is masqueraded to the uplink's address;
+- forwarding: from the bridge outwards is accepted, towards the bridge only
+  replies (conntrack established/related); new connections in are dropped;
+- the bridge to itself is dropped: sandboxes cannot reach each other through
+  the host (bridge port isolation stops the direct, bridged path);
+- the bridge to the host (the input hook) is dropped: no sandbox reaches the
+  worker's HTTP port or any other service of the host, on any address.
+
+Two backends do the same with the tool the host has: Nftables (a table of
+its own, replaced in one transaction) and Iptables (chains of its own,
+jumped to from INPUT, FORWARD and nat POSTROUTING).  Both are IPv4 only: the
+bridge and the sandboxes' links must have IPv6 turned off.
+
+Limitation of the Nftables backend: a packet must be accepted by every base
+chain on a hook, so if the host's iptables FORWARD policy is DROP (Docker
+sets it), our table's accept is not enough and egress traffic is dropped
+there.  Use the Iptables backend on such hosts, or accept the bridge's
+traffic in that chain.
+"""
+import ipaddress
+import os
+import re
+import shlex
+import shutil
+import subprocess
+
+PROC_IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+
+# The iptables backend names chains "OL-<tag>-FWD": iptables allows 28
+# characters, which leaves 21 for the tag.
+TAG = re.compile(r"[A-Za-z0-9]{1,21}")
+# An interface name (IFNAMSIZ - 1 bytes) that needs no quoting in a rule.
+IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+def bridge_name(port):
+    """The bridge of the worker on `port` (bin/admin looks for it too)."""
+    return "olbr%d" % port
+
+
+def worker_tag(port):
+    """The tag of the worker on `port`'s rules."""
+    return "ol%d" % port
+
+
+# Link-local addresses: among them the cloud metadata service
+# (169.254.169.254), which hands out the host's credentials.
+LINK_LOCAL = "169.254.0.0/16"
+
+
+class NatError(Exception):
+    """A NAT tool is missing or refused our rules; one line naming the
+    operation and the object."""
+
+
+def _tool(name):
+    # Root's PATH has /usr/sbin, but a worker may be started with less.
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def _run(what, argv, stdin=None):
+    """Run a tool; its stdout, or a NatError naming `what` with the first
+    line the tool said."""
+    path = _tool(argv[0])
+    if path is None:
+        raise NatError("%s: %s is not installed" % (what, argv[0]))
+    try:
+        done = subprocess.run([path, *argv[1:]], input=stdin, capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NatError("%s: %s" % (what, e)) from None
+    if done.returncode != 0:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        raise NatError("%s: %s" % (what, lines[0] if lines else
+                                   "%s exited with status %d" % (argv[0], done.returncode)))
+    return done.stdout
+
+
+def _works(argv):
+    try:
+        _run("probe", argv)
+        return True
+    except NatError:
+        return False
+
+
+def _check(what, tag, bridge=None, subnet=None):
+    """Refuse names that would not be safe to paste into a rule; the subnet
+    in its normal form."""
+    if not TAG.fullmatch(tag):
+        raise NatError("%s: tag %r must be 1 to 21 letters or digits" % (what, tag))
+    if bridge is not None and not IFNAME.fullmatch(bridge):
+        raise NatError("%s: %r is not an interface name" % (what, bridge))
+    if subnet is not None:
+        try:
+            return str(ipaddress.IPv4Network(subnet))
+        except ValueError as e:
+            raise NatError("%s: %s" % (what, e)) from None
+
+
+class Nftables:
+    name = "nftables"
+
+    @staticmethod
+    def table(tag):
+        return "openlambda_%s" % tag
+
+    def install(self, tag, bridge, subnet):
+        what = "install nftables rules for %s (bridge %s, %s)" % (tag, bridge, subnet)
+        subnet = _check(what, tag, bridge, subnet)
+        table = self.table(tag)
+        # One `nft -f` is one transaction: the old table (declared first so
+        # that deleting it cannot fail) goes and the new one comes at once.
+        script = f"""\
+table ip {table} {{}}
+delete table ip {table}
+table ip {table} {{
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        # Sandboxes must not reach the host: not the worker's HTTP port,
+        # nor any other service, on any of the host's addresses.
+        iifname "{bridge}" drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        # Sandboxes must not reach each other through the host.  With
+        # br_netfilter, bridged traffic between ports also comes here with
+        # the bridge as both interfaces.
+        iifname "{bridge}" oifname "{bridge}" drop
+        # Nor a metadata service: it would hand them the host's credentials.
+        iifname "{bridge}" ip daddr {LINK_LOCAL} drop
+        # Sandboxes may go out...
+        iifname "{bridge}" accept
+        # ...and get the replies...
+        oifname "{bridge}" ct state established,related accept
+        # ...but nothing outside may open a connection to a sandbox.
+        oifname "{bridge}" drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        # The subnet is private: what leaves the host must carry the
+        # uplink's address, so that replies find their way back.
+        ip saddr {subnet} oifname != "{bridge}" masquerade
+    }}
+}}
+"""
+        _run(what, ["nft", "-f", "-"], stdin=script)
+
+    def remove(self, tag):
+        what = "remove nftables rules for %s" % tag
+        _check(what, tag)
+        table = self.table(tag)
+        # Declaring the table first makes the delete a no-op when it is gone.
+        _run(what, ["nft", "-f", "-"], stdin="table ip %s {}\ndelete table ip %s\n" % (table, table))
+
+    def installed(self, tag):
+        what = "list nftables rules for %s" % tag
+        _check(what, tag)
+        tables = _run(what, ["nft", "list", "tables", "ip"]).split("\n")
+        return "table ip %s" % self.table(tag) in tables
+
+
+class Iptables:
+    name = "iptables"
+
+    # Our chains (by suffix), by table.
+    CHAINS = {"filter": ("IN", "FWD"), "nat": ("NAT",)}
+
+    @staticmethod
+    def chain(tag, suffix):
+        return "OL-%s-%s" % (tag, suffix)
+
+    @staticmethod
+    def mark(tag):
+        """The comment on our jump rules, by which remove finds them."""
+        return "openlambda-%s" % tag
+
+    def install(self, tag, bridge, subnet):
+        what = "install iptables rules for %s (bridge %s, %s)" % (tag, bridge, subnet)
+        subnet = _check(what, tag, bridge, subnet)
+        # The jumps of an earlier install, to delete (iptables-restore skips
+        # the blank line there is when there are none).
+        found = self._found(what, tag)
+        old_filter, old_nat = ("\n".join(found[t][0]) for t in ("filter", "nat"))
+        IN, FWD, NAT = (self.chain(tag, s) for s in ("IN", "FWD", "NAT"))
+        jump = "-m comment --comment %s -j" % self.mark(tag)
+        # --noflush leaves everything else alone, and each table is
+        # committed whole or not at all: declaring a chain that exists
+        # empties it, and the old jumps are deleted, in the same commit
+        # that adds the new rules, so a reinstall leaves no moment without
+        # them.  The jumps go first in the built-in chains: an earlier
+        # ACCEPT (or Docker's DROP policy and rules in FORWARD) must not
+        # decide our packets.
+        script = f"""\
+*filter
+:{IN} - [0:0]
+:{FWD} - [0:0]
+{old_filter}
+# Sandboxes must not reach the host: not the worker's HTTP port, nor any
+# other service, on any of the host's addresses.
+-A {IN} -i {bridge} -j DROP
+# Sandboxes must not reach each other through the host.  With br_netfilter,
+# bridged traffic between ports also comes here with the bridge as both
+# interfaces.
+-A {FWD} -i {bridge} -o {bridge} -j DROP
+# Nor a metadata service: it would hand them the host's credentials.
+-A {FWD} -i {bridge} -d {LINK_LOCAL} -j DROP
+# Sandboxes may go out...
+-A {FWD} -i {bridge} -j ACCEPT
+# ...and get the replies...
+-A {FWD} -o {bridge} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+# ...but nothing outside may open a connection to a sandbox.
+-A {FWD} -o {bridge} -j DROP
+-I INPUT 1 {jump} {IN}
+-I FORWARD 1 {jump} {FWD}
+COMMIT
+*nat
+:{NAT} - [0:0]
+{old_nat}
+# The subnet is private: what leaves the host must carry the uplink's
+# address, so that replies find their way back.
+-A {NAT} -s {subnet} ! -o {bridge} -j MASQUERADE
+-I POSTROUTING 1 {jump} {NAT}
+COMMIT
+"""
+        _run(what, ["iptables-restore", "-w", "10", "--noflush"], stdin=script)
+
+    def _found(self, what, tag):
+        """{table: (iptables-restore lines deleting our jumps, our chains)}
+        for the tables we use, as they are now."""
+        found = {}
+        for table, suffixes in self.CHAINS.items():
+            dump = _run(what, ["iptables-save", "-t", table]).splitlines()
+            # The same rule as iptables-save wrote it, to delete.
+            jumps = ["-D" + line[2:] for line in dump
+                     if line.startswith("-A ") and self._marked(line, tag)]
+            chains = [chain for chain in (self.chain(tag, s) for s in suffixes)
+                      if any(line.startswith(":%s " % chain) for line in dump)]
+            found[table] = (jumps, chains)
+        return found
+
+    def _marked(self, line, tag):
+        """Whether a rule carries our comment exactly (not one of a tag
+        that merely starts like ours)."""
+        if self.mark(tag) not in line:
+            return False  # most rules: no need to parse them
+        words = shlex.split(line)
+        return any(a == "--comment" and b == self.mark(tag) for a, b in zip(words, words[1:]))
+
+    def remove(self, tag):
+        what = "remove iptables rules for %s" % tag
+        _check(what, tag)
+        script = ""
+        for table, (jumps, chains) in self._found(what, tag).items():
+            # Jumps go before the chains they lead to, in one commit per table.
+            lines = jumps + ["-F %s" % c for c in chains] + ["-X %s" % c for c in chains]
+            if lines:
+                script += "*%s\n%s\nCOMMIT\n" % (table, "\n".join(lines))
+        if script:
+            _run(what, ["iptables-restore", "-w", "10", "--noflush"], stdin=script)
+
+    def installed(self, tag):
+        """Whether any chain or jump of `tag` is there (a partial set too,
+        so that leftovers show)."""
+        what = "list iptables rules for %s" % tag
+        _check(what, tag)
+        return any(jumps or chains for jumps, chains in self._found(what, tag).values())
+
+
+def detect():
+    """The NAT tool this host has: an Nftables() if `nft` works, else an
+    Iptables() if `iptables` works, else a NatError."""
+    if _works(["nft", "list", "tables"]):
+        return Nftables()
+    if _works(["iptables", "-w", "10", "-S", "INPUT"]):
+        return Iptables()
+    raise NatError("egress needs nftables or iptables, and this host has neither: install "
+                   "one (apt-get install nftables) or turn egress off (egress.enabled false)")
+
+
+def enable_forwarding():
+    """Let the host route between the bridge and its uplink.  This turns on
+    IPv4 forwarding for every interface: the rules above decide what the
+    bridge may send, not what other interfaces may."""
+    try:
+        with open(PROC_IP_FORWARD, "w") as f:
+            f.write("1")
+    except OSError as e:
+        raise NatError("enable IPv4 forwarding (%s): %s" % (PROC_IP_FORWARD, e.strerror)) from None

@@ -1,0 +1,290 @@
+"""Egress networking, end to end: a worker with egress enabled, functions
+that ask for it in their ol.yaml, and a test "internet" in a network
+namespace of its own, reached only through the worker's NAT."""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import admin, free_port
+
+from sandbox import nat
+
+EGRESS_FUNCTION = '''
+import errno
+import socket
+import threading
+
+
+def _fetch(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=1.5) as s:
+            return {"ok": True, "reply": s.recv(100).decode()}
+    except socket.timeout:
+        return {"ok": False, "error": "timeout"}
+    except OSError as e:
+        return {"ok": False, "error": errno.errorcode.get(e.errno, str(e))}
+
+
+def _serve(port):
+    server = socket.socket()
+    server.bind(("0.0.0.0", port))
+    server.listen()
+
+    def loop():
+        while True:
+            conn, _ = server.accept()
+            conn.sendall(b"sandbox")
+            conn.close()
+    threading.Thread(target=loop, daemon=True).start()
+    return port
+
+
+def _address():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # picks the route's source address, sends nothing
+        return s.getsockname()[0]
+
+
+def handler(event):
+    op = event["op"]
+    if op == "interfaces":
+        return sorted(name for _, name in socket.if_nameindex())
+    if op == "address":
+        return _address()
+    if op == "fetch":
+        return _fetch(event["host"], event["port"])
+    if op == "serve":
+        return _serve(event["port"])
+'''
+
+# The internet's server answers with the address it saw the client come from.
+INTERNET_SERVER = '''
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", int(sys.argv[1])))
+server.listen()
+print("listening", flush=True)
+while True:
+    conn, peer = server.accept()
+    conn.sendall(peer[0].encode())
+    conn.close()
+'''
+INTERNET_PORT = 8181
+
+
+def run(*cmd):
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def internet():
+    """A namespace standing for the internet: the host reaches it through
+    a veth of its own, and it has no route to any sandbox subnet, so only
+    the worker's NAT lets replies come back.  Yields its address."""
+    suffix = "%04x" % random.getrandbits(16)
+    ns, host_end = "olinet" + suffix, "olti" + suffix
+    net = "198.18.%d" % random.randint(1, 250)
+    server = None
+    try:
+        run("ip", "netns", "add", ns)
+        run("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        run("ip", "addr", "add", net + ".1/24", "dev", host_end)
+        run("ip", "link", "set", host_end, "up")
+        run("ip", "-n", ns, "addr", "add", net + ".2/24", "dev", "eth0")
+        run("ip", "-n", ns, "link", "set", "eth0", "up")
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                   INTERNET_SERVER, str(INTERNET_PORT)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "listening"
+        yield {"address": net + ".2", "host_side": net + ".1"}
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def egress_worker(tmp_path_factory):
+    from conftest import start_cluster, stop_cluster
+    w = start_cluster(tmp_path_factory.mktemp("egress"), egress={"enabled": True})
+    for name in ("out", "out2"):
+        d = w.add_function(name, EGRESS_FUNCTION)
+        with open(os.path.join(d, "ol.yaml"), "w") as f:
+            f.write("egress: true\n")
+    w.add_function("closed", EGRESS_FUNCTION)  # no ol.yaml: no egress
+    yield w
+    stop_cluster(w)
+    assert network_leftovers(w.port) == []
+
+
+def network_leftovers(port):
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    found = [line.split(":")[1].strip() for line in links.splitlines()
+             if line.split(":")[1].strip().startswith(("olbr%d" % port, "olv%d-" % port))]
+    try:
+        if nat.detect().installed("ol%d" % port):
+            found.append("NAT rules ol%d" % port)
+    except nat.NatError:
+        pass
+    return found
+
+
+def sandboxes(worker):
+    _, _, body = worker.request("GET", "/sandboxes")
+    return json.loads(body)
+
+
+def test_egress_function_reaches_the_internet_through_nat(egress_worker, internet):
+    _, _, interfaces = egress_worker.call("out", {"op": "interfaces"})
+    assert interfaces == ["eth0", "lo"]
+    _, _, r = egress_worker.call("out", {"op": "fetch", "host": internet["address"],
+                                         "port": INTERNET_PORT})
+    # The internet saw the host's address, not the sandbox's: masqueraded.
+    assert r == {"ok": True, "reply": internet["host_side"]}
+
+
+def test_functions_without_egress_keep_only_their_loopback(egress_worker, internet):
+    _, _, interfaces = egress_worker.call("closed", {"op": "interfaces"})
+    assert interfaces == ["lo"]
+    _, _, r = egress_worker.call("closed", {"op": "fetch", "host": internet["address"],
+                                            "port": INTERNET_PORT})
+    assert r["ok"] is False
+
+
+def test_egress_cannot_reach_the_worker_or_host_services(egress_worker, internet):
+    _, _, address = egress_worker.call("out", {"op": "address"})
+    gateway = address.rsplit(".", 1)[0] + ".1"
+    with socket.socket() as host_service:
+        host_service.bind(("0.0.0.0", 0))  # every host address, as a careless service would
+        host_service.listen()
+        port = host_service.getsockname()[1]
+        # The host itself reaches the service at the bridge's address.
+        socket.create_connection((gateway, port), timeout=2).close()
+        for host, p in ((gateway, port), (gateway, egress_worker.port),
+                        (internet["host_side"], port), ("127.0.0.1", egress_worker.port)):
+            _, _, r = egress_worker.call("out", {"op": "fetch", "host": host, "port": p})
+            assert r["ok"] is False, (host, p, r)
+
+
+def test_two_egress_sandboxes_cannot_reach_each_other(egress_worker):
+    port = 9000 + random.randint(0, 999)
+    assert egress_worker.call("out2", {"op": "serve", "port": port})[2] == port
+    _, _, target = egress_worker.call("out2", {"op": "address"})
+    # The server is up: its own sandbox reaches it at that address.
+    _, _, r = egress_worker.call("out2", {"op": "fetch", "host": target, "port": port})
+    assert r == {"ok": True, "reply": "sandbox"}
+    _, _, r = egress_worker.call("out", {"op": "fetch", "host": target, "port": port})
+    assert r["ok"] is False, r
+
+
+def test_status_shows_each_sandboxs_network(egress_worker):
+    egress_worker.call("out", {"op": "address"})
+    egress_worker.call("closed", {"op": "interfaces"})
+    modes = {s["function"]: s["network"] for s in sandboxes(egress_worker)}
+    assert modes["out"].startswith("egress 10.213.")
+    assert modes["closed"] == "isolated"
+    out = admin("status", "-cluster=" + egress_worker.path).stdout
+    assert "network egress 10.213." in out and "network isolated" in out
+
+
+def test_200_cold_starts_recycle_namespaces_and_leak_nothing(egress_worker, internet):
+    path = os.path.join(egress_worker.registry, "out", "lambda_func.py")
+    source = open(path).read()
+    addresses = set()
+    for i in range(200):
+        # A change to its code retires the old sandbox: the next call is cold.
+        with open(path, "w") as f:
+            f.write(source + "\n# %d\n" % i)
+        status, _, address = egress_worker.call("out", {"op": "address"})
+        assert status == 200, address
+        addresses.add(address)
+    # Namespaces were recycled, not made anew for each sandbox: a handful
+    # (the spares, the live sandboxes, those still dying) served all 200.
+    assert len(addresses) <= 16, addresses
+    _, _, r = egress_worker.call("out", {"op": "fetch", "host": internet["address"],
+                                         "port": INTERNET_PORT})
+    assert r["ok"] is True
+    time.sleep(0.5)
+    veths = [name for name in network_leftovers(egress_worker.port) if name.startswith("olv")]
+    assert len(veths) <= 12, veths
+
+
+def test_unknown_egress_value_and_egress_on_a_cluster_without_it(worker):
+    d = worker.add_function("wants-out", EGRESS_FUNCTION)
+    with open(os.path.join(d, "ol.yaml"), "w") as f:
+        f.write("egress: yes-please\n")
+    status, _, body = worker.call("wants-out", {"op": "interfaces"})
+    assert status == 500 and body["errorType"] == "Runtime.ConfigError"
+    assert "egress must be true or false" in body["errorMessage"]
+    with open(os.path.join(d, "ol.yaml"), "w") as f:
+        f.write("egress: true\n")
+    status, _, body = worker.call("wants-out", {"op": "interfaces"})
+    assert status == 500 and "does not enable it" in body["errorMessage"]
+
+
+def test_a_subnet_that_clashes_with_a_host_route_is_refused_at_start(tmp_path):
+    dummy = "oltclash%04x" % random.getrandbits(16)
+    path = str(tmp_path / "clash")
+    # A veth pair stands for any host interface with a route in the range.
+    run("ip", "link", "add", dummy, "type", "veth", "peer", "name", dummy + "p")
+    try:
+        run("ip", "addr", "add", "10.214.77.5/24", "dev", dummy)
+        run("ip", "link", "set", dummy, "up")
+        admin("new", "-cluster", path)
+        admin("setconf", "-cluster=" + path,
+              json.dumps({"egress": {"enabled": True, "subnet": "10.214.77.0/24"}}))
+        port = free_port()
+        done = admin("workers", "-cluster=" + path, "-p", port, check=False)
+        assert done.returncode == 1
+        assert "clashes with the host's route 10.214.77.0/24 dev %s" % dummy in done.stderr
+        assert network_leftovers(port) == []
+    finally:
+        admin("kill", "-cluster=" + path, check=False)
+        subprocess.run(["ip", "link", "del", dummy], capture_output=True)
+
+
+def test_a_sigkilled_workers_network_is_removed_by_kill(own_worker):
+    w = own_worker(egress={"enabled": True})
+    d = w.add_function("out", EGRESS_FUNCTION)
+    with open(os.path.join(d, "ol.yaml"), "w") as f:
+        f.write("egress: true\n")
+    assert w.call("out", {"op": "interfaces"})[2] == ["eth0", "lo"]
+    with open(os.path.join(w.path, "workers", str(w.port), "pid")) as f:
+        pid = int(f.read())
+    os.kill(pid, 9)
+    while os.path.exists("/proc/%d" % pid) and open("/proc/%d/stat" % pid).read().split()[2] != "Z":
+        time.sleep(0.05)
+    assert "olbr%d" % w.port in network_leftovers(w.port)  # it had no chance to clean up
+    admin("kill", "-cluster=" + w.path)
+    deadline = time.monotonic() + 5
+    while network_leftovers(w.port) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the kernel deletes a dead worker's namespaces in the background
+    assert network_leftovers(w.port) == []
+
+
+def test_a_host_without_nat_tool_is_refused_at_start_and_left_unchanged(monkeypatch):
+    import asyncio
+    from sandbox.errors import SandboxError
+    from sandbox.network import EgressNetwork
+    monkeypatch.setattr(nat, "_tool", lambda name: None)  # as if neither were installed
+    port = free_port()
+    network = EgressNetwork(port, "10.213.0.0/16", 1)
+
+    async def start():
+        try:
+            await network.start()
+        finally:
+            await network.close()
+    with pytest.raises(SandboxError, match="egress needs nftables or iptables"):
+        asyncio.run(start())
+    assert network_leftovers(port) == []
