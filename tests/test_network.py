@@ -77,6 +77,7 @@ while True:
     conn.close()
 '''
 INTERNET_PORT = 8181
+METADATA = "169.254.169.254"
 
 
 def run(*cmd):
@@ -100,6 +101,9 @@ def internet():
         run("ip", "-n", ns, "addr", "add", net + ".2/24", "dev", "eth0")
         run("ip", "-n", ns, "link", "set", "eth0", "up")
         run("ip", "-n", ns, "link", "set", "lo", "up")
+        # It also plays a cloud's metadata service (the route goes with the veth).
+        run("ip", "-n", ns, "addr", "add", METADATA + "/32", "dev", "eth0")
+        run("ip", "route", "add", METADATA + "/32", "dev", host_end)
         server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
                                    INTERNET_SERVER, str(INTERNET_PORT)],
                                   stdout=subprocess.PIPE, text=True)
@@ -151,6 +155,13 @@ def test_egress_function_reaches_the_internet_through_nat(egress_worker, interne
                                          "port": INTERNET_PORT})
     # The internet saw the host's address, not the sandbox's: masqueraded.
     assert r == {"ok": True, "reply": internet["host_side"]}
+
+
+def test_egress_cannot_reach_a_metadata_service(egress_worker, internet):
+    # It is there: the host reaches it.
+    socket.create_connection((METADATA, INTERNET_PORT), timeout=2).close()
+    _, _, r = egress_worker.call("out", {"op": "fetch", "host": METADATA, "port": INTERNET_PORT})
+    assert r["ok"] is False, r
 
 
 def test_functions_without_egress_keep_only_their_loopback(egress_worker, internet):
