@@ -1,12 +1,18 @@
 """The HTTP contract: routes, status codes, error bodies, warm reuse and code
-reload, against a real worker."""
+reload, against a real worker; the HTTP layer's deadlines against a server
+in this process."""
+import asyncio
 import json
 import os
 import shutil
 import socket
+import threading
 import time
 
 import pytest
+import uvloop
+
+from worker.http import HttpProtocol, Response
 
 
 def sandboxes(worker, function):
@@ -213,8 +219,8 @@ def test_server_timing_shows_the_phases_of_a_cold_and_a_warm_call(worker):
     worker.add_function("timed", "def handler(event):\n    return 1\n")
     _, headers, _ = worker.call("timed", {})
     cold = timing(headers)
-    for phase in ("total", "worker", "wait", "fork", "cgroup", "mounts", "attach", "load",
-                  "handler", "ipc"):
+    for phase in ("total", "worker", "wait", "fork", "cgroup", "mounts", "wake", "attach", "drop",
+                  "load", "handler", "ipc"):
         assert phase in cold, headers["server-timing"]
     assert 'desc="before the request"' in cold["fork"]  # a pooled shell
     _, headers, _ = worker.call("timed", {})
@@ -329,3 +335,192 @@ def test_idle_sandboxes_are_frozen_so_leftover_threads_stop(worker):
     assert second - first < 40, (first, second)
     time.sleep(0.05)  # thawed for the call: it runs while the sandbox is taken
     assert worker.call("ticker", {})[2] > second
+
+
+def read_to_close(s):
+    """All the server sends until it closes the connection."""
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def parse_answer(data):
+    """(status, headers, rest): rest is the body and whatever follows it."""
+    head, rest = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict((k.lower(), v) for k, v in (line.split(": ", 1) for line in lines[1:]))
+    return int(lines[0].split()[1]), headers, rest
+
+
+def raw_exchange(port, data, timeout=10):
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(timeout)
+        s.sendall(data)
+        return read_to_close(s)
+
+
+@pytest.mark.parametrize("path,status", [("/status", 200), ("/run/hello", 405),
+                                         ("/nowhere", 404)])
+def test_head_is_answered_like_get_without_a_body(worker, path, status):
+    # A GET pipelined behind it must start right after the head of the first
+    # answer: one body byte sent for the HEAD would put the client out of step.
+    data = raw_exchange(worker.port, b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\n"
+                        b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                        % path.encode())
+    got, headers, rest = parse_answer(data)
+    assert got == status and rest.startswith(b"HTTP/1.1 200 OK\r\n"), data
+    assert parse_answer(rest)[2] == b"ready"
+    _, get_headers, get_body = worker.request("GET", path)
+    assert int(headers["content-length"]) == len(get_body)
+    assert headers["content-type"] == get_headers["content-type"]
+    if status == 405:
+        assert headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("request_head,status,message", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414, "request target exceeds 8192 bytes"),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1000) for i in range(20))
+     + b"\r\n", 431, "request headers exceed 16384 bytes"),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n",
+     431, "more than 100 request headers"),
+    # One header that never ends: refused while it arrives, not once it is whole.
+    (b"GET / HTTP/1.1\r\nX: " + b"v" * (1 << 20), 431, "request headers exceed 16384 bytes"),
+])
+def test_oversized_request_heads_are_refused_and_closed(worker, request_head, status, message):
+    got, headers, body = parse_answer(raw_exchange(worker.port, request_head))
+    assert (got, headers["connection"]) == (status, "close")
+    error = json.loads(body)  # the whole body: the connection was closed after it
+    assert error["errorMessage"] == message
+    assert error["errorType"] == {414: "Http.UriTooLong", 431: "Http.HeadersTooLarge"}[status]
+    assert error["requestId"] == headers["x-request-id"]
+
+
+@pytest.mark.parametrize("framing,fault", [
+    (b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+     "Transfer-Encoding can't be present with Content-Length"),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n",
+     "Content-Length can't be present with Transfer-Encoding"),
+    (b"Content-Length: 3x\r\n", "Invalid character in Content-Length"),
+    (b"Content-Length: -3\r\n", "Invalid character in Content-Length"),
+    (b"Content-Length: 3\r\nContent-Length: 4\r\n", "Duplicate Content-Length"),
+])
+def test_ambiguous_body_framing_is_400_and_closed(worker, framing, fault):
+    got, _, body = parse_answer(raw_exchange(
+        worker.port, b"POST /run/hello HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n{}\r\n"))
+    assert got == 400
+    assert json.loads(body)["errorMessage"] == "malformed HTTP request: " + fault
+
+
+def test_expect_100_continue_is_honoured_and_others_are_417(worker):
+    body = b'{"name": "patient"}'
+    with socket.create_connection(("127.0.0.1", worker.port)) as s:
+        s.settimeout(10)
+        s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        got, _, answer = parse_answer(read_to_close(s))
+    assert (got, answer) == (200, b'"Hello, patient!"')
+    got, headers, answer = parse_answer(raw_exchange(
+        worker.port, b"POST /run/hello HTTP/1.1\r\nHost: x\r\nExpect: x-magic\r\n"
+                     b"Content-Length: 2\r\n\r\n{}"))
+    assert (got, headers["connection"]) == (417, "close")
+    assert json.loads(answer)["errorMessage"] == (
+        "unsupported Expect: x-magic (only 100-continue is supported)")
+
+
+# The deadlines are tested on a server in this process, with short ones.
+class StubApp:
+    """Answers at once with the method and path, except /slow, after SLOW s."""
+    max_body = 1024
+    SLOW = 1.2
+
+    def handle_now(self, request):
+        if request.path == "/slow":
+            return None
+        return Response(200, ("%s %s" % (request.method, request.path)).encode(), b"text/plain")
+
+    async def handle(self, request):
+        await asyncio.sleep(self.SLOW)
+        return Response(200, b"slow", b"text/plain")
+
+
+@pytest.fixture
+def local_port():
+    """The port of an HttpProtocol server on a thread: deadlines of 1 s idle,
+    0.5 s for a head and for a body."""
+    loop = uvloop.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(
+        lambda: HttpProtocol(StubApp(), idle_timeout=1, header_timeout=0.5, body_timeout=0.5),
+        "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    yield server.sockets[0].getsockname()[1]
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    server.close()
+    loop.close()
+
+
+def test_idle_keep_alive_connection_is_closed_quietly(local_port):
+    with socket.create_connection(("127.0.0.1", local_port)) as s:
+        s.settimeout(5)
+        s.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).endswith(b"\r\n\r\nGET /a")
+        started = time.monotonic()
+        assert read_to_close(s) == b""
+        assert 0.9 < time.monotonic() - started < 3
+
+
+def test_slowloris_head_gets_408_at_its_deadline(local_port):
+    with socket.create_connection(("127.0.0.1", local_port)) as s:
+        s.settimeout(5)
+        started = time.monotonic()
+        s.sendall(b"GET / HTTP/1.1\r\n")
+        for _ in range(10):  # trickling does not move the deadline
+            time.sleep(0.1)
+            try:
+                s.sendall(b"X")
+            except ConnectionError:
+                break
+        got, headers, body = parse_answer(read_to_close(s))
+    assert 0.4 < time.monotonic() - started < 3
+    assert (got, headers["connection"]) == (408, "close")
+    assert json.loads(body)["errorMessage"] == "request headers incomplete after 0.5 s"
+
+
+def test_stalled_body_gets_408(local_port):
+    got, _, body = parse_answer(raw_exchange(
+        local_port, b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"))
+    assert got == 408
+    assert json.loads(body)["errorMessage"] == "request body incomplete after 0.5 s"
+
+
+def test_no_deadline_runs_while_an_answer_is_made(local_port):
+    # /slow takes longer than every deadline; what is pipelined behind it waits.
+    data = raw_exchange(local_port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"HEAD /next HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /last HTTP/1.1\r\nConnection: close\r\n\r\n")
+    first, _, rest = parse_answer(data)
+    second, headers, rest = parse_answer(rest[len(b"slow"):])
+    assert (first, second, headers["content-length"]) == (200, 200, "9")  # len("GET /next")
+    assert parse_answer(rest)[2] == b"GET /last"
+
+
+def test_an_error_is_answered_after_the_requests_before_it(local_port):
+    data = raw_exchange(local_port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nNOT HTTP\r\n\r\n")
+    first, _, rest = parse_answer(data)
+    assert (first, rest[:4]) == (200, b"slow")
+    second, _, body = parse_answer(rest[4:])
+    assert second == 400
+    assert json.loads(body)["errorMessage"].startswith("malformed HTTP request: ")
+
+
+def test_405_names_the_method_each_route_allows(worker):
+    status, headers, _ = worker.request("POST", "/sandboxes")
+    assert status == 405 and headers["allow"] == "GET"
+    status, headers, _ = worker.request("GET", "/run/hello")
+    assert status == 405 and headers["allow"] == "POST"

@@ -29,7 +29,7 @@ class App:
             return Response(200, b"ready", b"text/plain", ((b"X-Request-Id", request_id.encode()),))
         if path == "/sandboxes":
             if request.method != "GET":
-                return _error(MethodNotAllowed("use GET for /sandboxes"), request_id)
+                return _error(MethodNotAllowed("use GET for /sandboxes", b"GET"), request_id)
             return json_response(200, self.table.describe(),
                                  ((b"X-Request-Id", request_id.encode()),))
         return _error(NotFound("no route for %s %s" % (request.method, path),
@@ -47,7 +47,8 @@ class App:
         try:
             name = request.path.split("/", 2)[2]
             if request.method != "POST":
-                raise MethodNotAllowed("use POST to run a function, not %s" % request.method)
+                raise MethodNotAllowed("use POST to run a function, not %s" % request.method,
+                                       b"POST")
             body = request.body if request.body.strip() else b""  # no body: the event is {}
             if body:
                 try:

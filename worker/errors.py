@@ -37,7 +37,10 @@ class NotFound(WorkerError):
 class MethodNotAllowed(WorkerError):
     status = 405
     error_type = "Http.MethodNotAllowed"
-    headers = ((b"Allow", b"POST"),)
+
+    def __init__(self, message, allow):
+        super().__init__(message)
+        self.headers = ((b"Allow", allow),)
 
 
 class TooLarge(WorkerError):

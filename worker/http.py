@@ -1,8 +1,10 @@
 """A small HTTP/1.1 server over asyncio protocols and httptools' parser:
 keep-alive, Content-Length and chunked bodies, a body-size limit enforced
-before the body is read, and one request in flight per connection."""
+before the body is read, limits on request heads, deadlines for slow or
+idle clients, and one request in flight per connection."""
 import asyncio
 import collections
+import functools
 import json
 import logging
 import uuid
@@ -10,24 +12,40 @@ import uuid
 import httptools
 
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-           413: b"Payload Too Large", 429: b"Too Many Requests", 500: b"Internal Server Error",
+           408: b"Request Timeout", 413: b"Payload Too Large", 414: b"URI Too Long",
+           417: b"Expectation Failed", 429: b"Too Many Requests",
+           431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
            502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
-# After answering 413 we read and drop at most this much more, so the client
-# sees the answer instead of a connection reset; then we hang up.
+# httptools would buffer headers of any size and number: these limits are
+# checked while the head arrives.
+MAX_URL = 8 << 10    # bytes of the request target (414)
+MAX_HEAD = 16 << 10  # bytes of the request target and header lines together (431)
+MAX_HEADERS = 100    # (431)
+# Seconds a client may keep the connection waiting; the defaults of HttpProtocol.
+IDLE_TIMEOUT = 60    # for a request, on a new or kept-alive connection: then it is closed
+HEADER_TIMEOUT = 10  # for the rest of a request head, from its first byte: then 408
+BODY_TIMEOUT = 60    # for the whole body, from the end of the head: then 408
+# An error answer ends the connection: we half-close it and read and drop at
+# most this much more (for at most BODY_TIMEOUT), because closing with unread
+# data makes the kernel reset the connection, and the client may lose the
+# answer; then we hang up.
 DISCARD_LIMIT = 64 << 20
 
 log = logging.getLogger("worker")
 
 
 class Request:
-    __slots__ = ("method", "path", "headers", "body", "keep_alive")
+    """A HEAD request comes as method "GET" with `head` set: the app answers
+    it as a GET, and the body of the answer is left out."""
+    __slots__ = ("method", "path", "headers", "body", "keep_alive", "head")
 
-    def __init__(self, method, path, headers, body, keep_alive):
+    def __init__(self, method, path, headers, body, keep_alive, head=False):
         self.method = method
         self.path = path
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
+        self.head = head
 
 
 class Response:
@@ -52,19 +70,35 @@ def early_error(status, error_type, message):
                          ((b"X-Request-Id", request_id.encode()),))
 
 
+class Refused(httptools.HttpParserError):
+    """Stops the parser at a request we refuse; its answer is already queued."""
+
+
 class HttpProtocol(asyncio.Protocol):
     """`app` has `max_body` and `handle(request) -> Response` (a coroutine),
     and may answer some requests at once with `handle_now(request)`.
 
     Requests on one connection are answered one at a time, in order: a
-    client that pipelines them gets its answers in the order it asked."""
+    client that pipelines them gets its answers in the order it asked, and
+    an error that ends the connection comes after the answers before it."""
 
-    def __init__(self, app):
+    def __init__(self, app, idle_timeout=IDLE_TIMEOUT, header_timeout=HEADER_TIMEOUT,
+                 body_timeout=BODY_TIMEOUT):
         self.app = app
+        self.idle_timeout = idle_timeout
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.tick = min(idle_timeout, header_timeout, body_timeout)  # see _check_deadline
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
+        self.loop = None
+        self.timer = None
+        self.since = 0         # when we started waiting for the client (loop time)
         self.queue = collections.deque()  # parsed requests waiting their turn
         self.busy = False
+        self.phase = "idle"    # of the request being read: "idle" (none), "head" or "body"
+        self.closing = False   # an error answer ends the queue: nothing more is parsed
+        self.dropped = 0       # bytes read since then
         self.upgraded = False  # the client asked to switch protocols
         self.held = None       # an upgrade request whose body comes after it
         self.held_length = 0
@@ -74,20 +108,38 @@ class HttpProtocol(asyncio.Protocol):
     def _reset(self):
         self.url = b""
         self.headers = {}
+        self.head = False     # a HEAD request
+        self.nheaders = 0
+        self.head_size = 0    # bytes of the head the callbacks have seen
+        self.head_fed = 0     # bytes of the head in the chunks after its first one
         self.body = []
         self.size = 0
         self.length = None    # Content-Length, when the request gives one
-        self.rejected = None  # a Response sent before the body was read
 
     def connection_made(self, transport):
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.since = self.loop.time()
+        self.timer = self.loop.call_later(self.tick, self._check_deadline)
+
+    def connection_lost(self, exc):
+        self.timer.cancel()
 
     def data_received(self, data):
         if self.upgraded:
             self._collect_held_body(data)
             return
+        if self.closing:
+            self.dropped += len(data)
+            if self.dropped > DISCARD_LIMIT:
+                self.transport.close()
+            return
+        if self.phase == "head":  # all of the chunk is that head's, unless the head ends in it
+            self.head_fed += len(data)
         try:
             self.parser.feed_data(data)
+            if self.phase == "head":  # httptools buffers an unfinished header out of sight
+                self._check_head(self.head_fed)
         except httptools.HttpParserUpgrade as e:
             # A request with "Upgrade:" (curl --http2 on http:// sends h2c).
             # It is answered as plain HTTP/1.1, which is allowed; nothing
@@ -95,55 +147,64 @@ class HttpProtocol(asyncio.Protocol):
             # new protocol, so the body is taken from there.
             self.upgraded = True
             self._collect_held_body(data[e.args[0]:] if e.args else b"")
-            if not self.busy and self.held is None:
-                self.transport.close()
-        except httptools.HttpParserError:
-            self.queue.clear()
-            if self.rejected is None:
-                self._send(early_error(400, "Http.BadRequest", "malformed HTTP request"), False)
-            self.transport.close()
+            self._next()
+        except httptools.HttpParserError as e:
+            if not self.closing:  # else we stopped the parser, and the answer is queued
+                self._fail(early_error(400, "Http.BadRequest", "malformed HTTP request: %s" % e))
 
     # -- httptools callbacks ----------------------------------------------------
     def on_message_begin(self):
         self._reset()
+        self.phase = "head"
+        self.since = self.loop.time()
 
     def on_url(self, url):
+        if not self.url:  # the method is parsed by now
+            self.head = self.parser.get_method() == b"HEAD"
         self.url += url
+        self.head_size += len(url)
+        self._check_head(self.head_size)
 
     def on_header(self, name, value):
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        self.nheaders += 1
+        self.head_size += len(name) + len(value) + 4  # "name: value\r\n"
+        self._check_head(self.head_size)
 
     def on_headers_complete(self):
+        self.phase = "body"
+        expect = self.headers.get("expect", "").lower()
+        if expect not in ("", "100-continue"):
+            self._refuse(417, "Http.ExpectationFailed", "unsupported Expect: %s (only "
+                         "100-continue is supported)" % self.headers["expect"])
         length = self.headers.get("content-length", "")
         self.length = int(length) if length.isdigit() else None
         if self.length is not None and self.length > self.app.max_body:
-            self._reject_too_large()
+            self._refuse_too_large()
+        if expect and not self.busy and not self.queue:
+            # The client waits for this before it sends the body.  Answers go
+            # out in order, so not while earlier ones are due: then the client
+            # sends the body after a wait of its own (1 s for curl).
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.since = self.loop.time()
 
     def on_body(self, chunk):
         self.size += len(chunk)
-        if self.rejected is not None:
-            if self.size > DISCARD_LIMIT:
-                self.transport.close()
-            return
         if self.size > self.app.max_body:  # chunked bodies have no length up front
-            self.body = []
-            self._reject_too_large()
-            return
+            self._refuse_too_large()
         self.body.append(chunk)
 
     def on_message_complete(self):
-        if self.rejected is not None:
-            self.transport.close()
-            return
-        request = Request(self.parser.get_method().decode(), self.url.split(b"?", 1)[0].decode(
-            "latin-1"), self.headers, b"".join(self.body), self.parser.should_keep_alive())
+        self.phase = "idle"
+        request = Request("GET" if self.head else self.parser.get_method().decode(),
+                          self.url.split(b"?", 1)[0].decode("latin-1"), self.headers,
+                          b"".join(self.body), self.parser.should_keep_alive(), self.head)
         if "upgrade" in self.headers and self.length:
             self.held = request  # its body is still to come, after the upgrade point
             self.held_length = self.length
             return
         self.queue.append(request)
-        if not self.busy:
-            self._next()
+        self._next()
 
     def _collect_held_body(self, data):
         if self.held is None:
@@ -154,57 +215,114 @@ class HttpProtocol(asyncio.Protocol):
             request.body = self.held_body[:self.held_length]
             request.keep_alive = False
             self.queue.append(request)
-            if not self.busy:
-                self._next()
+            self._next()
+
+    # -- limits ---------------------------------------------------------------------
+    def _check_head(self, size):
+        if len(self.url) > MAX_URL:
+            self._refuse(414, "Http.UriTooLong", "request target exceeds %d bytes" % MAX_URL)
+        if self.nheaders > MAX_HEADERS:
+            self._refuse(431, "Http.HeadersTooLarge", "more than %d request headers" % MAX_HEADERS)
+        if size > MAX_HEAD:
+            self._refuse(431, "Http.HeadersTooLarge", "request headers exceed %d bytes" % MAX_HEAD)
+
+    def _refuse_too_large(self):
+        self._refuse(413, "Http.RequestTooLarge",
+                     "request body over the limit of %d bytes" % self.app.max_body)
+
+    def _refuse(self, status, error_type, message):
+        self._fail(early_error(status, error_type, message))
+        raise Refused(message)
+
+    # -- deadlines ----------------------------------------------------------------
+    # One timer per connection checks the client's deadline.  It is never set
+    # further ahead than the shortest timeout, so a deadline that starts
+    # meanwhile is still met on time, and a change of phase (three a request)
+    # only notes the time instead of rescheduling a timer.
+    def _check_deadline(self):
+        left = self.tick
+        if not self.busy:  # no deadline while we make an answer
+            if self.closing:  # for the client to stop sending, after an error answer
+                timeout = self.body_timeout
+            else:
+                timeout = {"idle": self.idle_timeout, "head": self.header_timeout,
+                           "body": self.body_timeout}[self.phase]
+            left = min(left, self.since + timeout - self.loop.time())
+            if left <= 0:
+                self._expired()
+                left = self.tick
+        if not self.transport.is_closing():
+            self.timer = self.loop.call_later(left, self._check_deadline)
+
+    def _expired(self):
+        if self.closing or self.phase == "idle":  # nothing to answer
+            self.transport.close()
+        elif self.phase == "head":
+            self._fail(early_error(408, "Http.RequestTimeout", "request headers incomplete "
+                                   "after %g s" % self.header_timeout))
+        else:
+            self._fail(early_error(408, "Http.RequestTimeout", "request body incomplete "
+                                   "after %g s" % self.body_timeout))
+
+    # -- answers ------------------------------------------------------------------
+    def _fail(self, response):
+        """Parse nothing more: answer `response` after the requests before it,
+        then hang up."""
+        self.closing = True
+        self.queue.append(response)
+        self._next()
 
     def _next(self):
         """Answer queued requests in order, until one has to wait."""
-        while self.queue and not self.transport.is_closing():
-            request = self.queue.popleft()
-            try:
-                response = self.app.handle_now(request)
-            except Exception:
-                log.exception("answering %s %s failed", request.method, request.path)
-                response = early_error(500, "Platform.Error", "internal worker error")
-            if response is None:
-                self.busy = True
-                self.transport.pause_reading()
-                task = asyncio.ensure_future(self.app.handle(request))
-                task.add_done_callback(lambda t: self._finish(t, request.keep_alive))
-                return
-            self._send(response, request.keep_alive)
+        while self.queue and not self.busy and not self.transport.is_closing():
+            item = self.queue.popleft()
+            if isinstance(item, Response):  # an error, the last answer (see _fail)
+                self._send(item, False, with_body=not self.head)
+                self.transport.write_eof()  # see DISCARD_LIMIT
+            else:
+                self._serve(item)
+        if self.upgraded and not self.busy and self.held is None:
+            self.transport.close()  # nothing after an upgrade request is read
+        if not self.busy:
+            self.since = self.loop.time()
 
-    # -- answers ------------------------------------------------------------------
-    def _reject_too_large(self):
-        self.rejected = early_error(413, "Http.RequestTooLarge",
-                                    "request body over the limit of %d bytes" % self.app.max_body)
-        # Say "Connection: close" but keep reading (and dropping) the body, so
-        # the client reads our answer instead of a reset.
-        self._send(self.rejected, False, hang_up=False)
+    def _serve(self, request):
+        try:
+            response = self.app.handle_now(request)
+        except Exception:
+            log.exception("answering %s %s failed", request.method, request.path)
+            response = early_error(500, "Platform.Error", "internal worker error")
+        if response is not None:
+            self._answer(request, response)
+            return
+        self.busy = True
+        self.transport.pause_reading()
+        task = asyncio.ensure_future(self.app.handle(request))
+        task.add_done_callback(functools.partial(self._finish, request))
 
-    def _finish(self, task, keep_alive):
+    def _finish(self, request, task):
         self.busy = False
         if task.cancelled():
             self.transport.close()
             return
-        self._send(task.result(), keep_alive)
+        self._answer(request, task.result())
+        self.transport.resume_reading()
         self._next()
-        if self.upgraded and not self.busy:
-            self.transport.close()
-        elif not self.busy and not self.transport.is_closing():
-            self.transport.resume_reading()
 
-    def _send(self, response, keep_alive, hang_up=True):
+    def _answer(self, request, response):
+        self._send(response, request.keep_alive, with_body=not request.head)
+        if not request.keep_alive:
+            self.transport.close()
+
+    def _send(self, response, keep_alive, with_body):
         if self.transport.is_closing():
             return
-        head = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+        lines = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
             response.status, REASONS.get(response.status, b"Unknown"), response.content_type,
             len(response.body))]
         for name, value in response.headers:
-            head.append(b"%s: %s\r\n" % (name, value))
+            lines.append(b"%s: %s\r\n" % (name, value))
         if not keep_alive:
-            head.append(b"Connection: close\r\n")
-        head.append(b"\r\n")
-        self.transport.write(b"".join(head) + response.body)
-        if not keep_alive and hang_up:
-            self.transport.close()
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        self.transport.write(b"".join(lines) + (response.body if with_body else b""))
