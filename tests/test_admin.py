@@ -53,7 +53,9 @@ def test_quickstart_exactly_as_in_the_readme(tmp_path):
         status = run("./bin/admin status -cluster=my-cluster").stdout
         line = status.split("Cluster containers:\n")[1].splitlines()[0].split()
         assert re.fullmatch(r"8080/sb-\d+", line[0]), line
-        assert line[1:3] == ["hello", "idle"] and line[3].isdigit()
+        assert line[1:4] == ["hello", "idle", "pid"] and line[4].isdigit(), line
+        assert line[5] == "uid" and int(line[6]) >= 65536, line
+        assert line[7:] == ["network", "isolated"], line
     finally:
         killed = run("./bin/admin kill -cluster=my-cluster")
     assert killed.returncode == 0, killed.stderr
@@ -170,7 +172,7 @@ def test_kill_cleans_up_after_a_sigkilled_worker(own_worker):
     while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
         time.sleep(0.01)
     done = admin("kill", "-cluster=" + w.path)
-    assert "no workers, sandboxes or cgroups left" in done.stdout
+    assert "no workers, sandboxes, cgroups or networks left" in done.stdout
     assert cluster_leftovers(w.path) == []
 
 
@@ -294,7 +296,7 @@ def test_ol_yaml_limits_override_the_cluster_and_are_reset_after(own_worker):
     ("limits:\n  mem_mb: -1\n", "limits.mem_mb"),
     ("limits:\n  memory: 5\n", "unknown limits"),
     ("limits:\n  request_kb: 5\n", "unknown limits"),
-    ("flavour: mint\n", "only a `limits:` block"),
+    ("flavour: mint\n", "expected only `limits:` and `egress:`"),
     ("limits: [1\n", "cannot be read"),
 ])
 def test_bad_ol_yaml_is_500_saying_what_is_wrong(worker, text, words):

@@ -26,7 +26,8 @@ def test_exit_status_in_words():
 def test_every_worker_error_has_a_status_and_a_json_body():
     for cls in vars(errors).values():
         if isinstance(cls, type) and issubclass(cls, errors.WorkerError):
-            body = json.loads(cls("msg").body("rid"))
+            error = cls("msg", b"POST") if cls is errors.MethodNotAllowed else cls("msg")
+            body = json.loads(error.body("rid"))
             assert 400 <= cls.status < 600
             assert body["errorMessage"] == "msg" and body["requestId"] == "rid"
             assert body["errorType"]
