@@ -11,6 +11,10 @@ class SandboxError(Exception):
         self.reason = reason
 
 
+class CapacityError(SandboxError):
+    """Everything of some kind is in use: try again later."""
+
+
 class CgroupError(SandboxError):
     pass
 

@@ -22,7 +22,7 @@ from .cgroups import Cgroup, Limits
 from .errors import SandboxError
 from .runtime import proto
 from .runtime import syscalls as sc
-from .uids import DEFAULT_FLOOR, UID_SLOTS
+from .uids import DEFAULT_FLOOR, UID_SLOTS, user_namespace_blocker
 from .zygote import Zygote, describe_status
 
 
@@ -160,6 +160,11 @@ class SandboxManager:
         os.write(self.config.log_fd, (line + "\n").encode())
 
     async def start(self):
+        blocker = user_namespace_blocker()
+        if blocker:
+            # Said once, now, rather than by every sandbox as it gets its code.
+            raise SandboxError("start sandboxes", "on this host", "%s; each handler runs in a "
+                               "user namespace of its own: change that setting to start" % blocker)
         # A worker that was SIGKILLed leaves cgroups behind; take them over.
         self.root.remove()
         self.root.create()
@@ -348,6 +353,14 @@ class SandboxManager:
             if self.starting < len(self.waiters):
                 self._fork_shell(pooled=False)
             return await waiter
+        except asyncio.CancelledError:
+            # The caller gave up (its deadline) just as a shell came: back
+            # to the pool with it, or it would stay "assigned" for good.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                shell = waiter.result()
+                shell.state = "pooled"
+                self.pool.appendleft(shell)
+            raise
         finally:
             if waiter in self.waiters:
                 self.waiters.remove(waiter)
@@ -370,6 +383,8 @@ class SandboxManager:
         lease = await self.network.acquire() if egress else None
         try:
             sandbox = await self._take_shell()
+            if sandbox.exited.done():  # it died between being handed over and now
+                raise SandboxError("create sandbox", sandbox.id, await sandbox.exit_reason())
         except BaseException:
             if lease is not None:
                 self.network.release(lease, reusable=True)
@@ -439,14 +454,17 @@ class SandboxManager:
         if status is not None and sandbox.cgroup.oom_kills() > sandbox.oom_kills:
             sandbox.out_of_memory = True
             error = "ran out of memory (its limit is %d MB)" % sandbox.cgroup.memory_limit_mb()
-        if sandbox.lease is not None:
-            # Recycled only once nothing can be left in it.
-            self.network.release(sandbox.lease, reusable=not sandbox.cgroup.pids())
-            sandbox.lease = None
+        emptied = True
         try:
             self.cgroups.release(sandbox.cgroup, sandbox.limits_customized)
         except SandboxError as e:
+            emptied = False
             self.log(str(e))
+        if sandbox.lease is not None:
+            # Recycled only once nothing can be left in it: its cgroup was
+            # empty, or emptied (killed and waited for) on release.
+            self.network.release(sandbox.lease, reusable=emptied)
+            sandbox.lease = None
         if not sandbox.exited.done():
             sandbox.exited.set_result(error or describe_status(status))
         if sandbox.state == "pooled":

@@ -7,15 +7,18 @@ sandbox.network).  The rules, all keyed by a short tag naming the worker:
   interface is masqueraded to the uplink's address;
 - forwarding: from the bridge outwards is accepted, towards the bridge only
   replies (conntrack established/related); new connections in are dropped;
-- the bridge to itself is dropped: sandboxes cannot reach each other through
-  the host (bridge port isolation stops the direct, bridged path);
-- the bridge to the host (the input hook) is dropped: no sandbox reaches the
-  worker's HTTP port or any other service of the host, on any address.
+- the host is closed: anything from the bridge for one of the host's
+  addresses is dropped before DNAT (prerouting), so neither the worker's
+  HTTP port nor any service, published through DNAT or not, is reachable;
+- so are other sandboxes (this worker's or another's: any bridge named
+  BRIDGE_PREFIX...; port isolation stops the direct, bridged path), cloud
+  metadata services, and anything a DNAT rule redirected.
 
 Two backends do the same with the tool the host has: Nftables (a table of
 its own, replaced in one transaction) and Iptables (chains of its own,
-jumped to from INPUT, FORWARD and nat POSTROUTING).  Both are IPv4 only: the
-bridge and the sandboxes' links must have IPv6 turned off.
+jumped to from raw PREROUTING, INPUT, FORWARD and nat POSTROUTING).  Both
+are IPv4 only: the bridge and the host's ends of the veths must have IPv6
+turned off.
 
 Limitation of the Nftables backend: a packet must be accepted by every base
 chain on a hook, so if the host's iptables FORWARD policy is DROP (Docker
@@ -39,9 +42,12 @@ TAG = re.compile(r"[A-Za-z0-9]{1,21}")
 IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
+BRIDGE_PREFIX = "olbr"
+
+
 def bridge_name(port):
     """The bridge of the worker on `port` (bin/admin looks for it too)."""
-    return "olbr%d" % port
+    return "%s%d" % (BRIDGE_PREFIX, port)
 
 
 def worker_tag(port):
@@ -49,9 +55,9 @@ def worker_tag(port):
     return "ol%d" % port
 
 
-# Link-local addresses: among them the cloud metadata service
-# (169.254.169.254), which hands out the host's credentials.
-LINK_LOCAL = "169.254.0.0/16"
+# Cloud metadata services, which hand out the host's credentials: the
+# link-local range (AWS, GCP, OpenStack...), Azure's WireServer, Alibaba's.
+METADATA = ("169.254.0.0/16", "168.63.129.16/32", "100.100.100.200/32")
 
 
 class NatError(Exception):
@@ -117,24 +123,35 @@ class Nftables:
         table = self.table(tag)
         # One `nft -f` is one transaction: the old table (declared first so
         # that deleting it cannot fail) goes and the new one comes at once.
+        metadata = ", ".join(METADATA)
         script = f"""\
 table ip {table} {{}}
 delete table ip {table}
 table ip {table} {{
+    chain prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        # Sandboxes must not reach the host: none of its addresses, and
+        # no service published on one through DNAT (Docker, kube-proxy).
+        # Here, before any DNAT, the destination is still the host's.
+        iifname "{bridge}" fib daddr type local drop
+    }}
     chain input {{
         type filter hook input priority filter; policy accept;
-        # Sandboxes must not reach the host: not the worker's HTTP port,
-        # nor any other service, on any of the host's addresses.
+        # The same, for whatever came past prerouting: not the worker's
+        # HTTP port, nor any other service, on any of the host's addresses.
         iifname "{bridge}" drop
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
-        # Sandboxes must not reach each other through the host.  With
-        # br_netfilter, bridged traffic between ports also comes here with
-        # the bridge as both interfaces.
+        # Sandboxes must not reach each other through the host, nor the
+        # sandboxes of another worker.  With br_netfilter, bridged traffic
+        # between ports also comes here with the bridge as both interfaces.
         iifname "{bridge}" oifname "{bridge}" drop
+        iifname "{bridge}" oifname "{BRIDGE_PREFIX}*" drop
         # Nor a metadata service: it would hand them the host's credentials.
-        iifname "{bridge}" ip daddr {LINK_LOCAL} drop
+        iifname "{bridge}" ip daddr {{ {metadata} }} drop
+        # Nor anything a DNAT rule redirected.
+        iifname "{bridge}" ct status dnat drop
         # Sandboxes may go out...
         iifname "{bridge}" accept
         # ...and get the replies...
@@ -170,7 +187,7 @@ class Iptables:
     name = "iptables"
 
     # Our chains (by suffix), by table.
-    CHAINS = {"filter": ("IN", "FWD"), "nat": ("NAT",)}
+    CHAINS = {"raw": ("PRE",), "filter": ("IN", "FWD"), "nat": ("NAT",)}
 
     @staticmethod
     def chain(tag, suffix):
@@ -187,8 +204,9 @@ class Iptables:
         # The jumps of an earlier install, to delete (iptables-restore skips
         # the blank line there is when there are none).
         found = self._found(what, tag)
-        old_filter, old_nat = ("\n".join(found[t][0]) for t in ("filter", "nat"))
-        IN, FWD, NAT = (self.chain(tag, s) for s in ("IN", "FWD", "NAT"))
+        old_raw, old_filter, old_nat = ("\n".join(found[t][0]) for t in ("raw", "filter", "nat"))
+        PRE, IN, FWD, NAT = (self.chain(tag, s) for s in ("PRE", "IN", "FWD", "NAT"))
+        metadata = "\n".join("-A %s -i %s -d %s -j DROP" % (FWD, bridge, net) for net in METADATA)
         jump = "-m comment --comment %s -j" % self.mark(tag)
         # --noflush leaves everything else alone, and each table is
         # committed whole or not at all: declaring a chain that exists
@@ -198,19 +216,31 @@ class Iptables:
         # ACCEPT (or Docker's DROP policy and rules in FORWARD) must not
         # decide our packets.
         script = f"""\
+*raw
+:{PRE} - [0:0]
+{old_raw}
+# Sandboxes must not reach the host: none of its addresses, and no service
+# published on one through DNAT (Docker, kube-proxy).  Here, before any
+# DNAT, the destination is still the host's.
+-A {PRE} -i {bridge} -m addrtype --dst-type LOCAL -j DROP
+-I PREROUTING 1 {jump} {PRE}
+COMMIT
 *filter
 :{IN} - [0:0]
 :{FWD} - [0:0]
 {old_filter}
-# Sandboxes must not reach the host: not the worker's HTTP port, nor any
-# other service, on any of the host's addresses.
+# The same, for whatever came past prerouting: not the worker's HTTP port,
+# nor any other service, on any of the host's addresses.
 -A {IN} -i {bridge} -j DROP
-# Sandboxes must not reach each other through the host.  With br_netfilter,
-# bridged traffic between ports also comes here with the bridge as both
-# interfaces.
+# Sandboxes must not reach each other through the host, nor the sandboxes
+# of another worker.  With br_netfilter, bridged traffic between ports also
+# comes here with the bridge as both interfaces.
 -A {FWD} -i {bridge} -o {bridge} -j DROP
+-A {FWD} -i {bridge} -o {BRIDGE_PREFIX}+ -j DROP
 # Nor a metadata service: it would hand them the host's credentials.
--A {FWD} -i {bridge} -d {LINK_LOCAL} -j DROP
+{metadata}
+# Nor anything a DNAT rule redirected.
+-A {FWD} -i {bridge} -m conntrack --ctstate DNAT -j DROP
 # Sandboxes may go out...
 -A {FWD} -i {bridge} -j ACCEPT
 # ...and get the replies...
@@ -287,9 +317,13 @@ def detect():
 def enable_forwarding():
     """Let the host route between the bridge and its uplink.  This turns on
     IPv4 forwarding for every interface: the rules above decide what the
-    bridge may send, not what other interfaces may."""
+    bridge may send, not what other interfaces may.  True if it was off."""
     try:
+        with open(PROC_IP_FORWARD) as f:
+            if f.read().strip() == "1":
+                return False
         with open(PROC_IP_FORWARD, "w") as f:
             f.write("1")
+        return True
     except OSError as e:
         raise NatError("enable IPv4 forwarding (%s): %s" % (PROC_IP_FORWARD, e.strerror)) from None

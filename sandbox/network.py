@@ -34,7 +34,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import nat
-from .errors import SandboxError
+from .errors import CapacityError, SandboxError
 from .runtime import syscalls as sc
 
 MAIN_TABLE = 254
@@ -54,7 +54,6 @@ def worker_subnet(subnet, port):
 @dataclass
 class Lease:
     """A prepared namespace; holding its fd keeps it (and its veth) alive."""
-    index: int
     address: str
     fd: int
 
@@ -69,7 +68,7 @@ class EgressNetwork:
         self.gateway, self.addresses = str(hosts[0]), [str(h) for h in hosts[1:]]
         self.spare = spare
         self.log = log
-        self.free = []                      # leases ready for a sandbox
+        self.free = collections.deque()     # leases ready for a sandbox, oldest first
         self.unused = list(range(len(self.addresses)))[::-1]  # address indexes never made
         self.making = 0
         self.waiters = collections.deque()  # futures of acquire() calls
@@ -116,7 +115,9 @@ class EgressNetwork:
             raise SandboxError("create bridge", self.bridge, str(e)) from None
         try:
             backend.install(self.tag, self.bridge, str(self.subnet))
-            nat.enable_forwarding()
+            if nat.enable_forwarding():
+                self.log("egress: turned on IPv4 forwarding (net.ipv4.ip_forward) for the whole "
+                         "host; it stays on after the worker stops")
         except nat.NatError as e:
             remove_leftovers(self.ipr, self.port)
             raise SandboxError("enable egress", self.subnet, str(e)) from None
@@ -161,20 +162,31 @@ class EgressNetwork:
         if self.closing:
             raise SandboxError("give egress", self.subnet, "the worker is shutting down")
         if self.free:
-            lease = self.free.pop()
+            lease = self.free.popleft()
             self._refill()
             return lease
         if not self.unused and not self.making:
-            raise SandboxError("give egress", self.subnet, "all %d addresses are in use"
-                               % len(self.addresses))
+            raise CapacityError("give egress", self.subnet, "all %d addresses are in use"
+                                % len(self.addresses))
         waiter = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         self._refill()
-        return await waiter
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # The caller gave up (its deadline) just as a lease came.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release(waiter.result(), reusable=True)
+            raise
+        finally:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
 
     def release(self, lease, reusable):
         """Its sandbox is gone.  A namespace a process may still be in is
-        not handed out again; its address is not reused until restart."""
+        not handed out again; its address is not reused until restart.
+        Reused oldest first: what the last sandbox left in the kernel
+        (TIME_WAIT sockets, conntrack entries) has the longest to expire."""
         if reusable and not self.closing:
             self.free.append(lease)
             self._give_waiters()
@@ -185,7 +197,7 @@ class EgressNetwork:
         while self.free and self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
-                waiter.set_result(self.free.pop())
+                waiter.set_result(self.free.popleft())
 
     def _refill(self):
         wanted = self.spare + len(self.waiters)
@@ -199,13 +211,15 @@ class EgressNetwork:
         self.making -= 1
         try:
             lease = future.result()
-        except SandboxError as e:
+        except Exception as e:  # the thread's own failures, named or not
             self.unused.append(index)
-            self.log(str(e))
+            error = e if isinstance(e, SandboxError) else SandboxError(
+                "prepare egress namespace", self.addresses[index], repr(e))
+            self.log(str(error))
             while self.waiters:  # say why rather than leave a call waiting
                 waiter = self.waiters.popleft()
                 if not waiter.done():
-                    waiter.set_exception(e)
+                    waiter.set_exception(error)
                     break
             return
         if self.closing:
@@ -216,36 +230,42 @@ class EgressNetwork:
 
     def _make(self, index):
         """In the thread: a namespace with a veth into the bridge, addressed
-        and routed.  The thread alone enters it and comes back."""
+        and routed.  The thread alone enters it, and always comes back."""
         veth = "olv%d-%d" % (self.port, index)
         address = self.addresses[index]
-        sc.unshare(sc.CLONE_NEWNET)
-        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        sc.setns(self.host_ns, sc.CLONE_NEWNET)
+        fd = -1
         try:
+            try:
+                sc.unshare(sc.CLONE_NEWNET)
+                fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            finally:
+                sc.setns(self.host_ns, sc.CLONE_NEWNET)
             self.ipr.link("add", ifname=veth, kind="veth",
                           peer={"ifname": "eth0", "net_ns_fd": fd})
-            link = self.ipr.link_lookup(ifname=veth)[0]
+            (link,) = self.ipr.link_lookup(ifname=veth)
             set_sysctl("ipv6/conf/%s/disable_ipv6" % veth, "1")
-            self.ipr.link("set", index=link, master=self.ipr.link_lookup(ifname=self.bridge)[0])
+            (bridge,) = self.ipr.link_lookup(ifname=self.bridge)
+            self.ipr.link("set", index=link, master=bridge)
             # Isolated: frames between two sandboxes' ports are not bridged.
             self.ipr.brport("set", index=link, isolated=1)
             self.ipr.link("set", index=link, state="up")
             sc.setns(fd, sc.CLONE_NEWNET)
             try:
                 with IPRoute() as inside:
-                    inside.link("set", index=inside.link_lookup(ifname="lo")[0], state="up")
-                    eth0 = inside.link_lookup(ifname="eth0")[0]
+                    (lo,) = inside.link_lookup(ifname="lo")
+                    (eth0,) = inside.link_lookup(ifname="eth0")
+                    inside.link("set", index=lo, state="up")
                     inside.addr("add", index=eth0, address=address, prefixlen=24)
                     inside.link("set", index=eth0, state="up")
                     inside.route("add", dst="default", gateway=self.gateway)
             finally:
                 sc.setns(self.host_ns, sc.CLONE_NEWNET)
-        except (NetlinkError, OSError) as e:
-            os.close(fd)  # the veth goes with the namespace
+        except (NetlinkError, OSError, ValueError) as e:  # ValueError: a link not found
+            if fd >= 0:
+                os.close(fd)  # the veth goes with the namespace
             raise SandboxError("prepare egress namespace", "%s (%s)" % (veth, address),
                                str(e)) from None
-        return Lease(index, address, fd)
+        return Lease(address, fd)
 
 
 def set_sysctl(name, value):

@@ -1,5 +1,6 @@
-"""Which host uid each sandbox's code runs as.  Standard library only:
-`bin/admin` checks configs with it.
+"""Which host uid each sandbox's code runs as, and whether this host lets
+it have the user namespace that maps it.  Standard library only: `bin/admin`
+checks configs with it.
 
 A worker's sandboxes run as uid_base + n, where n is the number of the
 sandbox's cgroup, unique among its live sandboxes.  So no two sandboxes
@@ -19,3 +20,27 @@ def default_base(port):
     """Each port its own range, so workers on one host never share uids;
     the last one still ends below 2**31 (signed 32-bit tools stay happy)."""
     return DEFAULT_FLOOR + port * UID_SLOTS
+
+
+# Host settings that stop a handler, which is no longer root when it makes
+# its user namespace, from getting a working one: (file, bad value, why).
+USERNS_BLOCKERS = (
+    ("/proc/sys/user/max_user_namespaces", "0", "user namespaces are off (user.max_user_namespaces=0)"),
+    ("/proc/sys/kernel/unprivileged_userns_clone", "0",
+     "unprivileged user namespaces are off (kernel.unprivileged_userns_clone=0)"),
+    ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+     "AppArmor takes every capability from unprivileged user namespaces "
+     "(kernel.apparmor_restrict_unprivileged_userns=1), so none can map its uid"),
+)
+
+
+def user_namespace_blocker():
+    """Why sandboxes cannot have their user namespaces on this host, or None."""
+    for path, bad, why in USERNS_BLOCKERS:
+        try:
+            with open(path) as f:
+                if f.read().strip() == bad:
+                    return why
+        except OSError:
+            pass  # a kernel without that setting
+    return None

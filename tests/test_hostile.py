@@ -154,3 +154,21 @@ def test_rlimits_come_from_the_limits_and_cannot_be_raised(worker):
     assert out["nofile"] == [100, 100] and out["fsize"] == [1 << 20, 1 << 20]
     assert out["raise"] in ("ValueError", "PermissionError")  # hard limit, no CAP_SYS_RESOURCE
     assert out["write"] == "EFBIG"
+
+
+def test_a_forged_reply_gets_502_and_frees_the_sandbox(worker):
+    # Handler code writes a reply of its own, with a timing that is not a
+    # number, before the runtime answers.
+    worker.add_function("forger",
+                        "import msgpack, os, socket, stat\n"
+                        "def handler(event):\n"
+                        "    for fd in [int(fd) for fd in os.listdir('/proc/self/fd')]:\n"
+                        "        if fd > 2 and os.path.exists('/proc/self/fd/%d' % fd) \\\n"
+                        "                and stat.S_ISSOCK(os.fstat(fd).st_mode):\n"
+                        "            socket.socket(fileno=fd).sendall(msgpack.packb(\n"
+                        "                {'status': 'ok', 'body': b'1', 'run': 'soon'}))\n"
+                        "    return 'honest'\n")
+    status, _, body = worker.call("forger", {})
+    assert status == 502 and body["errorType"] == "Runtime.ProtocolError", body
+    listed = json.loads(worker.request("GET", "/sandboxes")[2])
+    assert not [s for s in listed if s["function"] == "forger"]  # destroyed, not left busy

@@ -44,8 +44,8 @@ except OSError:
 """
 
 
-def run(*argv):
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+def run(*argv, input_=None):
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, input=input_)
     if done.returncode != 0:
         raise AssertionError("%s failed: %s" % (" ".join(argv), done.stderr.strip()))
     return done.stdout
@@ -80,12 +80,27 @@ class Net:
         self.port = free_port()
         self.tags = []
 
-    def reach(self, ns, address):
+    def reach(self, ns, address, port=None):
         """What the server at `address` saw as our address, or None if the
         connection was dropped or refused."""
         out = run("ip", "netns", "exec", ns, sys.executable, "-c", CLIENT,
-                  address, str(self.port), str(TIMEOUT))
+                  address, str(port or self.port), str(TIMEOUT))
         return out.strip() or None
+
+    @contextlib.contextmanager
+    def published(self):
+        """A service published on a host address through DNAT, the way
+        Docker publishes a container's port: the host's "internet" address,
+        port+1, is the internet server.  Yields that port."""
+        table = "oltdnat_" + self.bridge.split("-")[1]
+        run("nft", "-f", "-", input_=(
+            "table ip %s {\n chain pre {\n  type nat hook prerouting priority dstnat;\n"
+            "  ip daddr %s tcp dport %d dnat to %s:%d\n }\n}\n" % (
+                table, self.host_inet, self.port + 1, self.inet_addr, self.port)))
+        try:
+            yield self.port + 1
+        finally:
+            run("nft", "delete", "table", "ip", table)
 
     def host_addresses(self):
         """The host's addresses a sandbox might try: its gateway, the
@@ -136,11 +151,12 @@ def leftovers(net):
 
 
 def iptables_nft_tables():
-    """The iptables-nft tables there are (iptables-nft creates "filter" and
-    "nat" on first use and leaves them, empty, behind)."""
+    """The iptables-nft tables there are (iptables-nft creates "filter",
+    "nat" and "raw" on first use and leaves them, empty, behind)."""
     if not tool_works("nft", "list", "tables"):
         return None
-    return set(run("nft", "list", "tables", "ip").split("\n")) & {"table ip filter", "table ip nat"}
+    return set(run("nft", "list", "tables", "ip").split("\n")) & {
+        "table ip filter", "table ip nat", "table ip raw"}
 
 
 def drop_empty_tables(before):
@@ -340,3 +356,14 @@ def test_bad_names_are_refused_in_one_line():
                 b.install(*args)
             assert str(e.value).startswith("install %s rules for %s" % (b.name, args[0]))
             assert "\n" not in str(e.value)
+
+
+def test_services_published_through_dnat_stay_closed(net, backend):
+    if not tool_works("nft", "list", "tables"):
+        pytest.skip("the published service is made with nft")
+    b, tag = backend
+    with net.published() as port, net.route_back():
+        # Control: without our rules a sandbox reaches it (DNAT, then forwarded).
+        assert net.reach(net.s1, net.host_inet, port) == net.a1
+        b.install(tag, net.bridge, net.subnet)
+        assert net.reach(net.s1, net.host_inet, port) is None

@@ -27,6 +27,12 @@ class Limits:
     fsize_mb: int
 
 
+# Where sandbox addresses may come from: RFC 1918 private networks, and the
+# shared address space carriers use for NAT (RFC 6598).  Not loopback,
+# link-local (metadata services live there) or documentation ranges.
+PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+
+
 @dataclass(frozen=True)
 class Egress:
     enabled: bool  # set up the bridge and NAT, so functions may ask for egress
@@ -64,10 +70,20 @@ def _positive_int(where, value):
     return value
 
 
+# Upper bounds, where the kernel or the worker has one: a reply is buffered
+# by the worker whole (plus up to 1 MiB of error text, below the 64 MiB a
+# channel ever buffers); RLIMIT_NOFILE cannot exceed fs.nr_open; a file
+# size in bytes must fit the kernel's rlimit.
+LIMIT_MAX = {"response_kb": 63 << 10, "nofile": 1 << 20, "fsize_mb": 1 << 30}
+
+
 def check_limits(source, limits):
-    """Each given limit must be a positive integer."""
+    """Each given limit must be a positive integer, within LIMIT_MAX."""
     for name, value in limits.items():
         _positive_int("%s: limits.%s" % (source, name), value)
+        if value > LIMIT_MAX.get(name, value):
+            raise ConfigError("%s: limits.%s must be at most %d, not %d"
+                              % (source, name, LIMIT_MAX[name], value))
 
 
 def _count(where, value):
@@ -94,9 +110,10 @@ def _egress(source, raw):
     except (ValueError, TypeError):
         raise ConfigError("%s: egress.subnet must be an IPv4 network like 10.213.0.0/16, "
                           "not %r" % (source, subnet)) from None
-    if net.prefixlen > 24 or not net.is_private:
-        raise ConfigError("%s: egress.subnet must be a private range of at least a /24, "
-                          "not %s" % (source, subnet))
+    if net.prefixlen > 24 or not any(net.subnet_of(ipaddress.IPv4Network(r))
+                                     for r in PRIVATE_RANGES):
+        raise ConfigError("%s: egress.subnet must be a /24 or larger inside %s, not %s"
+                          % (source, " or ".join(PRIVATE_RANGES), subnet))
     spare = _count("%s: egress.spare" % source, raw["spare"])
     return Egress(_flag("%s: egress.enabled" % source, raw["enabled"]), str(net), spare)
 

@@ -11,7 +11,7 @@ import collections
 import time
 
 from sandbox.cgroups import Limits
-from sandbox.errors import SandboxError
+from sandbox.errors import CapacityError, SandboxError
 from sandbox.runtime import proto
 
 from .errors import (Busy, HandlerDied, HandlerRaised, InitFailed, ResponseTooLarge,
@@ -32,6 +32,30 @@ def process_limits(limits):
     """What the handler process enforces on itself, from a function's limits."""
     return {"nofile": limits.nofile, "fsize": limits.fsize_mb << 20,
             "response": limits.response_kb << 10}
+
+
+# What each kind of reply must hold, and of which type.
+REPLY_FIELDS = {
+    "ok": {"body": bytes},
+    "error": {"errorType": str, "errorMessage": str, "stackTrace": list},
+    "init_error": {"errorType": str, "errorMessage": str, "stackTrace": list},
+    "setup_error": {"errorMessage": str},
+    "too_large": {"size": int},
+}
+TIMINGS = ("received", "attach", "drop", "load", "run")
+
+
+def well_formed(reply):
+    """Whether a handler's reply is one the runtime could have sent."""
+    if not isinstance(reply, dict) or reply.get("status") not in REPLY_FIELDS:
+        return False
+    fields = REPLY_FIELDS[reply["status"]]
+    if not all(isinstance(reply.get(key), kind) for key, kind in fields.items()):
+        return False
+    if not all(isinstance(line, str) for line in reply.get("stackTrace", ())):
+        return False
+    return all(isinstance(reply[key], (int, float)) and not isinstance(reply[key], bool)
+               for key in TIMINGS if key in reply)
 
 
 class ChannelClosed(Exception):
@@ -159,14 +183,15 @@ class FunctionTable:
             if self.closing:
                 await self._destroy(instance)
                 raise Unavailable("the worker is shutting down") from None
+            if instance.channel.overflowed:  # it is still running: no exit to wait for
+                await self._destroy(instance)
+                raise ResponseTooLarge("the handler of %r sent more than limits.response_kb "
+                                       "(%d KiB) allows" % (name, function.limits.response_kb)
+                                       ) from None
             reason = await instance.sandbox.exit_reason()
             await self._destroy(instance)
             if instance.timed_out:
                 raise TimedOut("Task timed out after %.2f seconds" % timeout) from None
-            if instance.channel.overflowed:
-                raise ResponseTooLarge("the handler of %r sent a reply over %d KiB "
-                                       "(limits.response_kb)" % (name, function.limits.response_kb)
-                                       ) from None
             if instance.sandbox.lost_with_zygote:
                 raise SandboxFailed("the sandbox of %r was lost: %s; it is being restarted"
                                     % (name, reason)) from None
@@ -176,6 +201,13 @@ class FunctionTable:
             raise HandlerDied("the handler of %r %s" % (name, reason)) from None
         finally:
             timer.cancel()
+        if not well_formed(reply):
+            # Handler code can write to its channel itself: nothing in a
+            # reply is trusted until checked, or a forged one could leave
+            # the sandbox busy for good, out of reach of any timeout.
+            await self._destroy(instance)
+            raise HandlerDied("the handler of %r sent a malformed reply" % name,
+                              "Runtime.ProtocolError")
         inside = 0.0
         if "received" in reply:  # a cold start: how long the shell took to wake up
             reply["wake"] = reply["received"] - sent
@@ -196,11 +228,11 @@ class FunctionTable:
         if status == "init_error":
             await self._destroy(instance)
             raise InitFailed("%s: %s" % (name, reply["errorMessage"]), reply["errorType"],
-                             reply.get("stackTrace", ()))
+                             reply["stackTrace"])
         self._release(instance)
         if status == "ok":
             return reply["body"]
-        raise HandlerRaised(reply["errorMessage"], reply["errorType"], reply.get("stackTrace", ()))
+        raise HandlerRaised(reply["errorMessage"], reply["errorType"], reply["stackTrace"])
 
     def _time_out(self, instance):
         instance.timed_out = True
@@ -241,6 +273,8 @@ class FunctionTable:
                 limits.runtime_sec)
         except asyncio.TimeoutError:
             raise SandboxFailed("no sandbox was ready within %d s" % limits.runtime_sec) from None
+        except CapacityError as e:
+            raise Busy(str(e)) from None
         except SandboxError as e:
             if self.closing:
                 raise Unavailable("the worker is shutting down") from None
@@ -306,6 +340,7 @@ class FunctionTable:
 
     def _forget(self, instance):
         self.instances.pop(instance.sandbox.id, None)
+        instance.channel.on_close = lambda: None  # its death is expected now
 
     async def _destroy(self, instance):
         self._forget(instance)

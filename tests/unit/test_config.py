@@ -30,9 +30,13 @@ def test_defaults_fill_in():
     ({"cluster": "/c", "egress": {"subnet": "8.8.8.0/24"}}, "egress.subnet"),
     ({"cluster": "/c", "egress": {"subnet": "10.1.2.0/25"}}, "egress.subnet"),
     ({"cluster": "/c", "egress": {"subnet": "ten"}}, "egress.subnet"),
+    ({"cluster": "/c", "egress": {"subnet": "169.254.0.0/16"}}, "egress.subnet"),
+    ({"cluster": "/c", "egress": {"subnet": "127.0.0.0/16"}}, "egress.subnet"),
     ({"cluster": "/c", "egress": {"nat": "nft"}}, "unknown egress key"),
     ({"cluster": "/c", "egress": []}, "egress must be an object"),
     ({"cluster": "/c", "limits": {"nofile": 0}}, "limits.nofile"),
+    ({"cluster": "/c", "limits": {"nofile": 1 << 21}}, "limits.nofile must be at most"),
+    ({"cluster": "/c", "limits": {"response_kb": 1 << 20}}, "limits.response_kb must be at most"),
 ])
 def test_bad_configs_name_the_key(raw, words):
     with pytest.raises(ConfigError, match=words):
