@@ -47,8 +47,8 @@ class App:
         try:
             name = request.path.split("/", 2)[2]
             if request.method != "POST":
-                method = "HEAD" if request.head else request.method
-                raise MethodNotAllowed("use POST to run a function, not %s" % method, b"POST")
+                raise MethodNotAllowed("use POST to run a function, not %s" % request.method,
+                                       b"POST")
             body = request.body if request.body.strip() else b""  # no body: the event is {}
             if body:
                 try:
