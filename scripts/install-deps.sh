@@ -2,7 +2,7 @@
 # Install the Debian/Ubuntu packages the project needs, if any is missing.
 # Usage: scripts/install-deps.sh [extra packages...]
 set -eu
-PACKAGES="debootstrap debian-archive-keyring gcc make libc6-dev python3 python3-venv python3-dev curl tar $*"
+PACKAGES="debootstrap debian-archive-keyring gcc make libc6-dev python3 python3-venv python3-dev curl tar nftables iptables $*"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
