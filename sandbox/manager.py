@@ -65,6 +65,7 @@ class Sandbox:
         self.setup_times = ()       # monotonic stamps from the zygote and the shell
         self.taken_from_pool = False
         self.waited = 0.0           # seconds the caller of create() waited for a shell
+        self.egress_wait = 0.0      # ...and before that, for an egress namespace
         self.assigned_at = None     # when it was given its code
         self.oom_kills = 0          # its cgroup's OOM kills before it (cgroups are reused)
         self.limits_customized = False
@@ -381,6 +382,7 @@ class SandboxManager:
         if self._restarting is not None and not self._restarting.done():
             await self._restarting
         lease = await self.network.acquire() if egress else None
+        leased = time.monotonic()
         try:
             sandbox = await self._take_shell()
             if sandbox.exited.done():  # it died between being handed over and now
@@ -394,7 +396,8 @@ class SandboxManager:
             sandbox.lease, sandbox.network = lease, "egress " + lease.address
         # Refill after this call is on its way, not in front of it.
         asyncio.get_running_loop().call_soon(self._refill)
-        sandbox.waited = time.monotonic() - started
+        sandbox.egress_wait = leased - started
+        sandbox.waited = time.monotonic() - leased
         sandbox.label = label
         assign = {"op": "assign", "function": label}
         if process_limits:

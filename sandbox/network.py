@@ -242,25 +242,25 @@ class EgressNetwork:
                 sc.setns(self.host_ns, sc.CLONE_NEWNET)
             self.ipr.link("add", ifname=veth, kind="veth",
                           peer={"ifname": "eth0", "net_ns_fd": fd})
-            (link,) = self.ipr.link_lookup(ifname=veth)
+            # Names to indexes by ioctl, in the thread's current namespace:
+            # a netlink lookup would list every link (hundreds of veths).
+            link = socket.if_nametoindex(veth)
             set_sysctl("ipv6/conf/%s/disable_ipv6" % veth, "1")
-            (bridge,) = self.ipr.link_lookup(ifname=self.bridge)
-            self.ipr.link("set", index=link, master=bridge)
+            self.ipr.link("set", index=link, master=socket.if_nametoindex(self.bridge),
+                          state="up")
             # Isolated: frames between two sandboxes' ports are not bridged.
             self.ipr.brport("set", index=link, isolated=1)
-            self.ipr.link("set", index=link, state="up")
             sc.setns(fd, sc.CLONE_NEWNET)
             try:
                 with IPRoute() as inside:
-                    (lo,) = inside.link_lookup(ifname="lo")
-                    (eth0,) = inside.link_lookup(ifname="eth0")
-                    inside.link("set", index=lo, state="up")
+                    eth0 = socket.if_nametoindex("eth0")
+                    inside.link("set", index=socket.if_nametoindex("lo"), state="up")
                     inside.addr("add", index=eth0, address=address, prefixlen=24)
                     inside.link("set", index=eth0, state="up")
                     inside.route("add", dst="default", gateway=self.gateway)
             finally:
                 sc.setns(self.host_ns, sc.CLONE_NEWNET)
-        except (NetlinkError, OSError, ValueError) as e:  # ValueError: a link not found
+        except (NetlinkError, OSError) as e:
             if fd >= 0:
                 os.close(fd)  # the veth goes with the namespace
             raise SandboxError("prepare egress namespace", "%s (%s)" % (veth, address),

@@ -128,7 +128,7 @@ def egress_worker(tmp_path_factory):
     w.add_function("closed", EGRESS_FUNCTION)  # no ol.yaml: no egress
     yield w
     stop_cluster(w)
-    assert network_leftovers(w.port) == []
+    assert settled_leftovers(w.port) == []
 
 
 def network_leftovers(port):
@@ -141,6 +141,15 @@ def network_leftovers(port):
     except nat.NatError:
         pass
     return found
+
+
+def settled_leftovers(port, seconds=5):
+    """What is left once the kernel has had time to delete the namespaces
+    the worker let go of (it does so in the background, in batches)."""
+    deadline = time.monotonic() + seconds
+    while network_leftovers(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return network_leftovers(port)
 
 
 def sandboxes(worker):
@@ -277,10 +286,7 @@ def test_a_sigkilled_workers_network_is_removed_by_kill(own_worker):
         time.sleep(0.05)
     assert "olbr%d" % w.port in network_leftovers(w.port)  # it had no chance to clean up
     admin("kill", "-cluster=" + w.path)
-    deadline = time.monotonic() + 5
-    while network_leftovers(w.port) and time.monotonic() < deadline:
-        time.sleep(0.1)  # the kernel deletes a dead worker's namespaces in the background
-    assert network_leftovers(w.port) == []
+    assert settled_leftovers(w.port) == []
 
 
 def test_a_host_without_nat_tool_is_refused_at_start_and_left_unchanged(monkeypatch):

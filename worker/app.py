@@ -72,7 +72,8 @@ def server_timing(started, phases):
     waiting for a sandbox and in the sandbox (including the IPC to it)."""
     total = time.monotonic() - started
     elsewhere = sum(s for name, s, note in phases
-                    if name in ("wait", "wake", "attach", "drop", "load", "handler", "ipc"))
+                    if name in ("egress", "wait", "wake", "attach", "drop", "load", "handler",
+                                "ipc"))
     parts = ["total;dur=%.3f" % (total * 1e3), "worker;dur=%.3f" % ((total - elsewhere) * 1e3)]
     for name, seconds, note in phases:
         part = "%s;dur=%.3f" % (name, seconds * 1e3)

@@ -167,6 +167,8 @@ class FunctionTable:
         if instance is None:
             instance = await self._cold_start(function)
             sandbox = instance.sandbox
+            if function.egress:
+                phases.append(("egress", sandbox.egress_wait, ""))
             phases.append(("wait", sandbox.waited, ""))
             note = "before the request" if sandbox.taken_from_pool else ""
             phases += [(phase, seconds, note) for phase, seconds in sandbox.setup_phases()]

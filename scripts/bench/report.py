@@ -9,7 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 WAYS = ("zygote", "hostnet", "egress", "warm", "fresh", "chroot", "bwrap", "crun", "runc")
-PHASES = ("total", "worker", "wait", "fork", "cgroup", "mounts", "interpreter", "wake",
+PHASES = ("total", "worker", "egress", "wait", "fork", "cgroup", "mounts", "interpreter", "wake",
           "attach", "drop", "load", "handler", "ipc")
 
 
