@@ -441,6 +441,8 @@ class StubApp:
     def handle_now(self, request):
         if request.path == "/slow":
             return None
+        if request.path == "/big":
+            return Response(200, b"x" * (256 << 10), b"text/plain")
         return Response(200, ("%s %s" % (request.method, request.path)).encode(), b"text/plain")
 
     async def handle(self, request):
@@ -449,20 +451,47 @@ class StubApp:
 
 
 @pytest.fixture
-def local_port():
-    """The port of an HttpProtocol server on a thread: deadlines of 1 s idle,
-    0.5 s for a head and for a body."""
+def local_server():
+    """(port, the connections' protocols) of an HttpProtocol server on a
+    thread: deadlines of 1 s idle, 0.5 s for a head and for a body."""
     loop = uvloop.new_event_loop()
-    server = loop.run_until_complete(loop.create_server(
-        lambda: HttpProtocol(StubApp(), idle_timeout=1, header_timeout=0.5, body_timeout=0.5),
-        "127.0.0.1", 0))
+    protocols = []
+
+    def protocol():
+        protocols.append(HttpProtocol(StubApp(), idle_timeout=1, header_timeout=0.5,
+                                      body_timeout=0.5))
+        return protocols[-1]
+    server = loop.run_until_complete(loop.create_server(protocol, "127.0.0.1", 0))
     thread = threading.Thread(target=loop.run_forever)
     thread.start()
-    yield server.sockets[0].getsockname()[1]
+    yield server.sockets[0].getsockname()[1], protocols
     loop.call_soon_threadsafe(loop.stop)
     thread.join()
     server.close()
     loop.close()
+
+
+@pytest.fixture
+def local_port(local_server):
+    return local_server[0]
+
+
+def test_a_client_that_does_not_read_does_not_make_the_server_buffer(local_server):
+    port, protocols = local_server
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        # 100 answers of 256 KiB each, asked for and never read.
+        s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+        time.sleep(1)
+        (protocol,) = protocols
+        assert protocol.write_paused
+        assert protocol.transport.get_write_buffer_size() < 2 << 20
+        # Reading drains it, and every answer comes, in order.
+        s.settimeout(5)
+        got = 0
+        while got < 100 * (256 << 10):
+            chunk = s.recv(1 << 20)
+            assert chunk
+            got += chunk.count(b"x")
 
 
 def test_idle_keep_alive_connection_is_closed_quietly(local_port):

@@ -96,6 +96,7 @@ class HttpProtocol(asyncio.Protocol):
         self.since = 0         # when we started waiting for the client (loop time)
         self.queue = collections.deque()  # parsed requests waiting their turn
         self.busy = False
+        self.write_paused = False  # the client is not reading its answers
         self.phase = "idle"    # of the request being read: "idle" (none), "head" or "body"
         self.closing = False   # an error answer ends the queue: nothing more is parsed
         self.dropped = 0       # bytes read since then
@@ -124,6 +125,19 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.timer.cancel()
+
+    def pause_writing(self):
+        # Answers pile up unread (a client pipelining and never reading):
+        # neither read nor answer more until they drain, or the worker
+        # would buffer without bound.
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if not self.busy:
+            self.transport.resume_reading()
+        self._next()
 
     def data_received(self, data):
         if self.upgraded:
@@ -274,7 +288,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def _next(self):
         """Answer queued requests in order, until one has to wait."""
-        while self.queue and not self.busy and not self.transport.is_closing():
+        while self.queue and not self.busy and not self.write_paused \
+                and not self.transport.is_closing():
             item = self.queue.popleft()
             if isinstance(item, Response):  # an error, the last answer (see _fail)
                 self._send(item, False, with_body=not self.head)
@@ -306,7 +321,8 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
             return
         self._answer(request, task.result())
-        self.transport.resume_reading()
+        if not self.write_paused:
+            self.transport.resume_reading()
         self._next()
 
     def _answer(self, request, response):
