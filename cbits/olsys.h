@@ -13,6 +13,7 @@ int ol_move_mount(int from_dirfd, const char *from_path, int to_dirfd,
                   const char *to_path, unsigned int flags);
 int ol_mount_setattr(int dirfd, const char *path, unsigned int flags,
                      uint64_t attr_set, uint64_t attr_clr, uint64_t propagation);
+int ol_fork(void);
 int ol_prctl(int option, unsigned long arg2, unsigned long arg3);
 int ol_drop_all_caps(int last_cap);
 int ol_seccomp_install(void);

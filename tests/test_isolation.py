@@ -194,3 +194,13 @@ def test_proc_is_masked_and_sys_is_absent(worker):
     assert targets["/proc/sys"].startswith("ro")
     _, _, r = worker.call("probe", {"op": "exists", "path": "/sys/kernel"})
     assert r is False
+
+
+def test_each_sandbox_draws_its_own_random_numbers(worker):
+    # Shells are forked without Python's after-fork hooks, and reseeded.
+    source = "import random\ndef handler(event):\n    return random.random()\n"
+    draws = set()
+    for name in ("rand-a", "rand-b", "rand-c"):
+        worker.add_function(name, source)
+        draws.add(worker.call(name, {})[2])
+    assert len(draws) == 3

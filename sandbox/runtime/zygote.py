@@ -12,6 +12,7 @@ each exit status to the worker.
 import fcntl
 import gc
 import os
+import random
 import selectors
 import signal
 import socket
@@ -102,10 +103,10 @@ class Zygote:
         try:
             sc.unshare(sc.CLONE_NEWPID)
             try:
-                pid = os.fork()
-            except OSError as e:
+                pid = sc.fork("sandbox %s" % msg["id"])
+            except sc.SyscallError:
                 sc.setns(self.own_pidns, sc.CLONE_NEWPID)
-                raise sc.SyscallError("fork", "sandbox %s" % msg["id"], e.errno) from None
+                raise
         except sc.SyscallError as e:
             for fd in fds:
                 os.close(fd)
@@ -122,6 +123,9 @@ class Zygote:
         """In the child: finish the sandbox, then serve calls.  Never returns."""
         times = [forked_at, time.monotonic()]
         channel_fd, output_fd, cgroup_fds = fds[0], fds[1], fds[2:]
+        # Forked without Python's after-fork work (syscalls.fork): every
+        # sandbox would otherwise draw the same "random" numbers.
+        random.seed()
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
