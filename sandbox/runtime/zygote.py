@@ -11,6 +11,7 @@ each exit status to the worker.
 """
 import fcntl
 import gc
+import _signal
 import os
 import random
 import selectors
@@ -127,8 +128,10 @@ class Zygote:
         # sandbox would otherwise draw the same "random" numbers.
         random.seed()
         try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # The C module, not signal.py: its enum wrappers touch (and so
+            # copy) some 70 pages of the zygote's memory per child.
+            _signal.set_wakeup_fd(-1)
+            _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
             # Join the sandbox's cgroups first, so that everything the
             # handler allocates from here on is charged to it.
             for fd in cgroup_fds:
