@@ -41,6 +41,10 @@ class SandboxConfig:
     uid_base: int = DEFAULT_FLOOR  # sandbox n runs as host uid uid_base + n (sandbox.uids)
 
 
+# How long a cold start waits before its replacement shell is forked (see
+# create); a cold call takes 2 to 3 ms here.
+REFILL_DELAY = 0.01
+
 # What the worker copies of one sandbox's stdout and stderr into its log;
 # the rest is read and dropped, so a flood can neither block the handler
 # nor fill the disk.
@@ -394,8 +398,11 @@ class SandboxManager:
         if lease is not None:
             # Its own from here on: released when the sandbox is gone.
             sandbox.lease, sandbox.network = lease, "egress " + lease.address
-        # Refill after this call is on its way, not in front of it.
-        asyncio.get_running_loop().call_soon(self._refill)
+        # Refill once this call is likely answered, not while it runs: a
+        # fork and a new shell's set-up would compete with it for the CPUs.
+        # At once, though, when the pool runs low.
+        low = len(self.pool) + self.starting < self.config.pool_size // 2
+        asyncio.get_running_loop().call_later(0 if low else REFILL_DELAY, self._refill)
         sandbox.egress_wait = leased - started
         sandbox.waited = time.monotonic() - leased
         sandbox.label = label
