@@ -38,6 +38,8 @@ from .errors import CapacityError, SandboxError
 from .runtime import syscalls as sc
 
 MAIN_TABLE = 254
+# As sandbox.manager's: how long a taken namespace waits for its replacement.
+REFILL_DELAY = 0.01
 
 
 def worker_subnet(subnet, port):
@@ -163,7 +165,11 @@ class EgressNetwork:
             raise SandboxError("give egress", self.subnet, "the worker is shutting down")
         if self.free:
             lease = self.free.popleft()
-            self._refill()
+            # Made once the call that takes this one is likely answered, not
+            # while it runs (they would compete for the CPUs and the GIL),
+            # unless few are left.
+            low = len(self.free) + self.making < self.spare // 2
+            asyncio.get_running_loop().call_later(0 if low else REFILL_DELAY, self._refill)
             return lease
         if not self.unused and not self.making:
             raise CapacityError("give egress", self.subnet, "all %d addresses are in use"
