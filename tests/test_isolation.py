@@ -173,7 +173,8 @@ def test_privileged_attacks_fail(worker):
 
 def test_everyday_things_still_work(worker):
     _, _, out = worker.call("probe", {"op": "everyday"})
-    assert out == ["thread", "fork exit 7", "subprocess", "urandom 8"]
+    assert out == ["thread", "fork exit 7", "subprocess", "urandom 8", "pool [1, 2]",
+                   "executor [3]", "asyncio"]
 
 
 def test_proc_is_masked_and_sys_is_absent(worker):

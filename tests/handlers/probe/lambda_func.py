@@ -103,6 +103,16 @@ def _everyday():
                               text=True).stdout.strip())
     with open("/dev/urandom", "rb") as f:
         out.append("urandom %d" % len(f.read(8)))
+    # Shells are forked without Python's after-fork hooks (syscalls.fork):
+    # the modules whose state those hooks reset still work.
+    import asyncio
+    import concurrent.futures
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        out.append("pool %s" % pool.map(abs, [-1, -2]))
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        out.append("executor %s" % list(executor.map(abs, [-3])))
+    out.append(asyncio.run(asyncio.sleep(0, result="asyncio")))
     return out
 
 
