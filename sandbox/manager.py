@@ -401,7 +401,7 @@ class SandboxManager:
         # Refill once this call is likely answered, not while it runs: a
         # fork and a new shell's set-up would compete with it for the CPUs.
         # At once, though, when the pool runs low.
-        low = len(self.pool) + self.starting < self.config.pool_size // 2
+        low = 2 * (len(self.pool) + self.starting) < self.config.pool_size
         asyncio.get_running_loop().call_later(0 if low else REFILL_DELAY, self._refill)
         sandbox.egress_wait = leased - started
         sandbox.waited = time.monotonic() - leased

@@ -23,6 +23,7 @@ network namespace (unshare, setns) without moving the rest of the process.
 """
 import asyncio
 import collections
+import errno
 import concurrent.futures
 import ipaddress
 import os
@@ -168,7 +169,7 @@ class EgressNetwork:
             # Made once the call that takes this one is likely answered, not
             # while it runs (they would compete for the CPUs and the GIL),
             # unless few are left.
-            low = len(self.free) + self.making < self.spare // 2
+            low = 2 * (len(self.free) + self.making) < self.spare
             asyncio.get_running_loop().call_later(0 if low else REFILL_DELAY, self._refill)
             return lease
         if not self.unused and not self.making:
@@ -218,11 +219,13 @@ class EgressNetwork:
         try:
             lease = future.result()
         except Exception as e:  # the thread's own failures, named or not
-            self.unused.append(index)
+            self.unused.insert(0, index)  # tried again last, not next
             error = e if isinstance(e, SandboxError) else SandboxError(
                 "prepare egress namespace", self.addresses[index], repr(e))
             self.log(str(error))
-            while self.waiters:  # say why rather than leave a call waiting
+            # Say why rather than leave a call waiting, unless a namespace
+            # still being made can serve it.
+            while self.waiters and self.making < len(self.waiters):
                 waiter = self.waiters.popleft()
                 if not waiter.done():
                     waiter.set_exception(error)
@@ -246,8 +249,17 @@ class EgressNetwork:
                 fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             finally:
                 sc.setns(self.host_ns, sc.CLONE_NEWNET)
-            self.ipr.link("add", ifname=veth, kind="veth",
-                          peer={"ifname": "eth0", "net_ns_fd": fd})
+            try:
+                self.ipr.link("add", ifname=veth, kind="veth",
+                              peer={"ifname": "eth0", "net_ns_fd": fd})
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+                # Left by a worker on this port that just went: the kernel
+                # deletes its namespaces, and their veths, in the background.
+                self.ipr.link("del", ifname=veth)
+                self.ipr.link("add", ifname=veth, kind="veth",
+                              peer={"ifname": "eth0", "net_ns_fd": fd})
             # Names to indexes by ioctl, in the thread's current namespace:
             # a netlink lookup would list every link (hundreds of veths).
             link = socket.if_nametoindex(veth)
@@ -266,11 +278,13 @@ class EgressNetwork:
                     inside.route("add", dst="default", gateway=self.gateway)
             finally:
                 sc.setns(self.host_ns, sc.CLONE_NEWNET)
-        except (NetlinkError, OSError) as e:
+        except BaseException as e:
             if fd >= 0:
                 os.close(fd)  # the veth goes with the namespace
-            raise SandboxError("prepare egress namespace", "%s (%s)" % (veth, address),
-                               str(e)) from None
+            if isinstance(e, (NetlinkError, OSError)):
+                raise SandboxError("prepare egress namespace", "%s (%s)" % (veth, address),
+                                   str(e)) from None
+            raise
         return Lease(address, fd)
 
 

@@ -1,5 +1,6 @@
 """Hostile handlers: each attack fails, gets a correct answer, and the worker,
 the zygote and neighbouring functions keep serving."""
+import base64
 import concurrent.futures
 import json
 import os
@@ -156,19 +157,41 @@ def test_rlimits_come_from_the_limits_and_cannot_be_raised(worker):
     assert out["write"] == "EFBIG"
 
 
-def test_a_forged_reply_gets_502_and_frees_the_sandbox(worker):
-    # Handler code writes a reply of its own, with a timing that is not a
-    # number, before the runtime answers.
-    worker.add_function("forger",
-                        "import msgpack, os, socket, stat\n"
-                        "def handler(event):\n"
-                        "    for fd in [int(fd) for fd in os.listdir('/proc/self/fd')]:\n"
-                        "        if fd > 2 and os.path.exists('/proc/self/fd/%d' % fd) \\\n"
-                        "                and stat.S_ISSOCK(os.fstat(fd).st_mode):\n"
-                        "            socket.socket(fileno=fd).sendall(msgpack.packb(\n"
-                        "                {'status': 'ok', 'body': b'1', 'run': 'soon'}))\n"
-                        "    return 'honest'\n")
-    status, _, body = worker.call("forger", {})
+FORGER = """import base64, os, socket, stat
+def handler(event):
+    for fd in [int(fd) for fd in os.listdir('/proc/self/fd')]:
+        if fd > 2 and os.path.exists('/proc/self/fd/%d' % fd) \\
+                and stat.S_ISSOCK(os.fstat(fd).st_mode):
+            socket.socket(fileno=os.dup(fd)).sendall(base64.b64decode(event['raw']))
+    return 'honest'
+"""
+
+
+@pytest.mark.parametrize("raw", [
+    b"\x81\xa6status\xa2ok",                        # ok without a body
+    b"\x83\xa6status\xa2ok\xa4body\xc4\x011\xa3run\xa4soon",  # a timing that is no number
+    b"\x81\xa6status\x91\xa1x",                    # a status that is a list
+    b"\x83\xa6status\xa2ok\xa4body\xc4\x011\xaastackTrace\x01",  # a stack that is no list
+    b"\xc1",                                          # not msgpack at all
+], ids=["no-body", "bad-timing", "list-status", "bad-stack", "junk"])
+def test_a_forged_reply_gets_502_and_frees_the_sandbox(worker, raw):
+    # Handler code writes to its own channel before the runtime answers.
+    name = "forger-%d" % len(raw)
+    worker.add_function(name, FORGER)
+    status, _, body = worker.call(name, {"raw": base64.b64encode(raw).decode()})
     assert status == 502 and body["errorType"] == "Runtime.ProtocolError", body
     listed = json.loads(worker.request("GET", "/sandboxes")[2])
-    assert not [s for s in listed if s["function"] == "forger"]  # destroyed, not left busy
+    assert not [s for s in listed if s["function"] == name]  # destroyed, not left busy
+    assert worker.call("hello", {})[0] == 200  # the worker is fine
+
+
+def test_a_second_reply_is_not_given_to_the_next_call(worker):
+    # A well-formed forged reply is just the function's answer; the
+    # runtime's own reply after it breaks the protocol and ends the sandbox.
+    worker.add_function("double", FORGER)
+    raw = b"\x83\xa6status\xa2ok\xa4body\xc4\x04\"hi\"\xa3run\x00"
+    status, _, body = worker.call("double", {"raw": base64.b64encode(raw).decode()})
+    assert status == 200 and body == "hi"
+    time.sleep(0.2)
+    listed = json.loads(worker.request("GET", "/sandboxes")[2])
+    assert not [s for s in listed if s["function"] == "double"]

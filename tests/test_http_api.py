@@ -481,7 +481,7 @@ def test_a_client_that_does_not_read_does_not_make_the_server_buffer(local_serve
     with socket.create_connection(("127.0.0.1", port)) as s:
         # 100 answers of 256 KiB each, asked for and never read.
         s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
-        time.sleep(1)
+        time.sleep(0.5)
         (protocol,) = protocols
         assert protocol.write_paused
         assert protocol.transport.get_write_buffer_size() < 2 << 20
@@ -553,3 +553,16 @@ def test_405_names_the_method_each_route_allows(worker):
     assert status == 405 and headers["allow"] == "GET"
     status, headers, _ = worker.request("GET", "/run/hello")
     assert status == 405 and headers["allow"] == "POST"
+
+
+def test_a_client_that_stops_reading_for_good_is_cut_off(local_server):
+    port, protocols = local_server
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+        time.sleep(0.5)
+        (protocol,) = protocols
+        assert protocol.write_paused
+        deadline = time.monotonic() + 5  # its idle timeout is 1 s
+        while not protocol.transport.is_closing() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert protocol.transport.is_closing()

@@ -46,15 +46,14 @@ def manager_config(tmp_path):
 
 
 async def ask(sandbox, body):
-    """One call over the sandbox's channel (one stream per sandbox, kept on
-    it: closing the stream would end the sandbox)."""
-    if not hasattr(sandbox, "test_stream"):
-        sandbox.test_stream = await asyncio.open_unix_connection(sock=sandbox.channel)
+    """One call over the sandbox's channel, with the loop's socket calls:
+    they leave no reader behind on a socket the manager closes later."""
+    loop = asyncio.get_running_loop()
+    if not hasattr(sandbox, "test_unpacker"):
         sandbox.test_unpacker = proto.unpacker()
-    reader, writer = sandbox.test_stream
-    writer.write(proto.pack({"id": "r", "body": body}))
+    await loop.sock_sendall(sandbox.channel, proto.pack({"id": "r", "body": body}))
     while True:
-        sandbox.test_unpacker.feed(await reader.read(65536))
+        sandbox.test_unpacker.feed(await loop.sock_recv(sandbox.channel, 65536))
         for msg in sandbox.test_unpacker:
             return msg
 

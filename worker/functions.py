@@ -47,12 +47,14 @@ TIMINGS = ("received", "attach", "drop", "load", "run")
 
 def well_formed(reply):
     """Whether a handler's reply is one the runtime could have sent."""
-    if not isinstance(reply, dict) or reply.get("status") not in REPLY_FIELDS:
+    if not isinstance(reply, dict) or not isinstance(reply.get("status"), str) \
+            or reply["status"] not in REPLY_FIELDS:
         return False
     fields = REPLY_FIELDS[reply["status"]]
     if not all(isinstance(reply.get(key), kind) for key, kind in fields.items()):
         return False
-    if not all(isinstance(line, str) for line in reply.get("stackTrace", ())):
+    stack = reply.get("stackTrace", [])
+    if not isinstance(stack, list) or not all(isinstance(line, str) for line in stack):
         return False
     return all(isinstance(reply[key], (int, float)) and not isinstance(reply[key], bool)
                for key in TIMINGS if key in reply)
@@ -67,14 +69,17 @@ class Channel:
 
     A plain non-blocking socket watched by the event loop: cheaper to set
     up on a cold start than an asyncio transport, and enough for strict
-    request-reply traffic.  A message that arrives while no call waits
-    (a load failure, sent before the request was) is kept for the next."""
+    request-reply traffic.  A message that arrives before the first request
+    (a load failure) is kept for it; any other that no call waits for, or
+    bytes that are not msgpack, break the protocol: the channel closes."""
 
     def __init__(self, sock, max_message=proto.MAX_MESSAGE):
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self.unpacker = proto.unpacker(max_message)
         self.overflowed = False  # it sent more than a reply may hold
+        self.malformed = False   # it sent what no runtime sends
+        self.asked = False       # a call was made: from now on it speaks only when asked
         self.on_close = lambda: None
         self.inbox = collections.deque()
         self.waiter = None
@@ -94,16 +99,24 @@ class Channel:
             return False
         try:
             self.unpacker.feed(data)
-        except proto.BufferFull:  # too much, or junk: it is not heard again
+            for msg in self.unpacker:
+                waiter, self.waiter = self.waiter, None
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(msg)
+                elif not self.asked and not self.inbox:
+                    self.inbox.append(msg)
+                else:  # unasked for: handler code writing to its channel
+                    self.malformed = True
+                    self.close()
+                    return False
+        except proto.BufferFull:  # too much: it is not heard again
             self.overflowed = True
             self.close()
             return False
-        for msg in self.unpacker:
-            waiter, self.waiter = self.waiter, None
-            if waiter is not None and not waiter.done():
-                waiter.set_result(msg)
-            else:
-                self.inbox.append(msg)
+        except Exception:  # not msgpack (FormatError, StackError, ValueError...)
+            self.malformed = True
+            self.close()
+            return False
         return True
 
     def close(self):
@@ -116,6 +129,14 @@ class Channel:
             waiter.set_exception(ChannelClosed())
 
     async def call(self, msg):
+        self.asked = True
+        if self.inbox:  # said before it was asked: a load failure
+            return self.inbox.popleft()
+        if self.closed:
+            raise ChannelClosed()
+        # Waiting before sending: the answer may come while a big body is
+        # still being sent.
+        waiter = self.waiter = self.loop.create_future()
         data = proto.pack(msg)
         try:
             sent = self.sock.send(data)
@@ -126,11 +147,6 @@ class Channel:
             while not self.closed and self._on_readable():
                 pass
             self.close()
-        if self.inbox:
-            return self.inbox.popleft()
-        if self.closed:
-            raise ChannelClosed()
-        waiter = self.waiter = self.loop.create_future()
         return await waiter
 
 
@@ -190,6 +206,10 @@ class FunctionTable:
                 raise ResponseTooLarge("the handler of %r sent more than limits.response_kb "
                                        "(%d KiB) allows" % (name, function.limits.response_kb)
                                        ) from None
+            if instance.channel.malformed:
+                await self._destroy(instance)
+                raise HandlerDied("the handler of %r wrote to its channel what no runtime "
+                                  "sends" % name, "Runtime.ProtocolError") from None
             reason = await instance.sandbox.exit_reason()
             await self._destroy(instance)
             if instance.timed_out:
@@ -211,13 +231,14 @@ class FunctionTable:
             raise HandlerDied("the handler of %r sent a malformed reply" % name,
                               "Runtime.ProtocolError")
         inside = 0.0
+        timings = [(phase, reply[key]) for phase, key in (
+            ("attach", "attach"), ("drop", "drop"), ("load", "load"), ("handler", "run"))
+            if key in reply]
         if "received" in reply:  # a cold start: how long the shell took to wake up
-            reply["wake"] = reply["received"] - sent
-        for phase, key in (("wake", "wake"), ("attach", "attach"), ("drop", "drop"),
-                           ("load", "load"), ("handler", "run")):
-            if key in reply:
-                phases.append((phase, reply[key], ""))
-                inside += reply[key]
+            timings.insert(0, ("wake", reply["received"] - sent))
+        for phase, seconds in timings:
+            phases.append((phase, seconds, ""))
+            inside += seconds
         phases.append(("ipc", time.monotonic() - sent - inside, ""))
         status = reply.get("status")
         if status == "setup_error":

@@ -131,10 +131,12 @@ class HttpProtocol(asyncio.Protocol):
         # neither read nor answer more until they drain, or the worker
         # would buffer without bound.
         self.write_paused = True
+        self.since = self.loop.time()
         self.transport.pause_reading()
 
     def resume_writing(self):
         self.write_paused = False
+        self.since = self.loop.time()  # the client's deadlines start again
         if not self.busy:
             self.transport.resume_reading()
         self._next()
@@ -255,7 +257,15 @@ class HttpProtocol(asyncio.Protocol):
     # only notes the time instead of rescheduling a timer.
     def _check_deadline(self):
         left = self.tick
-        if not self.busy:  # no deadline while we make an answer
+        if self.write_paused:
+            # Its own deadlines wait while we do not read it; but a client
+            # that stops reading its answers for good is cut off, or its
+            # unsent answers would be held until it goes away.
+            left = min(left, self.since + self.idle_timeout - self.loop.time())
+            if left <= 0:
+                self.transport.abort()
+                return
+        elif not self.busy:  # no deadline while we make an answer
             if self.closing:  # for the client to stop sending, after an error answer
                 timeout = self.body_timeout
             else:

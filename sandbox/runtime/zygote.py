@@ -124,10 +124,8 @@ class Zygote:
         """In the child: finish the sandbox, then serve calls.  Never returns."""
         times = [forked_at, time.monotonic()]
         channel_fd, output_fd, cgroup_fds = fds[0], fds[1], fds[2:]
-        # Forked without Python's after-fork work (syscalls.fork): every
-        # sandbox would otherwise draw the same "random" numbers.
-        random.seed()
         try:
+            reseed()
             # The C module, not signal.py: its enum wrappers touch (and so
             # copy) some 70 pages of the zygote's memory per child.
             _signal.set_wakeup_fd(-1)
@@ -174,6 +172,16 @@ class Zygote:
             traceback.print_exc()
             status = 1
         os._exit(status)
+
+
+def reseed():
+    """Forked without Python's after-fork work (syscalls.fork), and as pid
+    1 like every other sandbox: what draws random numbers from state copied
+    from the zygote would draw the same ones in every sandbox."""
+    random.seed()
+    ssl = sys.modules.get("ssl")
+    if ssl is not None:  # OpenSSL notices a fork by a new pid; ours is always 1
+        ssl.RAND_add(os.urandom(32), 32.0)
 
 
 def close_all_but(*keep):
@@ -224,6 +232,11 @@ def main():
     try:
         control = socket.socket(fileno=CONTROL_FD)
         warm_up()
+        # syscalls.fork is only safe with one thread: another one could
+        # hold the GIL at the fork, and the child would wait for it forever.
+        threads = os.listdir("/proc/self/task")
+        if len(threads) != 1:
+            raise RuntimeError("the zygote must have one thread, it has %d" % len(threads))
         privileges.narrow_bounding_set()
         os.nice(POOL_NICE)
     except Exception as e:
