@@ -190,6 +190,9 @@ def net():
             run("ip", "netns", "add", ns)
             undo.append(lambda ns=ns: run("ip", "netns", "del", ns))
             run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            # Deleted here, not with its namespace: the kernel deletes a
+            # namespace's links in the background, after the check below.
+            undo.append(lambda veth=veth: run("ip", "link", "del", veth))
             run("ip", "link", "set", veth, "master", n.bridge, "up")
             run("bridge", "link", "set", "dev", veth, "isolated", "on")
             run("ip", "-n", ns, "addr", "add", address + "/24", "dev", "eth0")
@@ -207,6 +210,7 @@ def net():
         run("ip", "netns", "add", n.inet)
         undo.append(lambda: run("ip", "netns", "del", n.inet))
         run("ip", "link", "add", n.uplink, "type", "veth", "peer", "name", "eth0", "netns", n.inet)
+        undo.append(lambda: run("ip", "link", "del", n.uplink))
         run("ip", "addr", "add", n.host_inet + "/24", "dev", n.uplink)
         run("ip", "link", "set", n.uplink, "up")
         run("ip", "-n", n.inet, "addr", "add", n.inet_addr + "/24", "dev", "eth0")
