@@ -23,8 +23,8 @@ network namespace (unshare, setns) without moving the rest of the process.
 """
 import asyncio
 import collections
-import errno
 import concurrent.futures
+import errno
 import ipaddress
 import os
 import socket
@@ -104,7 +104,7 @@ class EgressNetwork:
         self._check_subnet_is_free()
         try:
             self.ipr.link("add", ifname=self.bridge, kind="bridge")
-            index = self.ipr.link_lookup(ifname=self.bridge)[0]
+            index = socket.if_nametoindex(self.bridge)
             # No IPv6 on our links: the host would answer on a link-local
             # address, which no IPv4 rule covers.
             set_sysctl("ipv6/conf/%s/disable_ipv6" % self.bridge, "1")
