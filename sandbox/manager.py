@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from .cgroups import Cgroup, Limits
 from .errors import SandboxError
+from .pools import schedule_refill, wait_for_item
 from .runtime import proto
 from .runtime import syscalls as sc
 from .uids import DEFAULT_FLOOR, UID_SLOTS, user_namespace_blocker
@@ -40,10 +41,6 @@ class SandboxConfig:
     netns: bool = True   # a network namespace of its own (False: the host's, unsafe)
     uid_base: int = DEFAULT_FLOOR  # sandbox n runs as host uid uid_base + n (sandbox.uids)
 
-
-# How long a cold start waits before its replacement shell is forked (see
-# create); a cold call takes 2 to 3 ms here.
-REFILL_DELAY = 0.01
 
 # What the worker copies of one sandbox's stdout and stderr into its log;
 # the rest is read and dropped, so a flood can neither block the handler
@@ -354,21 +351,19 @@ class SandboxManager:
             return sandbox
         waiter = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
-        try:
-            if self.starting < len(self.waiters):
+        if self.starting < len(self.waiters):
+            try:
                 self._fork_shell(pooled=False)
-            return await waiter
-        except asyncio.CancelledError:
-            # The caller gave up (its deadline) just as a shell came: back
-            # to the pool with it, or it would stay "assigned" for good.
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                shell = waiter.result()
-                shell.state = "pooled"
-                self.pool.appendleft(shell)
-            raise
-        finally:
-            if waiter in self.waiters:
+            except BaseException:
                 self.waiters.remove(waiter)
+                raise
+        return await wait_for_item(waiter, self.waiters, self._back_to_pool)
+
+    def _back_to_pool(self, shell):
+        """A shell handed to a caller that gave up: it would otherwise stay
+        "assigned" for good."""
+        shell.state = "pooled"
+        self.pool.appendleft(shell)
 
     # -- sandboxes -------------------------------------------------------------------
     async def create(self, code_dir, label="", limits=None, scratch_mb=None, egress=False,
@@ -398,11 +393,7 @@ class SandboxManager:
         if lease is not None:
             # Its own from here on: released when the sandbox is gone.
             sandbox.lease, sandbox.network = lease, "egress " + lease.address
-        # Refill once this call is likely answered, not while it runs: a
-        # fork and a new shell's set-up would compete with it for the CPUs.
-        # At once, though, when the pool runs low.
-        low = 2 * (len(self.pool) + self.starting) < self.config.pool_size
-        asyncio.get_running_loop().call_later(0 if low else REFILL_DELAY, self._refill)
+        schedule_refill(self._refill, len(self.pool) + self.starting, self.config.pool_size)
         sandbox.egress_wait = leased - started
         sandbox.waited = time.monotonic() - leased
         sandbox.label = label

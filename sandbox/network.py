@@ -36,11 +36,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import nat
 from .errors import CapacityError, SandboxError
+from .pools import schedule_refill, wait_for_item
 from .runtime import syscalls as sc
 
 MAIN_TABLE = 254
-# As sandbox.manager's: how long a taken namespace waits for its replacement.
-REFILL_DELAY = 0.01
 
 
 def worker_subnet(subnet, port):
@@ -166,11 +165,7 @@ class EgressNetwork:
             raise SandboxError("give egress", self.subnet, "the worker is shutting down")
         if self.free:
             lease = self.free.popleft()
-            # Made once the call that takes this one is likely answered, not
-            # while it runs (they would compete for the CPUs and the GIL),
-            # unless few are left.
-            low = 2 * (len(self.free) + self.making) < self.spare
-            asyncio.get_running_loop().call_later(0 if low else REFILL_DELAY, self._refill)
+            schedule_refill(self._refill, len(self.free) + self.making, self.spare)
             return lease
         if not self.unused and not self.making:
             raise CapacityError("give egress", self.subnet, "all %d addresses are in use"
@@ -178,16 +173,8 @@ class EgressNetwork:
         waiter = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         self._refill()
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            # The caller gave up (its deadline) just as a lease came.
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self.release(waiter.result(), reusable=True)
-            raise
-        finally:
-            if waiter in self.waiters:
-                self.waiters.remove(waiter)
+        return await wait_for_item(waiter, self.waiters,
+                                   lambda lease: self.release(lease, reusable=True))
 
     def release(self, lease, reusable):
         """Its sandbox is gone.  A namespace a process may still be in is

@@ -1,0 +1,30 @@
+"""What the worker's two pools (ready shells, egress namespaces) share:
+when to replace what a call took, and waiting for the next ready item."""
+import asyncio
+
+# How long a taken item waits for its replacement: a cold call takes 2 to
+# 3 ms here, and making the replacement (a fork and a shell's set-up, or a
+# namespace) while it runs would compete with it for the CPUs.
+REFILL_DELAY = 0.01
+
+
+def schedule_refill(refill, ready, wanted):
+    """Call `refill` once the call that took an item is likely answered,
+    or at once when fewer than half of `wanted` are `ready`."""
+    low = 2 * ready < wanted
+    asyncio.get_running_loop().call_later(0 if low else REFILL_DELAY, refill)
+
+
+async def wait_for_item(waiter, waiters, give_back):
+    """Await `waiter` (already queued in `waiters`).  If the caller gives up
+    (its deadline) just as an item came, the item goes to `give_back`
+    instead of being lost; the waiter never stays queued."""
+    try:
+        return await waiter
+    except asyncio.CancelledError:
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            give_back(waiter.result())
+        raise
+    finally:
+        if waiter in waiters:
+            waiters.remove(waiter)
