@@ -78,6 +78,7 @@ class EgressNetwork:
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ol-network")
         self.ipr = None       # the thread's netlink socket, in the host's namespace
         self.host_ns = None   # the host's network namespace, for the thread to return to
+        self.backend = None   # the host's NAT tool (sandbox.nat)
 
     def describe(self):
         return "%s on bridge %s" % (self.subnet, self.bridge)
@@ -94,12 +95,12 @@ class EgressNetwork:
         """Bridge and rules, or a SandboxError and nothing changed."""
         self.host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.ipr = IPRoute()
-        # A worker on this port that was SIGKILLed left its bridge and rules.
-        remove_leftovers(self.ipr, self.port)
         try:
-            backend = nat.detect()
+            backend = self.backend = nat.detect()
         except nat.NatError as e:
             raise SandboxError("enable egress", self.subnet, str(e)) from None
+        # A worker on this port that was SIGKILLed left its bridge and rules.
+        remove_leftovers(self.ipr, self.port, backend)
         self._check_subnet_is_free()
         try:
             self.ipr.link("add", ifname=self.bridge, kind="bridge")
@@ -113,7 +114,7 @@ class EgressNetwork:
             self.ipr.addr("add", index=index, address=self.gateway, prefixlen=24)
             self.ipr.link("set", index=index, state="up")
         except (NetlinkError, OSError) as e:
-            remove_leftovers(self.ipr, self.port)
+            remove_leftovers(self.ipr, self.port, backend)
             raise SandboxError("create bridge", self.bridge, str(e)) from None
         try:
             backend.install(self.tag, self.bridge, str(self.subnet))
@@ -121,7 +122,7 @@ class EgressNetwork:
                 self.log("egress: turned on IPv4 forwarding (net.ipv4.ip_forward) for the whole "
                          "host; it stays on after the worker stops")
         except nat.NatError as e:
-            remove_leftovers(self.ipr, self.port)
+            remove_leftovers(self.ipr, self.port, backend)
             raise SandboxError("enable egress", self.subnet, str(e)) from None
 
     def _check_subnet_is_free(self):
@@ -154,7 +155,7 @@ class EgressNetwork:
         self.thread.shutdown(wait=True)
 
     def _teardown(self):
-        remove_leftovers(self.ipr, self.port)
+        remove_leftovers(self.ipr, self.port, self.backend)
         self.ipr.close()
         os.close(self.host_ns)
 
@@ -284,13 +285,22 @@ def set_sysctl(name, value):
         pass  # a kernel without IPv6
 
 
-def remove_leftovers(ipr, port):
-    """The rules and the bridge of a worker on `port`, if any.  Its
-    namespaces and veths went with the worker's process."""
+def detect_nat():
+    """The host's NAT tool, or None: a host without one has no rules either."""
     try:
-        nat.detect().remove(nat.worker_tag(port))
+        return nat.detect()
     except nat.NatError:
-        pass  # no NAT tool: no rules either
+        return None
+
+
+def remove_leftovers(ipr, port, backend):
+    """The rules (of NAT tool `backend`, if any) and the bridge of a worker
+    on `port`, if any.  Its namespaces and veths went with its process."""
+    try:
+        if backend is not None:
+            backend.remove(nat.worker_tag(port))
+    except nat.NatError:
+        pass  # the tool refused; the next start or kill tries again
     try:
         ipr.link("del", ifname=nat.bridge_name(port))
     except NetlinkError as e:
@@ -299,9 +309,10 @@ def remove_leftovers(ipr, port):
 
 
 def cleanup(ports):
+    backend = detect_nat()
     with IPRoute() as ipr:
         for port in ports:
-            remove_leftovers(ipr, port)
+            remove_leftovers(ipr, port, backend)
 
 
 if __name__ == "__main__":
