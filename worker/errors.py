@@ -59,36 +59,36 @@ class Unavailable(WorkerError):
     error_type = "Worker.Unavailable"
 
 
-class HandlerRaised(WorkerError):
+class FunctionFault(WorkerError):
+    """The function's own doing: its answers say so, as AWS Lambda's do."""
+    headers = ((b"X-Function-Error", b"Unhandled"),)
+
+
+class HandlerRaised(FunctionFault):
     """The function raised: its own exception type, message and stack."""
     status = 500
-    headers = ((b"X-Function-Error", b"Unhandled"),)
 
 
-class InitFailed(WorkerError):
+class InitFailed(FunctionFault):
     """The function's code could not be loaded (no entry, syntax error...)."""
     status = 500
-    headers = ((b"X-Function-Error", b"Unhandled"),)
 
 
-class HandlerDied(WorkerError):
+class HandlerDied(FunctionFault):
     status = 502
     error_type = "Runtime.ExitError"
-    headers = ((b"X-Function-Error", b"Unhandled"),)
 
 
-class ResponseTooLarge(WorkerError):
+class ResponseTooLarge(FunctionFault):
     """The function returned more than limits.response_kb."""
     status = 502
     error_type = "Runtime.ResponseTooLarge"
-    headers = ((b"X-Function-Error", b"Unhandled"),)
 
 
-class TimedOut(WorkerError):
+class TimedOut(FunctionFault):
     """The call ran past limits.runtime_sec; its sandbox was killed."""
     status = 504
     error_type = "Sandbox.Timedout"
-    headers = ((b"X-Function-Error", b"Unhandled"),)
 
 
 class SandboxFailed(WorkerError):
