@@ -2,6 +2,7 @@
 reload, against a real worker; the HTTP layer's deadlines against a server
 in this process."""
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -476,14 +477,21 @@ def local_port(local_server):
     return local_server[0]
 
 
-def test_a_client_that_does_not_read_does_not_make_the_server_buffer(local_server):
+@contextlib.contextmanager
+def unread_answers(local_server):
+    """A client that asked for 100 answers of 256 KiB each and reads none:
+    yields (its socket, the server's protocol for it, now paused)."""
     port, protocols = local_server
     with socket.create_connection(("127.0.0.1", port)) as s:
-        # 100 answers of 256 KiB each, asked for and never read.
         s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
         time.sleep(0.5)
         (protocol,) = protocols
         assert protocol.write_paused
+        yield s, protocol
+
+
+def test_a_client_that_does_not_read_does_not_make_the_server_buffer(local_server):
+    with unread_answers(local_server) as (s, protocol):
         assert protocol.transport.get_write_buffer_size() < 2 << 20
         # Reading drains it, and every answer comes, in order.
         s.settimeout(5)
@@ -556,12 +564,7 @@ def test_405_names_the_method_each_route_allows(worker):
 
 
 def test_a_client_that_stops_reading_for_good_is_cut_off(local_server):
-    port, protocols = local_server
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
-        time.sleep(0.5)
-        (protocol,) = protocols
-        assert protocol.write_paused
+    with unread_answers(local_server) as (s, protocol):
         deadline = time.monotonic() + 5  # its idle timeout is 1 s
         while not protocol.transport.is_closing() and time.monotonic() < deadline:
             time.sleep(0.1)
