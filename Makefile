@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt $(STAMPS)/deps
 	@touch $@
 
 cbits: $(CBITS)
-$(CBITS) &: cbits/olsys.c cbits/olsys.h cbits/build.py setup.py $(VENV)/.installed
+$(CBITS) &: cbits/olsys.c cbits/shell.c cbits/olsys.h cbits/build.py setup.py $(VENV)/.installed
 	$(PY) setup.py -q build_ext --inplace
 	@touch $(CBITS)  # setuptools copies with the mtime of its cached build
 

@@ -26,7 +26,7 @@ setup(
     install_requires=["cffi>=1.15", "msgpack>=1.0", "uvloop>=0.18", "httptools>=0.5",
                       "inotify_simple>=1.3", "PyYAML>=6"],
     cffi_modules=["cbits/build.py:ffibuilder"],
-    ext_modules=[Extension("sandbox.runtime.libolsys", ["cbits/olsys.c"],
+    ext_modules=[Extension("sandbox.runtime.libolsys", ["cbits/olsys.c", "cbits/shell.c"],
                            include_dirs=["cbits"], extra_compile_args=["-Wall"])],
     cmdclass={"build_ext": BuildPlainLibrary},
 )

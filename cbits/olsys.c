@@ -36,28 +36,9 @@ int ol_unshare(int flags) { RET(syscall(SYS_unshare, flags)); }
 
 int ol_setns(int fd, int nstype) { RET(syscall(SYS_setns, fd, nstype)); }
 
-int ol_mount(const char *source, const char *target, const char *fstype,
-             unsigned long flags, const char *data)
-{
-    RET(syscall(SYS_mount, source, target, fstype, flags, data));
-}
-
-int ol_umount2(const char *target, int flags) { RET(syscall(SYS_umount2, target, flags)); }
-
-int ol_pivot_root(const char *new_root, const char *put_old)
-{
-    RET(syscall(SYS_pivot_root, new_root, put_old));
-}
-
 int ol_open_tree(int dirfd, const char *path, unsigned int flags)
 {
     RET(syscall(SYS_open_tree, dirfd, path, flags));
-}
-
-int ol_move_mount(int from_dirfd, const char *from_path, int to_dirfd,
-                  const char *to_path, unsigned int flags)
-{
-    RET(syscall(SYS_move_mount, from_dirfd, from_path, to_dirfd, to_path, flags));
 }
 
 int ol_mount_setattr(int dirfd, const char *path, unsigned int flags,

@@ -4,13 +4,7 @@
 
 int ol_unshare(int flags);
 int ol_setns(int fd, int nstype);
-int ol_mount(const char *source, const char *target, const char *fstype,
-             unsigned long flags, const char *data);
-int ol_umount2(const char *target, int flags);
-int ol_pivot_root(const char *new_root, const char *put_old);
 int ol_open_tree(int dirfd, const char *path, unsigned int flags);
-int ol_move_mount(int from_dirfd, const char *from_path, int to_dirfd,
-                  const char *to_path, unsigned int flags);
 int ol_mount_setattr(int dirfd, const char *path, unsigned int flags,
                      uint64_t attr_set, uint64_t attr_clr, uint64_t propagation);
 int ol_fork(void);
@@ -19,3 +13,57 @@ int ol_drop_all_caps(int last_cap);
 int ol_seccomp_install(void);
 int ol_spawn(uint64_t flags, int cgroup_fd, const char *path, char *const argv[],
              char *const envp[], const int *fds, int nfds, int err_fd, int *pidfd);
+
+/* cbits/shell.c: mount plans (sandbox/runtime/mounts.py), and a zygote
+ * child's set-up as a shell (sandbox/runtime/zygote.py). */
+#define OL_MOUNT_PRIVATE 1
+#define OL_MOUNT_BIND 2
+#define OL_MOUNT_TMPFS 3
+#define OL_MOUNT_RESIZE_TMPFS 4
+#define OL_MOUNT_REMOUNT_READONLY 5
+#define OL_MOUNT_PROC 6
+#define OL_MOUNT_DEVPTS 7
+#define OL_MOUNT_MKDIR 8
+#define OL_MOUNT_SYMLINK 9
+#define OL_MOUNT_DEVICE 10
+#define OL_MOUNT_MASK 11
+#define OL_MOUNT_READONLY_PATH 12
+#define OL_MOUNT_ATTACH_TREE 13
+#define OL_MOUNT_PIVOT_ROOT 14
+
+struct ol_mount_op {
+    int kind;             /* OL_MOUNT_* */
+    const char *src;      /* BIND: its source; SYMLINK: its target */
+    const char *dst;      /* the path the step acts on */
+    const char *options;  /* TMPFS, RESIZE_TMPFS: mount options */
+    int readonly;         /* BIND */
+    int nodev;            /* TMPFS, REMOUNT_READONLY */
+    int fd;               /* ATTACH_TREE: a detached tree (open_tree) */
+    unsigned int mode;    /* MKDIR */
+    unsigned int major, minor;  /* DEVICE */
+};
+
+/* What failed: the step (-1 for one outside the mount plan), the syscall
+ * (a static string) and errno. */
+struct ol_failure {
+    int index;
+    const char *call;
+    int err;
+};
+
+struct ol_shell {
+    const int *cgroup_fds;  /* each cgroup's cgroup.procs, open for writing */
+    int ncgroup_fds;
+    int output_fd;          /* becomes fds 1 and 2 */
+    int channel_fd;         /* kept, with 0, 1 and 2; every other fd is closed */
+    int ns_flags;           /* namespaces to unshare */
+    int loopback;           /* bring up lo (a new network namespace) */
+    const struct ol_mount_op *mounts;
+    int nmounts;
+    const char *hostname;
+};
+
+int ol_apply_mounts(const struct ol_mount_op *ops, int n, struct ol_failure *failure);
+/* stamps[0]: when its cgroups and fds were done; stamps[1]: its namespaces
+ * and mounts (CLOCK_MONOTONIC, Python's time.monotonic()). */
+int ol_enter_shell(const struct ol_shell *shell, struct ol_failure *failure, double *stamps);

@@ -1,6 +1,6 @@
 """Builds a zygote's sandbox root, then execs the rootfs's python3 in it.
 
-Run by the worker as `python -m sandbox.launch SPEC` through clone3 with new
+Run by the worker (sandbox/zygote.py) with SPEC as its argument, through clone3 with new
 mount, PID, IPC and UTS namespaces, so this process is already pid 1 of its
 namespace; after the exec the zygote is.  SPEC is a JSON object with
 "rootfs", "hostname" and "scratch_mb".

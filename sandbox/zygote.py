@@ -61,8 +61,12 @@ class Zygote:
         control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         spec = json.dumps({"rootfs": self.rootfs, "hostname": self.hostname,
                            "scratch_mb": self.scratch_mb})
-        argv = [sys.executable, "-s", "-m", "sandbox.launch", spec]
-        env = {"PYTHONPATH": REPO_ROOT, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        # Not `-m sandbox.launch`: that finds the package through the
+        # working directory first, so a worker started from another checkout
+        # (or any directory holding a "sandbox" package) would run its code.
+        argv = [sys.executable, "-s", "-c", "import sys; sys.path[0] = %r; "
+                "from sandbox.launch import main; main()" % REPO_ROOT, spec]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         cgroup_fd = self.cgroup.open_dir()
         try:

@@ -1,11 +1,11 @@
 """A sandbox's mount tree, planned as a list of plain records and applied by
-one function, so a plan can be read and tested without root.
+cbits/shell.c, so a plan can be read and tested without root, and applied
+in a forked child without running Python.
 
 Both sides use it: the host's launcher builds a zygote's root with it, and a
 zygote's forked child builds its own handler sandbox with it.
 """
 import os
-import stat
 from collections import namedtuple
 
 from . import syscalls as sc
@@ -35,112 +35,66 @@ AttachTree = namedtuple("AttachTree", "fd dst")
 # reachable through it.
 PivotRoot = namedtuple("PivotRoot", "new_root")
 
-_SAFE = sc.MS_NOSUID | sc.MS_NODEV
-
-
-def _bind(op):
-    sc.mount(op.src, op.dst, None, sc.MS_BIND | sc.MS_REC)
-    if op.readonly:
-        # A bind ignores MS_RDONLY on creation; only a remount applies it.
-        sc.mount(None, op.dst, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | _SAFE)
-
-
-def _tmpfs(op):
-    flags = _SAFE if op.nodev else sc.MS_NOSUID
-    sc.mount("tmpfs", op.dst, "tmpfs", flags, "size=%dm,mode=%o" % (op.size_mb, op.mode))
-
-
-def _device_node(op):
-    try:
-        os.mknod(op.path, 0o666 | stat.S_IFCHR, os.makedev(op.major, op.minor))
-        os.chmod(op.path, 0o666)  # mknod's mode is filtered by the umask
-    except OSError as e:
-        raise sc.SyscallError("mknod", op.path, e.errno) from None
-
-
-def _proc(op):
-    sc.mount("proc", op.dst, "proc", _SAFE | sc.MS_NOEXEC)
-
-
-def _devpts(op):
-    # A new instance: the sandbox's ptys are its own, not the host's.
-    sc.mount("devpts", op.dst, "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
-             "newinstance,ptmxmode=0666,mode=620")
-
-
-def _mkdir(op):
-    try:
-        os.mkdir(op.path, op.mode)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise sc.SyscallError("mkdir", op.path, e.errno) from None
-
-
-def _symlink(op):
-    try:
-        os.symlink(op.target, op.path)
-    except OSError as e:
-        raise sc.SyscallError("symlink", op.path, e.errno) from None
-
-
-def _resize_tmpfs(op):
-    sc.mount(None, op.dst, None, sc.MS_REMOUNT | _SAFE, "size=%dm" % op.size_mb)
-
-
-def _mask(op):
-    if os.path.isdir(op.path):
-        sc.mount("tmpfs", op.path, "tmpfs", _SAFE | sc.MS_NOEXEC | sc.MS_RDONLY, "size=0k,mode=500")
-    elif os.path.exists(op.path):
-        sc.mount("/dev/null", op.path, None, sc.MS_BIND)
-
-
-def _readonly_path(op):
-    if os.path.exists(op.path):
-        _bind(Bind(op.path, op.path, readonly=True))
-
-
-def _remount_readonly(op):
-    flags = _SAFE if op.nodev else sc.MS_NOSUID
-    sc.mount(None, op.dst, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | flags)
-
-
-def _attach_tree(op):
-    sc.move_mount(op.fd, op.dst)
-    os.close(op.fd)
-
-
-def _pivot_root(op):
-    # pivot_root(".", ".") stacks the old root on top of the new one; the
-    # lazy unmount then drops it without needing a directory to park it in.
-    os.chdir(op.new_root)
-    sc.pivot_root(".", ".")
-    sc.umount2(".", sc.MNT_DETACH)
-    os.chdir("/")
-
-
-_APPLY = {
-    MakePrivate: lambda op: sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE),
-    Bind: _bind,
-    Tmpfs: _tmpfs,
-    Proc: _proc,
-    Devpts: _devpts,
-    Mkdir: _mkdir,
-    Symlink: _symlink,
-    DeviceNode: _device_node,
-    Mask: _mask,
-    ResizeTmpfs: _resize_tmpfs,
-    ReadonlyPath: _readonly_path,
-    RemountReadonly: _remount_readonly,
-    AttachTree: _attach_tree,
-    PivotRoot: _pivot_root,
+# Each step as cbits/shell.c runs it: (kind, its fields in struct ol_mount_op).
+_C_STEPS = {
+    MakePrivate: (sc.lib.OL_MOUNT_PRIVATE, {}),
+    Bind: (sc.lib.OL_MOUNT_BIND, {"src": "src", "dst": "dst", "readonly": "readonly"}),
+    Tmpfs: (sc.lib.OL_MOUNT_TMPFS, {"dst": "dst", "nodev": "nodev"}),
+    ResizeTmpfs: (sc.lib.OL_MOUNT_RESIZE_TMPFS, {"dst": "dst"}),
+    RemountReadonly: (sc.lib.OL_MOUNT_REMOUNT_READONLY, {"dst": "dst", "nodev": "nodev"}),
+    Proc: (sc.lib.OL_MOUNT_PROC, {"dst": "dst"}),
+    Devpts: (sc.lib.OL_MOUNT_DEVPTS, {"dst": "dst"}),
+    Mkdir: (sc.lib.OL_MOUNT_MKDIR, {"dst": "path", "mode": "mode"}),
+    Symlink: (sc.lib.OL_MOUNT_SYMLINK, {"src": "target", "dst": "path"}),
+    DeviceNode: (sc.lib.OL_MOUNT_DEVICE, {"dst": "path", "major": "major", "minor": "minor"}),
+    Mask: (sc.lib.OL_MOUNT_MASK, {"dst": "path"}),
+    ReadonlyPath: (sc.lib.OL_MOUNT_READONLY_PATH, {"dst": "path"}),
+    AttachTree: (sc.lib.OL_MOUNT_ATTACH_TREE, {"dst": "dst", "fd": "fd"}),
+    PivotRoot: (sc.lib.OL_MOUNT_PIVOT_ROOT, {"dst": "new_root"}),
 }
+
+
+class CompiledPlan:
+    """A plan as the C array that cbits/shell.c applies.  Made once, it can
+    be applied (or handed to ol_enter_shell) without building anything."""
+
+    def __init__(self, ops):
+        self.ops = list(ops)
+        self.array = sc.ffi.new("struct ol_mount_op[]", max(len(self.ops), 1))
+        self._strings = []  # what the array points to, kept alive with it
+        for c_op, op in zip(self.array, self.ops):
+            c_op.kind, fields = _C_STEPS[type(op)]
+            for c_field, field in fields.items():
+                value = getattr(op, field)
+                if isinstance(value, str):
+                    value = sc.ffi.new("char[]", os.fsencode(value))
+                    self._strings.append(value)
+                setattr(c_op, c_field, value)
+            if isinstance(op, (Tmpfs, ResizeTmpfs)):
+                options = "size=%dm" % op.size_mb
+                if isinstance(op, Tmpfs):
+                    options += ",mode=%o" % op.mode
+                self._strings.append(sc.ffi.new("char[]", options.encode()))
+                c_op.options = self._strings[-1]
+
+    def __len__(self):
+        return len(self.ops)
+
+    def error(self, failure):
+        """The SyscallError for what ol_apply_mounts reported."""
+        op = self.ops[failure.index]
+        obj = getattr(op, "dst", None) or getattr(op, "path", None) or getattr(op, "new_root")
+        if isinstance(op, Bind):
+            obj = "%s on %s" % (op.src, op.dst)
+        return sc.SyscallError(sc.ffi.string(failure.call).decode(), obj, failure.err)
 
 
 def apply(ops):
     """Apply a plan in order; the first failure raises a SyscallError."""
-    for op in ops:
-        _APPLY[type(op)](op)
+    plan = CompiledPlan(ops)
+    failure = sc.ffi.new("struct ol_failure *")
+    if sc.lib.ol_apply_mounts(plan.array, len(plan), failure) < 0:
+        raise plan.error(failure)
 
 
 # What of /proc a sandbox does not see, and what it sees read-only: the

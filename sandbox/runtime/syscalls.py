@@ -18,23 +18,11 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-
-MNT_DETACH = 0x2
-
 AT_FDCWD = -100
 AT_RECURSIVE = 0x8000
 AT_EMPTY_PATH = 0x1000
 OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
-MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
@@ -86,26 +74,8 @@ def setns(fd, nstype):
     _check(lib.ol_setns(fd, nstype), "setns", "fd %d (%s)" % (fd, ns_names(nstype)))
 
 
-def mount(source, target, fstype, flags=0, data=None):
-    rc = lib.ol_mount(_path(source), _path(target), _path(fstype), flags, _path(data))
-    _check(rc, "mount", "%s on %s" % (source or fstype, target))
-
-
-def umount2(target, flags=0):
-    _check(lib.ol_umount2(_path(target), flags), "umount2", target)
-
-
-def pivot_root(new_root, put_old):
-    _check(lib.ol_pivot_root(_path(new_root), _path(put_old)), "pivot_root", new_root)
-
-
 def open_tree(path, flags, dirfd=AT_FDCWD):
     return _check(lib.ol_open_tree(dirfd, _path(path), flags), "open_tree", path)
-
-
-def move_mount(from_fd, target):
-    rc = lib.ol_move_mount(from_fd, b"", AT_FDCWD, _path(target), MOVE_MOUNT_F_EMPTY_PATH)
-    _check(rc, "move_mount", "fd %d to %s" % (from_fd, target))
 
 
 def mount_setattr(fd, attr_set, flags=AT_EMPTY_PATH | AT_RECURSIVE):

@@ -9,7 +9,6 @@ That is a shell: the worker keeps a few ready, and gives one a function's
 code only when a call needs it.  The zygote reaps its children and reports
 each exit status to the worker.
 """
-import fcntl
 import gc
 import _signal
 import os
@@ -17,7 +16,6 @@ import random
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
 import traceback
@@ -50,6 +48,7 @@ class Zygote:
         self.control = control
         self.children = {}  # pid in our namespace -> sandbox id
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.plans = {}  # scratch_mb -> mounts.CompiledPlan
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The handler only wakes the loop; reaping happens in the loop.
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -98,6 +97,10 @@ class Zygote:
 
     def fork(self, msg, fds):
         forked_at = time.monotonic()
+        # Everything the child's C set-up needs is built here, before the
+        # fork: the child runs as little Python as it can (shell.c says why).
+        setup = ShellSetup(self.plan(msg["scratch_mb"]), fds, msg.get("netns", True),
+                           msg["hostname"])
         # unshare(CLONE_NEWPID) only changes where our *next* child goes: it
         # becomes pid 1 of a new namespace, with no second fork.  setns back
         # to our own namespace right after, so the next unshare is allowed.
@@ -114,64 +117,85 @@ class Zygote:
             proto.send_packet(self.control, {"op": "fork_failed", "id": msg["id"], "error": str(e)})
             return
         if pid == 0:
-            self.become_shell(msg, fds, forked_at)
+            self.become_shell(msg, setup, forked_at)
         sc.setns(self.own_pidns, sc.CLONE_NEWPID)
         for fd in fds:
             os.close(fd)
         self.children[pid] = msg["id"]
 
-    def become_shell(self, msg, fds, forked_at):
+    def plan(self, scratch_mb):
+        """A shell's mount plan for this scratch size, compiled once."""
+        plan = self.plans.get(scratch_mb)
+        if plan is None:
+            plan = self.plans[scratch_mb] = mounts.CompiledPlan(mounts.shell_plan(scratch_mb))
+        return plan
+
+    def become_shell(self, msg, setup, forked_at):
         """In the child: finish the sandbox, then serve calls.  Never returns."""
         times = [forked_at, time.monotonic()]
-        channel_fd, output_fd, cgroup_fds = fds[0], fds[1], fds[2:]
         try:
             reseed()
             # The C module, not signal.py: its enum wrappers touch (and so
             # copy) some 70 pages of the zygote's memory per child.
             _signal.set_wakeup_fd(-1)
             _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
-            # Join the sandbox's cgroups first, so that everything the
-            # handler allocates from here on is charged to it.
-            for fd in cgroup_fds:
-                os.write(fd, b"0")
-            # Its output goes to a pipe of its own, which the worker reads:
-            # never the worker's log or terminal, which it could reopen
-            # through /proc/self/fd and read.
-            os.dup2(output_fd, 1)
-            os.dup2(output_fd, 2)
-            null = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(null, 0)
+            # Its fd is closed below with every other fd of the zygote's.
             self.control.detach()
-            close_all_but(0, 1, 2, channel_fd)
-            times.append(time.monotonic())
-            if msg.get("netns", True):
-                # Its own network: only a loopback of its own.  It cannot
-                # reach the worker's port, the host's loopback services or
-                # other sandboxes.
-                sc.unshare(HANDLER_NS | sc.CLONE_NEWNET)
-                bring_up_loopback()
-            else:
-                sc.unshare(HANDLER_NS)
-            mounts.apply(mounts.shell_plan(msg["scratch_mb"]))
-            socket.sethostname(msg["hostname"])
-            times.append(time.monotonic())
+            times += setup.enter()
         except Exception as e:
-            handler.report_setup_failure(channel_fd, e)
+            handler.report_setup_failure(setup.channel_fd, e)
             os._exit(proto.EXIT_BOOT_SETUP)
         if msg.get("fresh"):
             # No zygote benefit: a new interpreter, for comparison only.
-            os.dup2(channel_fd, handler.FRESH_CHANNEL_FD)
+            os.dup2(setup.channel_fd, handler.FRESH_CHANNEL_FD)
             os.execv("/usr/bin/python3", ["python3", "-s", "-B", "-m", "olrt.fresh",
                                           repr(times), str(msg["uid"])])
         # Whatever happens, the child ends here: an exception must never
         # unwind into the zygote's own loop, which is on this stack too.
         status = 0
         try:
-            handler.serve(channel_fd, times, msg["uid"], rehearse=msg.get("pooled", True))
+            handler.serve(setup.channel_fd, times, msg["uid"], rehearse=msg.get("pooled", True))
         except BaseException:
             traceback.print_exc()
             status = 1
         os._exit(status)
+
+
+class ShellSetup:
+    """A forked child's whole set-up as a shell (cbits/shell.c runs it):
+    - join its cgroups first, so that everything it allocates from then on
+      is charged to it;
+    - its output to a pipe of its own, which the worker reads: never the
+      worker's log or terminal, which it could reopen through /proc/self/fd;
+    - stdin from /dev/null, and no other fd of the zygote's but its channel;
+    - new mount, IPC, UTS and cgroup namespaces, and unless the worker runs
+      with network_isolation off, a network namespace with only a loopback
+      of its own: it cannot reach the worker's port, the host's loopback
+      services or other sandboxes;
+    - its own /proc, scratch /tmp and /dev/shm, and ptys (mounts.shell_plan);
+    - its hostname."""
+
+    def __init__(self, plan, fds, netns, hostname):
+        self.channel_fd, output_fd, cgroup_fds = fds[0], fds[1], fds[2:]
+        self.plan = plan
+        self.failure = sc.ffi.new("struct ol_failure *")
+        self.stamps = sc.ffi.new("double[2]")
+        self._cgroup_fds = sc.ffi.new("int[]", cgroup_fds or [0])
+        self._hostname = sc.ffi.new("char[]", hostname.encode())
+        self.spec = sc.ffi.new("struct ol_shell *", {
+            "cgroup_fds": self._cgroup_fds, "ncgroup_fds": len(cgroup_fds),
+            "output_fd": output_fd, "channel_fd": self.channel_fd,
+            "ns_flags": HANDLER_NS | (sc.CLONE_NEWNET if netns else 0), "loopback": netns,
+            "mounts": plan.array, "nmounts": len(plan), "hostname": self._hostname})
+
+    def enter(self):
+        """Run it; returns the stamps of its two steps (fds, then mounts)."""
+        if sc.lib.ol_enter_shell(self.spec, self.failure, self.stamps) < 0:
+            if self.failure.index >= 0:
+                raise self.plan.error(self.failure)
+            raise sc.SyscallError(sc.ffi.string(self.failure.call).decode(), "shell",
+                                  self.failure.err)
+        return [self.stamps[0], self.stamps[1]]
 
 
 def reseed():
@@ -182,31 +206,6 @@ def reseed():
     ssl = sys.modules.get("ssl")
     if ssl is not None:  # OpenSSL notices a fork by a new pid; ours is always 1
         ssl.RAND_add(os.urandom(32), 32.0)
-
-
-def close_all_but(*keep):
-    """Close every fd not in `keep`: a handler inherits nothing of the
-    zygote's (its control socket, epoll, wakeup pipe, namespace fd).
-    closerange is one close_range(2) per gap, with no listing to build.
-    Never an empty range: Python 3.11 passes closerange(n, n) on to the
-    kernel as close_range(n, n - 1), which for n = 0 closes everything."""
-    low = 0
-    for fd in sorted(keep):
-        if low < fd:
-            os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 20)
-
-
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-
-
-def bring_up_loopback():
-    """A new network namespace has a loopback device, but it is down."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        request = struct.pack("16sh", b"lo", 0)
-        flags = struct.unpack("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
 
 
 def warm_up():

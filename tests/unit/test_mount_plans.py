@@ -46,4 +46,15 @@ def test_shell_and_code_plans():
 def test_every_op_has_an_executor():
     ops = {v for v in vars(m).values() if isinstance(v, type) and issubclass(v, tuple)
            and hasattr(v, "_fields")}
-    assert ops == set(m._APPLY)
+    assert ops == set(m._C_STEPS)
+
+
+def test_compiled_plan_holds_every_field():
+    plan = m.CompiledPlan([m.Bind("/a", "/b", readonly=True), m.Tmpfs("/t", 8, 0o1777),
+                           m.DeviceNode("/dev/null", 1, 3), m.AttachTree(9, "/handler")])
+    ffi = m.sc.ffi
+    bind, tmpfs, node, tree = plan.array
+    assert (ffi.string(bind.src), ffi.string(bind.dst), bind.readonly) == (b"/a", b"/b", 1)
+    assert ffi.string(tmpfs.options) == b"size=8m,mode=1777" and tmpfs.nodev == 1
+    assert (node.major, node.minor) == (1, 3)
+    assert (tree.fd, ffi.string(tree.dst)) == (9, b"/handler")
