@@ -67,3 +67,14 @@ int ol_apply_mounts(const struct ol_mount_op *ops, int n, struct ol_failure *fai
 /* stamps[0]: when its cgroups and fds were done; stamps[1]: its namespaces
  * and mounts (CLOCK_MONOTONIC, Python's time.monotonic()). */
 int ol_enter_shell(const struct ol_shell *shell, struct ol_failure *failure, double *stamps);
+
+/* Who a handler becomes (sandbox/runtime/privileges.py: after_assignment). */
+struct ol_identity {
+    unsigned int host_uid;  /* its uid and gid on the host */
+    const char *uid_map;    /* its user namespace's maps, as written to /proc */
+    const char *gid_map;
+    int last_cap;           /* the highest capability number of this kernel */
+    int pdeathsig;
+};
+
+int ol_drop_privileges(const struct ol_identity *id, struct ol_failure *failure);

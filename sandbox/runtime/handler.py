@@ -10,6 +10,7 @@ sandbox itself could not be finished (a platform fault).  Replies carry
 timings in seconds: "run" always; on the first, "received" (when the code
 arrived, a monotonic stamp), "attach", "drop" (privileges) and "load".
 """
+import importlib.machinery
 import importlib.util
 import inspect
 import json
@@ -50,24 +51,23 @@ class Context:
 
 def load(code_dir=CODE_DIR):
     """Import the function's entry; returns (callable, wants_context)."""
-    try:
-        present = set(os.listdir(code_dir))
-    except PermissionError:
-        present = None
     for filename, module, attr in ENTRIES:
         path = os.path.join(code_dir, filename)
-        if present is None or (filename in present and not os.access(path, os.R_OK)):
+        try:
+            with open(path, "rb") as f:
+                source = f.read()
+        except FileNotFoundError:
+            continue
+        except PermissionError:
             # The worker saw the file as root; the handler runs as nobody.
             raise LoadError("Runtime.PermissionDenied",
                             "the function's code is not readable by the sandbox's user (uid %d):"
                             " make its files readable by others, e.g. chmod -R a+rX on its "
-                            "directory" % os.getuid())
-        if filename not in present:
-            continue
+                            "directory" % os.getuid()) from None
         if code_dir not in sys.path:
             sys.path.insert(0, code_dir)  # for the modules next to it
         try:
-            mod = _import_file(module, path)
+            mod = _import_source(module, path, source)
         except SyntaxError as e:
             raise LoadError("Runtime.UserCodeSyntaxError",
                             "syntax error in %s, line %s: %s" % (filename, e.lineno, e.msg)) from None
@@ -84,17 +84,18 @@ def load(code_dir=CODE_DIR):
                     "no entry file: expected lambda_func.py with handler(event) or f.py with f(event)")
 
 
-def _import_file(name, path):
-    """Import the file at `path` as module `name`, as `import` would (spec,
-    loader, __file__, an entry in sys.modules), without the search for it.
-    The import system's finders and loaders are Python code: a forked
-    handler running them writes (and so copies) some 200 pages of the
-    zygote's memory, ~0.7 ms in a VM; reading and compiling the file
-    directly copies about 80."""
-    spec = importlib.util.spec_from_file_location(name, path)
+def _import_source(name, path, source):
+    """Run `source`, read from `path`, as module `name`, as `import` would
+    (spec, loader, __file__, an entry in sys.modules), without the search
+    for it.  The import system's finders and loaders are Python code: a
+    forked handler running them writes (and so copies) some 200 pages of the
+    zygote's memory, ~0.7 ms in a VM; compiling the file directly copies
+    about 80."""
+    spec = importlib.util.spec_from_loader(
+        name, importlib.machinery.SourceFileLoader(name, path), origin=path, is_package=False)
+    spec.has_location = True  # so that __file__ is set
     module = importlib.util.module_from_spec(spec)
-    with open(path, "rb") as f:
-        code = compile(f.read(), path, "exec", dont_inherit=True)
+    code = compile(source, path, "exec", dont_inherit=True)
     sys.modules[name] = module
     try:
         exec(code, module.__dict__)
@@ -168,6 +169,9 @@ def serve(channel_fd, setup_times, host_uid, rehearse=True):
         return
     if rehearse:
         rehearsal()
+    # Made now, so that at assignment only the syscalls are left.
+    attach = mounts.CompiledPlan(mounts.code_plan(-1))  # its fd is filled in then
+    drop = privileges.FinalDrop(host_uid)
     # Built: back to normal priority, so that the call that wakes it is not
     # queued behind the pool's background work.
     os.setpriority(os.PRIO_PROCESS, 0, 0)
@@ -183,12 +187,15 @@ def serve(channel_fd, setup_times, host_uid, rehearse=True):
             # the loopback-only one this shell was built with.
             sc.setns(fds[1], sc.CLONE_NEWNET)
             os.close(fds[1])
-        mounts.apply(mounts.code_plan(fds[0], assign.get("scratch_mb")))
+        attach.set_fd(0, fds[0])
+        attach.apply()
+        if assign.get("scratch_mb"):
+            mounts.apply(mounts.scratch_plan(assign["scratch_mb"]))
         os.chdir(CODE_DIR)
         mounted = time.monotonic()
         limits = assign.get("process_limits", {})
         privileges.set_rlimits(limits.get("nofile"), limits.get("fsize"))
-        privileges.after_assignment(host_uid)
+        drop()
     except Exception as e:
         report_setup_failure(channel.detach(), e)
         return

@@ -62,6 +62,7 @@ class CompiledPlan:
         self.ops = list(ops)
         self.array = sc.ffi.new("struct ol_mount_op[]", max(len(self.ops), 1))
         self._strings = []  # what the array points to, kept alive with it
+        self.failure = sc.ffi.new("struct ol_failure *")
         for c_op, op in zip(self.array, self.ops):
             c_op.kind, fields = _C_STEPS[type(op)]
             for c_field, field in fields.items():
@@ -80,6 +81,15 @@ class CompiledPlan:
     def __len__(self):
         return len(self.ops)
 
+    def set_fd(self, index, fd):
+        """Give step `index` (an AttachTree) the fd it attaches."""
+        self.array[index].fd = fd
+
+    def apply(self):
+        """Apply it in order; the first failure raises a SyscallError."""
+        if sc.lib.ol_apply_mounts(self.array, len(self), self.failure) < 0:
+            raise self.error(self.failure)
+
     def error(self, failure):
         """The SyscallError for what ol_apply_mounts reported."""
         op = self.ops[failure.index]
@@ -91,10 +101,7 @@ class CompiledPlan:
 
 def apply(ops):
     """Apply a plan in order; the first failure raises a SyscallError."""
-    plan = CompiledPlan(ops)
-    failure = sc.ffi.new("struct ol_failure *")
-    if sc.lib.ol_apply_mounts(plan.array, len(plan), failure) < 0:
-        raise plan.error(failure)
+    CompiledPlan(ops).apply()
 
 
 # What of /proc a sandbox does not see, and what it sees read-only: the
@@ -118,10 +125,12 @@ def shell_plan(scratch_mb):
     ]
 
 
-def code_plan(code_fd, scratch_mb=None):
-    """What a shell mounts once it is given a function: its code, and its
-    scratch space resized if the function asks for another size."""
-    plan = [AttachTree(code_fd, "/handler")]
-    if scratch_mb:
-        plan += [ResizeTmpfs("/tmp", scratch_mb), ResizeTmpfs("/dev/shm", scratch_mb)]
-    return plan
+def code_plan(code_fd):
+    """What a shell mounts once it is given a function: its code."""
+    return [AttachTree(code_fd, "/handler")]
+
+
+def scratch_plan(scratch_mb):
+    """A shell's scratch space resized, for a function that asks for
+    another size than the worker's default."""
+    return [ResizeTmpfs("/tmp", scratch_mb), ResizeTmpfs("/dev/shm", scratch_mb)]

@@ -1,6 +1,6 @@
 """Giving up privileges, in two steps around the moment a handler process
 gets its function: before it, the process still needs root for its mounts;
-after it, the function's own code runs, so nothing may be left.
+after it (FinalDrop), the function's own code runs, so nothing may be left.
 """
 import os
 import resource
@@ -60,49 +60,44 @@ def set_rlimits(nofile, fsize):
             resource.setrlimit(resource_id, (value, value))
 
 
-def after_assignment(host_uid):
-    """Once the code is attached, before any of it runs."""
-    # Leaving uid 0 clears the permitted, effective and ambient capability
-    # sets: mount, unshare, setns, ptrace of others, raw sockets, chroot,
-    # mknod and module loading all fail from here on.  The uid is the
-    # sandbox's own, never shared with another sandbox or a host user.
-    os.setresgid(host_uid, host_uid, host_uid)
-    os.setresuid(host_uid, host_uid, host_uid)
-    enter_user_namespace(host_uid)
-    # Not dumpable: its memory and /proc files stay closed to other
-    # processes, and no core can be written.
-    sc.prctl(sc.PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
-    # A uid change clears the parent-death signal, so it is set after it:
-    # a handler never outlives its zygote.
-    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL, "PR_SET_PDEATHSIG")
-    # Last: the filter refuses the syscalls used above (cbits/olsys.c says
-    # which and why); from here on they stay refused for good.
-    sc.seccomp_install()
+class FinalDrop:
+    """What a handler does once its code is attached, before any of it
+    runs: leave root for good.  Made while the shell waits in the pool;
+    calling it is one C call (cbits/shell.c: ol_drop_privileges), which
+    takes these steps in this order:
 
+    1. setresgid and setresuid to `host_uid`.  Leaving uid 0 clears the
+       permitted, effective and ambient capability sets: mount, unshare,
+       setns, ptrace of others, raw sockets, chroot, mknod and module loading
+       all fail from here on.  The uid is the sandbox's own, never shared
+       with another sandbox or a host user.
+    2. Enter a user namespace of its own, as "nobody" (SANDBOX_UID) mapped
+       to `host_uid`.  Its uid and gid maps hold that one id, so root (or any
+       other host user) means nothing inside, and every file it creates
+       belongs to host_uid on the host.  Its other namespaces still belong
+       to the host's user namespace, so the capabilities a new user
+       namespace grants its creator give no power over them; they are
+       emptied anyway, the bounding set included.  setgroups is denied:
+       otherwise it could drop a supplementary group that some file denies
+       access to.
+    3. Not dumpable: its memory and /proc files stay closed to other
+       processes, and no core can be written.
+    4. The parent-death signal, which a uid change clears: a handler never
+       outlives its zygote.
+    5. Last, the seccomp filter, which refuses the syscalls used above
+       (cbits/olsys.c says which and why): from here on they stay refused
+       for good."""
 
-def enter_user_namespace(host_uid):
-    """Become "nobody" of a user namespace of its own, mapped to `host_uid`.
+    def __init__(self, host_uid):
+        self.host_uid = host_uid
+        self._maps = [sc.ffi.new("char[]", b"%d %d 1" % (sandbox_id, host_uid))
+                      for sandbox_id in (SANDBOX_UID, SANDBOX_GID)]
+        self.identity = sc.ffi.new("struct ol_identity *", {
+            "host_uid": host_uid, "uid_map": self._maps[0], "gid_map": self._maps[1],
+            "last_cap": LAST_CAP, "pdeathsig": signal.SIGKILL})
+        self.failure = sc.ffi.new("struct ol_failure *")
 
-    Its uid and gid map hold that one id, so root (or any other host user)
-    means nothing inside, and every file it creates belongs to host_uid on
-    the host.  Every other namespace it is in still belongs to the host's
-    user namespace, so the capabilities a new user namespace grants its
-    creator give no power over them; they are dropped anyway."""
-    # The change of uid made it non-dumpable, which hands its /proc files to
-    # root; it must own them to write its own maps.
-    sc.prctl(sc.PR_SET_DUMPABLE, 1, "PR_SET_DUMPABLE")
-    sc.unshare(sc.CLONE_NEWUSER)
-    # Without "deny", a process could drop a supplementary group that some
-    # file denies access to (setgroups is refused from here on).
-    for name, line in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (SANDBOX_UID, host_uid)),
-                       ("gid_map", "%d %d 1" % (SANDBOX_GID, host_uid))):
-        path = "/proc/self/" + name
-        try:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise sc.SyscallError("write", "%s (%s)" % (path, line), e.errno) from None
-    sc.drop_all_caps(LAST_CAP)
+    def __call__(self):
+        if sc.lib.ol_drop_privileges(self.identity, self.failure) < 0:
+            raise sc.SyscallError(sc.ffi.string(self.failure.call).decode(),
+                                  "uid %d" % self.host_uid, self.failure.err)

@@ -27,8 +27,6 @@ MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 
-PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -80,11 +78,6 @@ def open_tree(path, flags, dirfd=AT_FDCWD):
 
 def mount_setattr(fd, attr_set, flags=AT_EMPTY_PATH | AT_RECURSIVE):
     _check(lib.ol_mount_setattr(fd, b"", flags, attr_set, 0, 0), "mount_setattr", "fd %d" % fd)
-
-
-def drop_all_caps(last_cap):
-    """Empty this thread's bounding, effective, permitted and inheritable sets."""
-    _check(lib.ol_drop_all_caps(last_cap), "drop capabilities", "0..%d" % last_cap)
 
 
 def seccomp_install():
