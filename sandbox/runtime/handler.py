@@ -227,30 +227,24 @@ def serve(channel_fd, setup_times, host_uid, rehearse=True):
         unpacker.feed(data)
 
 
-REHEARSAL = "def handler(event):\n    return event\n"
+# Shipped with the runtime, so a shell writes no file to rehearse.
+REHEARSAL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rehearsal")
 
 
 def rehearsal():
     """Run one call of a throw-away function before the real one arrives.
 
     A forked child pays for the first touch of every page it writes (copy
-    on write, and page faults cost several times more in a VM): the import
-    system, the compiler, json and msgpack.  Paying it here, while the
-    shell waits in the pool, takes it off the cold path."""
-    path = "/tmp/.olrt_rehearsal"
-    os.mkdir(path)
-    with open(os.path.join(path, "lambda_func.py"), "w") as f:
-        f.write(REHEARSAL)
+    on write, and page faults cost several times more in a VM): reading and
+    compiling code, the module machinery, json and msgpack.  Paying it
+    here, while the shell waits in the pool, takes it off the cold path."""
     try:
-        fn, wants_context = load(path)
+        fn, wants_context = load(REHEARSAL_DIR)
         invoke(fn, wants_context, "", {"id": "", "body": b'{"a": [1, 2.5, "x"]}'})
         proto.unpacker().feed(proto.pack({"status": "ok", "body": b"{}", "run": 0.0}))
     finally:
         sys.modules.pop("lambda_func", None)
-        sys.path.remove(path)
-        sys.path_importer_cache.pop(path, None)
-        os.unlink(os.path.join(path, "lambda_func.py"))
-        os.rmdir(path)
+        sys.path.remove(REHEARSAL_DIR)
 
 
 def _wait_assign(channel, unpacker):
