@@ -111,9 +111,15 @@ def favor_moves():
 
 
 def _write(path, value):
+    """Write a control file.  Not open(path, "w"): its O_TRUNC makes the
+    kernel change the file's attributes first, under a lock of the whole
+    cgroup tree that other cgroup work can hold for milliseconds."""
     try:
-        with open(path, "w") as f:
-            f.write(value)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
     except OSError as e:
         raise CgroupError("write %r to" % value, path, e.strerror) from None
 
@@ -191,6 +197,19 @@ class Cgroup:
             _write(os.path.join(d["pids"], "pids.max"), str(limits.procs))
             _write(os.path.join(d["cpu"], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
             _write(os.path.join(d["cpu"], "cpu.cfs_quota_us"), str(quota))
+
+    def set_idle(self, idle):
+        """cpu.idle (Linux 5.15+; a no-op before): an idle cgroup runs only
+        when nothing else wants the CPU, and yields to any other at once.
+        Not nice(2): every sandbox is a cgroup of its own, and the scheduler
+        shares the CPUs between cgroups first, so a process's niceness only
+        orders it against the processes of its own cgroup."""
+        path = os.path.join(self.limit_dirs()["cpu"], "cpu.idle")
+        try:
+            _write(path, "1" if idle else "0")
+        except CgroupError:
+            if os.path.exists(path):
+                raise
 
     def memory_limit_mb(self):
         name = "memory.max" if self.mode.name == "v2" else "memory.limit_in_bytes"

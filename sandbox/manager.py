@@ -226,10 +226,14 @@ class SandboxManager:
             os.set_blocking(output, False)
             fds.append(output_w)
             fds += cgroup.open_procs()
+            # A pooled shell is built in the background: it must not take
+            # the CPUs from the calls being served (and their replies).
+            # Ready, it is idle anyway; _on_shell_ready lifts this.
+            cgroup.set_idle(pooled)
             uid = self.config.uid_base + self.cgroups.number[cgroup.path]
             self.zygote.fork(sandbox_id, fds, uid, self.config.scratch_mb, self.config.fresh,
                              pooled, self.config.netns)
-        except (OSError, SandboxError) as e:
+        except (OSError, SandboxError) as e:  # CgroupError is a SandboxError
             if ours is not None:
                 ours.close()
             if output is not None:
@@ -322,6 +326,10 @@ class SandboxManager:
             self._fail_waiter(SandboxError("build sandbox", sandbox.id, reason))
             return
         sandbox.setup_times = msg["t"]
+        try:
+            sandbox.cgroup.set_idle(False)
+        except SandboxError as e:
+            self.log(str(e))
         waiter = self._next_waiter()
         if waiter is not None:
             sandbox.state = "assigned"

@@ -3,6 +3,8 @@ and on SIGTERM or SIGINT drain and remove every sandbox and cgroup."""
 import asyncio
 import gc
 import logging
+import os
+import resource
 import signal
 
 from sandbox.cgroups import Limits, favor_moves
@@ -24,8 +26,31 @@ class StartError(Exception):
     pass
 
 
+def reserve_fds(count):
+    """Raise the soft limit on open files to the hard one, and grow this
+    process's fd table to `count` entries now, while it has one thread.
+    The kernel grows the table by doubling as fds are opened, and in a
+    process with threads (asyncio's resolver, the egress thread) each
+    growth waits for an RCU grace period: 10-20 ms here, with the event
+    loop stalled.  A table never shrinks, so this is paid once."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    top = min(count, hard) - 1
+    fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if fd < top:
+            os.dup2(fd, top)
+            os.close(top)
+    finally:
+        os.close(fd)
+
+
 async def run(config):
     loop = asyncio.get_running_loop()
+    # Two per sandbox (its channel and its output pipe), ready shells
+    # included, and room for connections.
+    reserve_fds(2 * (config.max_sandboxes + 2 * config.pool_size) + 256)
     try:
         rootfs = prepare(config.rootfs, cache_dir=Cluster(config.cluster).path + "/rootfs")
     except RootfsError as e:

@@ -172,9 +172,6 @@ def serve(channel_fd, setup_times, host_uid, rehearse=True):
     # Made now, so that at assignment only the syscalls are left.
     attach = mounts.CompiledPlan(mounts.code_plan(-1))  # its fd is filled in then
     drop = privileges.FinalDrop(host_uid)
-    # Built: back to normal priority, so that the call that wakes it is not
-    # queued behind the pool's background work.
-    os.setpriority(os.PRIO_PROCESS, 0, 0)
     channel.sendall(proto.pack({"op": "ready", "t": setup_times}))
     unpacker = proto.unpacker()
     assign, fds = _wait_assign(channel, unpacker)

@@ -26,8 +26,8 @@ def _last_cap():
 LAST_CAP = _last_cap()
 # What a shell still uses before it drops everything: CAP_SETGID, CAP_SETUID,
 # CAP_SETPCAP (to drop these), CAP_NET_ADMIN (its loopback), CAP_SYS_ADMIN
-# (namespaces, mounts, hostname), CAP_SYS_NICE (its priority back).
-SHELL_CAPS = (6, 7, 8, 12, 21, 23)
+# (namespaces, mounts, hostname).
+SHELL_CAPS = (6, 7, 8, 12, 21)
 
 
 def narrow_bounding_set():

@@ -229,12 +229,6 @@ def warm_up():
     gc.freeze()
 
 
-# Forking and preparing shells is background work: at this niceness it
-# yields the CPU to the calls being served (2 cores are easily saturated).
-# A shell returns to normal priority once it is ready.
-POOL_NICE = 10
-
-
 def main():
     try:
         control = socket.socket(fileno=CONTROL_FD)
@@ -245,7 +239,6 @@ def main():
         if len(threads) != 1:
             raise RuntimeError("the zygote must have one thread, it has %d" % len(threads))
         privileges.narrow_bounding_set()
-        os.nice(POOL_NICE)
     except Exception as e:
         print("zygote: cannot boot: %s: %s" % (type(e).__name__, e), file=sys.stderr)
         sys.exit(proto.EXIT_BOOT_IMPORT)
