@@ -28,7 +28,6 @@ async def churn(seconds, concurrency):
         rootfs=check_dir(os.path.join(REPO, "build", "rootfs")), log_fd=log, hostname="churn",
         cgroup_root="openlambda/bench-churn-%d/w" % os.getpid(), pool_size=16,
         max_live=concurrency * 2))
-    await manager.start()
     latencies = []
     end = time.monotonic() + seconds
 
@@ -43,17 +42,20 @@ async def churn(seconds, concurrency):
             await manager.destroy(sandbox)
             latencies.append(time.perf_counter() - start)
 
-    started = time.monotonic()
-    tasks = [asyncio.ensure_future(one_after_another()) for _ in range(concurrency)]
+    tasks = []
     try:
+        # In the try: a failed start leaves cgroups that shutdown removes.
+        await manager.start()
+        started = time.monotonic()
+        tasks = [asyncio.ensure_future(one_after_another()) for _ in range(concurrency)]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        elapsed = time.monotonic() - started
         for task in done:
             task.result()  # the first failure, if any
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        elapsed = time.monotonic() - started
         await manager.shutdown()
         os.unlink(os.path.join(code, "lambda_func.py"))
         os.rmdir(code)
