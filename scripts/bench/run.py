@@ -60,6 +60,24 @@ def admin(*args):
     return done.stdout
 
 
+def settle(timeout=10.0, window=0.3, busy_below=0.1):
+    """Wait until the CPUs are nearly idle (a worker that just started is
+    still filling its pools, and an egress worker making namespaces), so
+    that no scenario measures another's start-up."""
+    def busy_and_total():
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        idle = ticks[3] + ticks[4]  # idle, iowait
+        return sum(ticks) - idle, sum(ticks)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy0, total0 = busy_and_total()
+        time.sleep(window)
+        busy1, total1 = busy_and_total()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy_below:
+            return
+
+
 def free_port():
     import socket
     with socket.socket() as s:
@@ -109,6 +127,7 @@ class Cluster:
         max_sandboxes high, so nothing is evicted)."""
         self.kill()
         admin("workers", "-cluster", self.path, "-p", self.port)
+        settle()
 
     def kill(self):
         subprocess.run([ADMIN, "kill", "-cluster", self.path], capture_output=True)
@@ -302,6 +321,7 @@ def main():
         egress = Cluster(tmp, "egress", n + n_idle, egress=True, max_sandboxes=copies + 100,
                          pool_size=16)
         clusters.append(egress)
+        settle()
 
         step(2, total, "cold starts back to back (n=%d per handler and way)" % n)
         for handler in ("hello", "heavy"):
