@@ -65,6 +65,7 @@ class Sandbox:
         self.state = "starting"     # -> "pooled" -> "assigned"
         self.setup_times = ()       # monotonic stamps from the zygote and the shell
         self.taken_from_pool = False
+        self.built_idle = False     # its cgroup is cpu.idle until it is ready
         self.waited = 0.0           # seconds the caller of create() waited for a shell
         self.egress_wait = 0.0      # ...and before that, for an egress namespace
         self.assigned_at = None     # when it was given its code
@@ -244,6 +245,7 @@ class SandboxManager:
             for fd in fds:
                 os.close(fd)
         sandbox = Sandbox(sandbox_id, cgroup, ours, uid)
+        sandbox.built_idle = pooled
         if not self.config.netns:
             sandbox.network = "host"
         sandbox.oom_kills = cgroup.oom_kills()
@@ -326,10 +328,11 @@ class SandboxManager:
             self._fail_waiter(SandboxError("build sandbox", sandbox.id, reason))
             return
         sandbox.setup_times = msg["t"]
-        try:
-            sandbox.cgroup.set_idle(False)
-        except SandboxError as e:
-            self.log(str(e))
+        if sandbox.built_idle:  # one that a call waits for was never idle
+            try:
+                sandbox.cgroup.set_idle(False)
+            except SandboxError as e:
+                self.log(str(e))
         waiter = self._next_waiter()
         if waiter is not None:
             sandbox.state = "assigned"

@@ -108,7 +108,7 @@ def _import_source(name, path, source):
 def _wants_context(fn):
     """Does fn take a second positional argument (or *args)?  Read from its
     code for a plain function: inspect.signature is heavy Python too (see
-    _import_file).  It handles the rest (wrapped, partial, callable
+    _import_source).  It handles the rest (wrapped, partial, callable
     objects), and a function whose signature was set by hand."""
     if type(fn) is types.FunctionType and not vars(fn):
         code = fn.__code__

@@ -96,7 +96,7 @@ class CompiledPlan:
         obj = getattr(op, "dst", None) or getattr(op, "path", None) or getattr(op, "new_root")
         if isinstance(op, Bind):
             obj = "%s on %s" % (op.src, op.dst)
-        return sc.SyscallError(sc.ffi.string(failure.call).decode(), obj, failure.err)
+        return sc.failed(failure, obj)
 
 
 def apply(ops):

@@ -99,5 +99,4 @@ class FinalDrop:
 
     def __call__(self):
         if sc.lib.ol_drop_privileges(self.identity, self.failure) < 0:
-            raise sc.SyscallError(sc.ffi.string(self.failure.call).decode(),
-                                  "uid %d" % self.host_uid, self.failure.err)
+            raise sc.failed(self.failure, "uid %d" % self.host_uid)

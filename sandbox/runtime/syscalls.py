@@ -60,6 +60,11 @@ def _check(rc, op, obj):
     return rc
 
 
+def failed(failure, obj):
+    """The SyscallError for a `struct ol_failure` that cbits/shell.c filled."""
+    return SyscallError(ffi.string(failure.call).decode(), obj, failure.err)
+
+
 def _path(p):
     return ffi.NULL if p is None else os.fsencode(p)
 

@@ -193,8 +193,7 @@ class ShellSetup:
         if sc.lib.ol_enter_shell(self.spec, self.failure, self.stamps) < 0:
             if self.failure.index >= 0:
                 raise self.plan.error(self.failure)
-            raise sc.SyscallError(sc.ffi.string(self.failure.call).decode(), "shell",
-                                  self.failure.err)
+            raise sc.failed(self.failure, "shell")
         return [self.stamps[0], self.stamps[1]]
 
 
