@@ -103,7 +103,13 @@ class EgressNetwork:
         remove_leftovers(self.ipr, self.port, backend)
         self._check_subnet_is_free()
         try:
-            self.ipr.link("add", ifname=self.bridge, kind="bridge")
+            # A fixed MAC.  A bridge without one takes the lowest MAC of its
+            # ports and changes it whenever a veth with a lower one joins:
+            # sandboxes (and recycled namespaces) would keep the old one in
+            # their ARP cache for up to a minute, and the host drops frames
+            # sent to it, so they lose the internet until it expires.
+            self.ipr.link("add", ifname=self.bridge, kind="bridge",
+                          address=bridge_mac(self.port))
             index = socket.if_nametoindex(self.bridge)
             # No IPv6 on our links: the host would answer on a link-local
             # address, which no IPv4 rule covers.
@@ -274,6 +280,11 @@ class EgressNetwork:
                                    str(e)) from None
             raise
         return Lease(address, fd)
+
+
+def bridge_mac(port):
+    """Locally administered (02:), unicast, and one per worker port."""
+    return "02:6f:6c:00:%02x:%02x" % (port >> 8, port & 0xff)
 
 
 def set_sysctl(name, value):

@@ -61,6 +61,9 @@ def handler(event):
         return _fetch(event["host"], event["port"])
     if op == "serve":
         return _serve(event["port"])
+    if op == "arp":  # {address: MAC} of the namespace's ARP cache
+        with open("/proc/net/arp") as f:
+            return {line.split()[0]: line.split()[3] for line in f.readlines()[1:]}
 '''
 
 # The internet's server answers with the address it saw the client come from.
@@ -217,10 +220,27 @@ def test_status_shows_each_sandboxs_network(egress_worker):
     assert "network egress 10.213." in out and "network isolated" in out
 
 
+def test_the_bridge_keeps_its_mac_when_a_port_joins(egress_worker):
+    """Sandboxes cache the gateway's MAC: if the bridge's changed whenever a
+    veth with a lower MAC joined it (the kernel's default), their frames
+    to the old one would be dropped, and egress lost until it expired."""
+    mac_file = "/sys/class/net/olbr%d/address" % egress_worker.port
+    before = open(mac_file).read().strip()
+    port = "oltlow%04x" % random.getrandbits(16)
+    try:
+        run("ip", "link", "add", port, "address", "00:00:00:00:00:01", "type", "veth",
+            "peer", "name", port + "p")
+        run("ip", "link", "set", port, "master", "olbr%d" % egress_worker.port)
+        assert open(mac_file).read().strip() == before
+    finally:
+        subprocess.run(["ip", "link", "del", port], capture_output=True)
+
+
 def test_200_cold_starts_recycle_namespaces_and_leak_nothing(egress_worker, internet):
     path = os.path.join(egress_worker.registry, "out", "lambda_func.py")
     source = open(path).read()
     addresses = set()
+    bridge_mac = open("/sys/class/net/olbr%d/address" % egress_worker.port).read().strip()
     for i in range(200):
         # A change to its code retires the old sandbox: the next call is cold.
         with open(path, "w") as f:
@@ -233,7 +253,13 @@ def test_200_cold_starts_recycle_namespaces_and_leak_nothing(egress_worker, inte
     assert len(addresses) <= 16, addresses
     _, _, r = egress_worker.call("out", {"op": "fetch", "host": internet["address"],
                                          "port": INTERNET_PORT})
-    assert r["ok"] is True
+    assert r["ok"] is True, r
+    # The bridge kept its MAC while veths joined it: a recycled namespace
+    # still has it in its ARP cache (a bridge left to pick its own takes
+    # the lowest of its ports', and the cached one goes stale).
+    assert open("/sys/class/net/olbr%d/address" % egress_worker.port).read().strip() == bridge_mac
+    _, _, arp = egress_worker.call("out", {"op": "arp"})
+    assert arp[address.rsplit(".", 1)[0] + ".1"] == bridge_mac
     time.sleep(0.5)
     veths = [name for name in network_leftovers(egress_worker.port) if name.startswith("olv")]
     assert len(veths) <= 12, veths
