@@ -161,6 +161,15 @@ def test_replaced_function_directory_is_picked_up(worker):
     assert worker.call("replaced", {})[2] == "new"
 
 
+@pytest.mark.parametrize("size", [10, (32 << 10) - 40, 32 << 10, 200 << 10])
+def test_a_cold_start_gets_its_request_whole_at_any_size(worker, size):
+    # Up to FIRST_MESSAGE_MAX, the request goes with the code; above, after.
+    name = "echo-len-%d" % size
+    worker.add_function(name, "def handler(event):\n    return [len(event), event[:3]]\n")
+    status, _, body = worker.call(name, "abc" + "x" * (size - 3))
+    assert status == 200 and body == [size, "abc"]
+
+
 def test_body_over_the_limit_is_413_before_it_is_read(worker):
     big = b'"' + b"x" * (7 << 20) + b'"'
     status, headers, body = worker.request("POST", "/run/hello", big)

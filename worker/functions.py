@@ -12,6 +12,7 @@ import time
 
 from sandbox.cgroups import Limits
 from sandbox.errors import CapacityError, SandboxError
+from sandbox.manager import FIRST_MESSAGE_MAX
 from sandbox.runtime import proto
 
 from .errors import (Busy, HandlerDied, HandlerRaised, InitFailed, ResponseTooLarge,
@@ -128,7 +129,8 @@ class Channel:
         if waiter is not None and not waiter.done():
             waiter.set_exception(ChannelClosed())
 
-    async def call(self, msg):
+    async def call(self, msg, already_sent=False):
+        """Send `msg` (unless it went with the code) and wait for the answer."""
         self.asked = True
         if self.inbox:  # said before it was asked: a load failure
             return self.inbox.popleft()
@@ -137,6 +139,8 @@ class Channel:
         # Waiting before sending: the answer may come while a big body is
         # still being sent.
         waiter = self.waiter = self.loop.create_future()
+        if already_sent:
+            return await waiter
         data = proto.pack(msg)
         try:
             sent = self.sock.send(data)
@@ -179,9 +183,13 @@ class FunctionTable:
         """Run one call; returns the handler's JSON reply as bytes.  Appends
         (phase, seconds, note) to `phases` as they become known."""
         function = self.registry.lookup(name)
+        request = {"id": request_id, "body": body}
         instance = self._take_idle(function)
+        sent_with_code = False
         if instance is None:
-            instance = await self._cold_start(function)
+            packed = proto.pack(request)
+            sent_with_code = len(packed) <= FIRST_MESSAGE_MAX
+            instance = await self._cold_start(function, packed if sent_with_code else b"")
             sandbox = instance.sandbox
             if function.egress:
                 phases.append(("egress", sandbox.egress_wait, ""))
@@ -196,7 +204,7 @@ class FunctionTable:
         timeout = function.limits.runtime_sec
         timer = asyncio.get_running_loop().call_later(timeout, self._time_out, instance)
         try:
-            reply = await instance.channel.call({"id": request_id, "body": body})
+            reply = await instance.channel.call(request, already_sent=sent_with_code)
         except ChannelClosed:
             if self.closing:
                 await self._destroy(instance)
@@ -279,7 +287,7 @@ class FunctionTable:
         self._forget(instance)
         asyncio.ensure_future(self._destroy(instance))
 
-    async def _cold_start(self, function):
+    async def _cold_start(self, function, first_request):
         if self.closing:
             raise Unavailable("the worker is shutting down")
         # Cold starts under way count: under a burst they would all pass a
@@ -292,7 +300,7 @@ class FunctionTable:
             sandbox = await asyncio.wait_for(self.manager.create(
                 function.path, function.name,
                 Limits(limits.mem_mb, limits.procs, limits.cpu_percent), limits.scratch_mb,
-                function.egress, process_limits(limits)),
+                function.egress, process_limits(limits), first_request),
                 limits.runtime_sec)
         except asyncio.TimeoutError:
             raise SandboxFailed("no sandbox was ready within %d s" % limits.runtime_sec) from None
