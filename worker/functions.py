@@ -70,8 +70,9 @@ class Channel:
 
     A plain non-blocking socket watched by the event loop: cheaper to set
     up on a cold start than an asyncio transport, and enough for strict
-    request-reply traffic.  A message that arrives before the first request
-    (a load failure) is kept for it; any other that no call waits for, or
+    request-reply traffic.  A message that arrives before the first call
+    (a load failure, or the answer to a request sent with the code) is
+    kept for it; any other that no call waits for, or
     bytes that are not msgpack, break the protocol: the channel closes."""
 
     def __init__(self, sock, max_message=proto.MAX_MESSAGE):
@@ -132,7 +133,9 @@ class Channel:
     async def call(self, msg, already_sent=False):
         """Send `msg` (unless it went with the code) and wait for the answer."""
         self.asked = True
-        if self.inbox:  # said before it was asked: a load failure
+        # Said before it was asked: a load failure, or the answer to a
+        # request that went with the code.
+        if self.inbox:
             return self.inbox.popleft()
         if self.closed:
             raise ChannelClosed()
