@@ -152,6 +152,14 @@ static double now(void)
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* close() that leaves errno as the failure before it set it. */
+static void close_keeping_errno(int fd)
+{
+    int saved = errno;
+    syscall(SYS_close, fd);
+    errno = saved;
+}
+
 /* A new network namespace has a loopback device, but it is down. */
 static int loopback_up(void)
 {
@@ -167,9 +175,7 @@ static int loopback_up(void)
         ifr.ifr_flags |= IFF_UP;
         rc = (int)syscall(SYS_ioctl, s, SIOCSIFFLAGS, &ifr);
     }
-    int saved = errno;
-    syscall(SYS_close, s);
-    errno = saved;
+    close_keeping_errno(s);
     return rc;
 }
 
@@ -224,9 +230,7 @@ static int write_file(const char *path, const char *text)
     if (fd < 0)
         return -1;
     n = syscall(SYS_write, fd, text, strlen(text));
-    int saved = errno;
-    syscall(SYS_close, fd);
-    errno = saved;
+    close_keeping_errno(fd);
     return n < 0 ? -1 : 0;
 }
 
