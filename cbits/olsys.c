@@ -51,10 +51,6 @@ int ol_mount_setattr(int dirfd, const char *path, unsigned int flags,
     RET(syscall(SYS_mount_setattr, dirfd, path, flags, &attr, sizeof attr));
 }
 
-/* The C library's fork(), without Python's before- and after-fork work
- * (see sandbox/runtime/syscalls.py: fork). */
-int ol_fork(void) { RET(fork()); }
-
 int ol_prctl(int option, unsigned long arg2, unsigned long arg3)
 {
     RET(syscall(SYS_prctl, option, arg2, arg3, 0, 0));

@@ -7,7 +7,6 @@ int ol_setns(int fd, int nstype);
 int ol_open_tree(int dirfd, const char *path, unsigned int flags);
 int ol_mount_setattr(int dirfd, const char *path, unsigned int flags,
                      uint64_t attr_set, uint64_t attr_clr, uint64_t propagation);
-int ol_fork(void);
 int ol_prctl(int option, unsigned long arg2, unsigned long arg3);
 int ol_drop_all_caps(int last_cap);
 int ol_seccomp_install(void);
@@ -67,6 +66,8 @@ int ol_apply_mounts(const struct ol_mount_op *ops, int n, struct ol_failure *fai
 /* stamps[0]: when its cgroups and fds were done; stamps[1]: its namespaces
  * and mounts (CLOCK_MONOTONIC, Python's time.monotonic()). */
 int ol_enter_shell(const struct ol_shell *shell, struct ol_failure *failure, double *stamps);
+/* Fork n shells (sandbox/runtime/zygote.py): i + 1 in the i-th child. */
+int ol_fork_shells(int n, int own_pidns, int *pids, struct ol_failure *failures);
 
 /* Who a handler becomes (sandbox/runtime/privileges.py: after_assignment). */
 struct ol_identity {

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .cgroups import Cgroup, Limits
 from .errors import SandboxError
-from .pools import schedule_refill, wait_for_item
+from .pools import Refill, wait_for_item
 from .runtime import proto
 from .runtime import syscalls as sc
 from .uids import DEFAULT_FLOOR, UID_SLOTS, user_namespace_blocker
@@ -156,6 +156,7 @@ class SandboxManager:
         self.pool = collections.deque()     # pooled shells, ready for a function
         self.starting = 0                   # shells forked but not yet ready
         self.waiters = collections.deque()  # futures of create() calls awaiting a shell
+        self.refill_later = Refill(self._refill)
         self.zygote = None
         self.closing = False
         self._serial = 0
@@ -206,15 +207,53 @@ class SandboxManager:
 
     # -- shells ---------------------------------------------------------------------
     def _refill(self):
-        while not self.closing and not self.config.fresh and self.zygote is not None \
-                and self.zygote.alive and len(self.pool) + self.starting < self.config.pool_size:
+        if self.closing or self.config.fresh or self.zygote is None or not self.zygote.alive:
+            return
+        missing = self.config.pool_size - len(self.pool) - self.starting
+        if missing > 0:
             try:
-                self._fork_shell()
+                self._fork_shells(missing)
             except SandboxError as e:
                 self.log(str(e))
-                return
 
-    def _fork_shell(self, pooled=True):
+    def _fork_shells(self, count, pooled=True):
+        """`count` new shells, asked of the zygote in as few messages as
+        the fds allow: it forks each message's shells in one go.  If one
+        cannot be made, those before it still are, and the error is logged;
+        it is raised if there are none."""
+        made, error = [], None
+        try:
+            while len(made) < count:
+                made.append(self._new_shell(pooled))
+        except SandboxError as e:
+            error = e
+        per_message = proto.MAX_FDS // len(made[0][1]) if made else 1
+        shells = []
+        while made:
+            batch = made[:per_message]
+            try:
+                self.zygote.fork([(shell.id, shell.uid, pooled, fds) for shell, fds in batch],
+                                 self.config.scratch_mb, self.config.fresh, self.config.netns)
+            except SandboxError as e:
+                error = e
+                break
+            del made[:per_message]
+            for shell, fds in batch:
+                for fd in fds:
+                    os.close(fd)  # the zygote has its own copies now
+                self._watch_new_shell(shell)
+                shells.append(shell)
+        for shell, fds in made:  # never asked for
+            self._discard_new_shell(shell, fds)
+        if error is not None:
+            if not shells:
+                raise error
+            self.log(str(error))
+        return shells
+
+    def _new_shell(self, pooled):
+        """A Sandbox for a shell not yet forked, and the fds the zygote
+        passes to it: its channel, its output pipe, its cgroup.procs files."""
         self._serial += 1
         sandbox_id = "sb-%d" % self._serial
         cgroup = self.cgroups.acquire()
@@ -233,32 +272,40 @@ class SandboxManager:
             # the CPUs from the calls being served (and their replies).
             # Ready, it is idle anyway; _on_shell_ready lifts this.
             cgroup.set_idle(pooled)
-            uid = self.config.uid_base + self.cgroups.number[cgroup.path]
-            self.zygote.fork(sandbox_id, fds, uid, self.config.scratch_mb, self.config.fresh,
-                             pooled, self.config.netns)
         except (OSError, SandboxError) as e:  # CgroupError is a SandboxError
+            for fd in fds:
+                os.close(fd)
             if ours is not None:
                 ours.close()
             if output is not None:
                 os.close(output)
             self.cgroups.release(cgroup)
             raise SandboxError("fork shell", sandbox_id, str(e)) from None
-        finally:
-            for fd in fds:
-                os.close(fd)
+        uid = self.config.uid_base + self.cgroups.number[cgroup.path]
         sandbox = Sandbox(sandbox_id, cgroup, ours, uid)
         sandbox.built_idle = pooled
+        sandbox.output_fd = output
+        return sandbox, fds
+
+    def _discard_new_shell(self, sandbox, fds):
+        """One that _new_shell made but the zygote was not asked for."""
+        for fd in fds:
+            os.close(fd)
+        sandbox.channel.close()
+        os.close(sandbox.output_fd)
+        self.cgroups.release(sandbox.cgroup)
+
+    def _watch_new_shell(self, sandbox):
+        """Asked for: wait for it to say it is ready, and copy its output."""
         if not self.config.netns:
             sandbox.network = "host"
-        sandbox.oom_kills = cgroup.oom_kills()
-        sandbox.output_fd = output
-        self.sandboxes[sandbox_id] = sandbox
+        sandbox.oom_kills = sandbox.cgroup.oom_kills()
+        self.sandboxes[sandbox.id] = sandbox
         self.starting += 1
-        ours.setblocking(False)
+        sandbox.channel.setblocking(False)
         loop = asyncio.get_running_loop()
-        loop.add_reader(ours.fileno(), self._on_shell_ready, sandbox)
-        loop.add_reader(output, self._on_output, sandbox)
-        return sandbox
+        loop.add_reader(sandbox.channel.fileno(), self._on_shell_ready, sandbox)
+        loop.add_reader(sandbox.output_fd, self._on_output, sandbox)
 
     def _finish_output(self, sandbox):
         """Its processes are gone: copy what is left in its pipe, close it."""
@@ -366,7 +413,7 @@ class SandboxManager:
         self.waiters.append(waiter)
         if self.starting < len(self.waiters):
             try:
-                self._fork_shell(pooled=False)
+                self._fork_shells(1, pooled=False)
             except BaseException:
                 self.waiters.remove(waiter)
                 raise
@@ -414,7 +461,7 @@ class SandboxManager:
         if lease is not None:
             # Its own from here on: released when the sandbox is gone.
             sandbox.lease, sandbox.network = lease, "egress " + lease.address
-        schedule_refill(self._refill, len(self.pool) + self.starting, self.config.pool_size)
+        self.refill_later.after_take(len(self.pool) + self.starting, self.config.pool_size)
         sandbox.egress_wait = leased - started
         sandbox.waited = time.monotonic() - leased
         sandbox.label = label

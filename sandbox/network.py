@@ -36,7 +36,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import nat
 from .errors import CapacityError, SandboxError
-from .pools import schedule_refill, wait_for_item
+from .pools import Refill, wait_for_item
 from .runtime import syscalls as sc
 
 MAIN_TABLE = 254
@@ -74,6 +74,7 @@ class EgressNetwork:
         self.unused = list(range(len(self.addresses)))[::-1]  # address indexes never made
         self.making = 0
         self.waiters = collections.deque()  # futures of acquire() calls
+        self.refill_later = Refill(self._refill)
         self.closing = False
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ol-network")
         self.ipr = None       # the thread's netlink socket, in the host's namespace
@@ -172,7 +173,7 @@ class EgressNetwork:
             raise SandboxError("give egress", self.subnet, "the worker is shutting down")
         if self.free:
             lease = self.free.popleft()
-            schedule_refill(self._refill, len(self.free) + self.making, self.spare)
+            self.refill_later.after_take(len(self.free) + self.making, self.spare)
             return lease
         if not self.unused and not self.making:
             raise CapacityError("give egress", self.subnet, "all %d addresses are in use"

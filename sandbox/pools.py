@@ -8,11 +8,32 @@ import asyncio
 REFILL_DELAY = 0.01
 
 
-def schedule_refill(refill, ready, wanted):
-    """Call `refill` once the call that took an item is likely answered,
-    or at once when fewer than half of `wanted` are `ready`."""
-    low = 2 * ready < wanted
-    asyncio.get_running_loop().call_later(0 if low else REFILL_DELAY, refill)
+class Refill:
+    """Calls `refill` once the call that took an item is likely answered,
+    or soon when fewer than half of the wanted items are ready.  Items
+    taken meanwhile share that one call, so their replacements are made
+    together: the zygote forks a whole batch of shells more cheaply than
+    each alone."""
+
+    def __init__(self, refill):
+        self.refill = refill
+        self.pending = None  # the asyncio handle of the next call
+        self.urgent = False
+
+    def after_take(self, ready, wanted):
+        low = 2 * ready < wanted
+        if self.pending is not None:
+            if self.urgent or not low:
+                return
+            self.pending.cancel()
+        loop = asyncio.get_running_loop()
+        self.urgent = low
+        # Soon, not now: the caller that took the item goes on first.
+        self.pending = loop.call_later(0 if low else REFILL_DELAY, self._run)
+
+    def _run(self):
+        self.pending = None
+        self.refill()
 
 
 async def wait_for_item(waiter, waiters, give_back):

@@ -126,20 +126,25 @@ class Zygote:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         return "%s; see the worker log" % (BOOT_FAILURES.get(code) or describe_status(status))
 
-    def fork(self, sandbox_id, fds, uid, scratch_mb, fresh=False, pooled=True, netns=True):
-        """Ask for a shell whose code will run as host `uid`; fds are its
-        channel, its output pipe, then its cgroup.procs files.
-        `pooled` shells will wait in the pool; others are wanted at once."""
+    def fork(self, shells, scratch_mb, fresh=False, netns=True):
+        """Ask for shells, in one message: `shells` holds (sandbox_id, uid,
+        pooled, fds) for each, where uid is the host uid its code will run
+        as, pooled says it will wait in the pool (others are wanted at once),
+        and fds are its channel, its output pipe, then its cgroup.procs
+        files.  At most proto.MAX_FDS fds in all."""
+        ids = ", ".join(shell[0] for shell in shells)
         if not self.alive:
-            raise SandboxError("fork sandbox", sandbox_id, "the zygote is not running")
-        msg = {"op": "fork", "id": sandbox_id, "hostname": sandbox_id, "uid": uid,
-               "scratch_mb": scratch_mb, "fresh": fresh, "pooled": pooled, "netns": netns}
+            raise SandboxError("fork sandbox", ids, "the zygote is not running")
+        msg = {"op": "fork", "scratch_mb": scratch_mb, "fresh": fresh, "netns": netns,
+               "shells": [{"id": sandbox_id, "hostname": sandbox_id, "uid": uid,
+                           "pooled": pooled, "nfds": len(fds)}
+                          for sandbox_id, uid, pooled, fds in shells]}
         try:
-            proto.send_packet(self.control, msg, fds)
+            proto.send_packet(self.control, msg, [fd for shell in shells for fd in shell[3]])
         except BlockingIOError:
-            raise SandboxError("fork sandbox", sandbox_id, "the zygote's queue is full") from None
+            raise SandboxError("fork sandbox", ids, "the zygote's queue is full") from None
         except OSError as e:
-            raise SandboxError("fork sandbox", sandbox_id, "zygote channel: %s" % e.strerror) from None
+            raise SandboxError("fork sandbox", ids, "zygote channel: %s" % e.strerror) from None
 
     def _on_control(self):
         while True:

@@ -197,11 +197,18 @@ def test_proc_is_masked_and_sys_is_absent(worker):
     assert r is False
 
 
-def test_each_sandbox_draws_its_own_random_numbers(worker):
+@pytest.mark.parametrize("module, draw", [
     # Shells are forked without Python's after-fork hooks, and reseeded.
-    source = "import random\ndef handler(event):\n    return random.random()\n"
+    ("random", "random.random()"),
+    # OpenSSL notices a fork by a change of pid, and every sandbox is pid 1
+    # like its zygote: built there, its generator would be everyone's.
+    ("ssl", "ssl.RAND_bytes(16).hex()"),
+])
+def test_each_sandbox_draws_its_own_random_numbers(worker, module, draw):
+    source = "import %s\ndef handler(event):\n    return %s\n" % (module, draw)
     draws = set()
-    for name in ("rand-a", "rand-b", "rand-c"):
+    for suffix in "abc":
+        name = "rand-%s-%s" % (module, suffix)
         worker.add_function(name, source)
         draws.add(worker.call(name, {})[2])
     assert len(draws) == 3

@@ -1,5 +1,7 @@
 """The sandbox package on its own: lifecycle and clean destruction."""
 import asyncio
+import dataclasses
+import json
 import os
 import subprocess
 import uuid
@@ -161,4 +163,32 @@ def test_a_load_failure_is_heard_even_when_the_request_cannot_be_sent(tmp_path, 
         channel.close()
         await manager.destroy(sandbox)
         await manager.shutdown()
+    asyncio.run(scenario())
+
+
+def test_shells_forked_in_one_batch_are_each_alone(tmp_path, manager_config):
+    """The zygote forks a whole batch of shells in one go (the pool's first
+    fill is one message): each must still be pid 1 of its own namespaces,
+    holding no fd of its siblings'."""
+    code = code_dir(tmp_path, "import os\n"
+                              "def handler(event):\n"
+                              "    return [os.getpid(), os.readlink('/proc/self/ns/pid'),\n"
+                              "            os.readlink('/proc/self/ns/net'), os.listdir('/proc/self/fd')]\n")
+
+    async def scenario():
+        manager = SandboxManager(dataclasses.replace(manager_config(), pool_size=6))
+        await manager.start()
+        for _ in range(100):
+            if len(manager.pool) == 6:
+                break
+            await asyncio.sleep(0.05)
+        boxes = [await manager.create(str(code)) for _ in range(6)]
+        assert all(b.taken_from_pool for b in boxes)
+        replies = [await ask(b, b"{}") for b in boxes]
+        await manager.shutdown()
+        facts = [json.loads(r["body"]) for r in replies]
+        assert [f[0] for f in facts] == [1] * 6
+        assert len({f[1] for f in facts}) == 6 and len({f[2] for f in facts}) == 6
+        for f in facts:  # stdin, stdout, stderr, its channel, and listdir's own
+            assert len(f[3]) == 5, f[3]
     asyncio.run(scenario())

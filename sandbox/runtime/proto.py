@@ -10,7 +10,7 @@ import socket
 import msgpack
 
 MAX_PACKET = 64 * 1024
-MAX_FDS = 16
+MAX_FDS = 253  # the kernel's SCM_MAX_FD: a zygote gets a batch of shells' fds at once
 
 # Zygote exit statuses that mean "could not boot": the worker reports them
 # once and does not restart the zygote in a loop.
@@ -37,19 +37,20 @@ def send_packet(sock, msg, fds=()):
     sock.sendmsg([pack(msg)], anc)
 
 
-def recv_fds(sock):
+def recv_fds(sock, flags=0):
     """Up to MAX_PACKET bytes and the fds that came with them."""
     fds = array.array("i")
-    data, anc, _flags, _addr = sock.recvmsg(MAX_PACKET, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+    data, anc, _flags, _addr = sock.recvmsg(MAX_PACKET, socket.CMSG_SPACE(MAX_FDS * fds.itemsize),
+                                            flags)
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
     return data, list(fds)
 
 
-def recv_packet(sock):
+def recv_packet(sock, flags=0):
     """One message and its fds, or (None, fds) at EOF."""
-    data, fds = recv_fds(sock)
+    data, fds = recv_fds(sock, flags)
     if not data:
         return None, fds
     return msgpack.unpackb(data, raw=False), fds

@@ -90,16 +90,6 @@ def seccomp_install():
     _check(lib.ol_seccomp_install(), "seccomp", "SECCOMP_SET_MODE_FILTER")
 
 
-def fork(what):
-    """fork(), for a process with a single thread that will never return to
-    its parent's business: Python's own os.fork also runs the interpreter's
-    after-fork work (threading's bookkeeping, at-fork callbacks), and the
-    Python objects it touches are copied on write, about 200 pages (0.5 ms
-    in a VM) per child.  The child must reseed what must not be shared
-    (random); the locks that work resets cannot be held with one thread."""
-    return _check(lib.ol_fork(), "fork", what)
-
-
 def prctl(option, arg, name):
     _check(lib.ol_prctl(option, arg, 0), "prctl", name)
 

@@ -2,8 +2,8 @@
 python3 with the runtime and common modules already imported.
 
 It serves one control channel (fd 3, SOCK_SEQPACKET) from the worker.  For
-each "fork" request it forks a child straight into a fresh PID namespace;
-the child finishes its own sandbox (its cgroup, then mount, IPC, UTS and
+each shell a "fork" request asks for (a batch of them at a time), it forks
+a child straight into a fresh PID namespace; the child finishes its own sandbox (its cgroup, then mount, IPC, UTS and
 cgroup namespaces, /proc, /tmp, /dev/shm) and says "ready" on its channel.
 That is a shell: the worker keeps a few ready, and gives one a function's
 code only when a call needs it.  The zygote reaps its children and reports
@@ -69,14 +69,23 @@ class Zygote:
             sys.exit(0)
 
     def on_control(self):
-        msg, fds = proto.recv_packet(self.control)
-        if msg is None:
-            sys.exit(0)  # the worker is gone; as pid 1 we take every sandbox with us
-        if msg.get("op") == "fork":
-            self.fork(msg, fds)
-        else:
-            for fd in fds:
-                os.close(fd)
+        """Every request queued on the channel, then the forks they ask
+        for in one go (ol_fork_shells says why)."""
+        batch = []
+        while True:
+            try:
+                msg, fds = proto.recv_packet(self.control, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if msg is None:
+                sys.exit(0)  # the worker is gone; as pid 1 we take every sandbox with us
+            if msg.get("op") == "fork":
+                batch += split_fork_request(msg, fds)
+            else:
+                for fd in fds:
+                    os.close(fd)
+        if batch:
+            self.fork(batch)
 
     def on_wakeup(self):
         try:
@@ -95,33 +104,30 @@ class Zygote:
             if sandbox_id is not None:
                 proto.send_packet(self.control, {"op": "exit", "id": sandbox_id, "status": status})
 
-    def fork(self, msg, fds):
+    def fork(self, batch):
         forked_at = time.monotonic()
-        # Everything the child's C set-up needs is built here, before the
-        # fork: the child runs as little Python as it can (shell.c says why).
-        setup = ShellSetup(self.plan(msg["scratch_mb"]), fds, msg.get("netns", True),
-                           msg["hostname"])
-        # unshare(CLONE_NEWPID) only changes where our *next* child goes: it
-        # becomes pid 1 of a new namespace, with no second fork.  setns back
-        # to our own namespace right after, so the next unshare is allowed.
-        try:
-            sc.unshare(sc.CLONE_NEWPID)
-            try:
-                pid = sc.fork("sandbox %s" % msg["id"])
-            except sc.SyscallError:
-                sc.setns(self.own_pidns, sc.CLONE_NEWPID)
-                raise
-        except sc.SyscallError as e:
+        # Shells a call is waiting for go first; pooled ones can wait.
+        batch.sort(key=lambda request: request[0].get("pooled", True))
+        # Everything the children's C set-up needs is built here, before the
+        # forks: a child runs as little Python as it can (shell.c says why).
+        setups = [ShellSetup(self.plan(msg["scratch_mb"]), fds, msg.get("netns", True),
+                             msg["hostname"]) for msg, fds in batch]
+        pids = sc.ffi.new("int[]", len(batch))
+        failures = sc.ffi.new("struct ol_failure[]", len(batch))
+        rc = sc.lib.ol_fork_shells(len(batch), self.own_pidns, pids, failures)
+        if rc > 0:
+            self.become_shell(batch[rc - 1][0], setups[rc - 1], forked_at)
+        for i, (msg, fds) in enumerate(batch):
             for fd in fds:
                 os.close(fd)
-            proto.send_packet(self.control, {"op": "fork_failed", "id": msg["id"], "error": str(e)})
-            return
-        if pid == 0:
-            self.become_shell(msg, setup, forked_at)
-        sc.setns(self.own_pidns, sc.CLONE_NEWPID)
-        for fd in fds:
-            os.close(fd)
-        self.children[pid] = msg["id"]
+            if pids[i]:
+                self.children[pids[i]] = msg["id"]
+            elif failures[i].call:  # (not forked at all if rc < 0)
+                error = str(sc.failed(failures[i], "sandbox %s" % msg["id"]))
+                proto.send_packet(self.control, {"op": "fork_failed", "id": msg["id"],
+                                                 "error": error})
+        if rc < 0:  # cannot fork any more children where they belong
+            raise sc.SyscallError("setns", "the zygote's own PID namespace", -rc)
 
     def plan(self, scratch_mb):
         """A shell's mount plan for this scratch size, compiled once."""
@@ -159,6 +165,17 @@ class Zygote:
             traceback.print_exc()
             status = 1
         os._exit(status)
+
+
+def split_fork_request(msg, fds):
+    """(request, fds) for each shell a "fork" message asks for: its own
+    fields and the message's common ones, and its slice of the fds."""
+    common = {k: v for k, v in msg.items() if k != "shells"}
+    shells = []
+    for shell in msg["shells"]:
+        shells.append((dict(common, **shell), fds[:shell["nfds"]]))
+        fds = fds[shell["nfds"]:]
+    return shells
 
 
 class ShellSetup:
@@ -200,11 +217,14 @@ class ShellSetup:
 def reseed():
     """Forked without Python's after-fork work (syscalls.fork), and as pid
     1 like every other sandbox: what draws random numbers from state copied
-    from the zygote would draw the same ones in every sandbox."""
+    from the zygote would draw the same ones in every sandbox.
+
+    OpenSSL's generators are left alone: warm_up never builds them, so each
+    sandbox that uses them builds its own from fresh entropy.  Built in the
+    zygote, every child would have to reseed them (OpenSSL notices a fork
+    by a new pid, and ours is always 1): ~0.15 ms of CPU per shell, for the
+    few functions that use TLS."""
     random.seed()
-    ssl = sys.modules.get("ssl")
-    if ssl is not None:  # OpenSSL notices a fork by a new pid; ours is always 1
-        ssl.RAND_add(os.urandom(32), 32.0)
 
 
 def warm_up():
@@ -215,12 +235,6 @@ def warm_up():
     for name in dir(sc.lib):
         getattr(sc.lib, name)
     sc.ffi.new("int *")
-    # asyncio imports ssl.  OpenSSL builds its random generators on first
-    # use, ~0.9 ms of CPU; built here, each child's reseed() only mixes in
-    # fresh entropy (~0.1 ms).
-    ssl = sys.modules.get("ssl")
-    if ssl is not None:
-        ssl.RAND_bytes(16)
     # Everything imported so far is shared with every child.  Out of the
     # collector's reach, it is never written to by a child's GC, so its
     # pages stay shared instead of being copied into each handler.
