@@ -69,11 +69,13 @@ int ol_enter_shell(const struct ol_shell *shell, struct ol_failure *failure, dou
 /* Fork n shells (sandbox/runtime/zygote.py): i + 1 in the i-th child. */
 int ol_fork_shells(int n, int own_pidns, int *pids, struct ol_failure *failures);
 
-/* Who a handler becomes (sandbox/runtime/privileges.py: after_assignment). */
+/* A shell leaving root, in two steps (sandbox/runtime/privileges.py):
+ * while it waits in the pool, and once it has its code. */
+int ol_before_assignment(int last_cap, struct ol_failure *failure);
+
 struct ol_identity {
     unsigned int host_uid;  /* its uid and gid on the host */
-    const char *uid_map;    /* its user namespace's maps, as written to /proc */
-    const char *gid_map;
+    unsigned int sandbox_uid, sandbox_gid;  /* who that is in its user namespace */
     int last_cap;           /* the highest capability number of this kernel */
     int pdeathsig;
 };

@@ -19,10 +19,12 @@
 #include <linux/mount.h>
 #include <linux/stat.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <net/if.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -280,6 +282,37 @@ static int write_file(const char *path, const char *text)
     return n < 0 ? -1 : 0;
 }
 
+int ol_before_assignment(int last_cap, struct ol_failure *failure)
+{
+    static const struct { unsigned long cur, max; } no_core = {0, 0};
+
+    /* No exec can ever grant privileges again (setuid binaries, file caps). */
+    if (syscall(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        FAIL(failure, -1, "PR_SET_NO_NEW_PRIVS");
+    /* Empty the bounding set: no capability can be regained by any means.
+     * The effective set stays, for the mounts and the uid change still to
+     * come.  Only those still in it are dropped (the zygote left a few):
+     * each drop commits new credentials, even of a capability not there. */
+    for (int cap = 0; cap <= last_cap; cap++)
+        if (syscall(SYS_prctl, PR_CAPBSET_READ, cap, 0, 0, 0) > 0 &&
+            syscall(SYS_prctl, PR_CAPBSET_DROP, cap, 0, 0, 0) < 0)
+            FAIL(failure, -1, "PR_CAPBSET_DROP");
+    if (syscall(SYS_setgroups, 0, NULL) < 0)
+        FAIL(failure, -1, "setgroups");
+    /* A crash must not write the handler's memory anywhere. */
+    if (syscall(SYS_setrlimit, RLIMIT_CORE, &no_core) < 0)
+        FAIL(failure, -1, "setrlimit(RLIMIT_CORE)");
+    return 0;
+}
+
+/* "<inside> <host> 1": one id mapped, as /proc/self/uid_map takes it. */
+static int write_map(const char *path, unsigned int inside, unsigned int host)
+{
+    char map[32];
+    snprintf(map, sizeof map, "%u %u 1", inside, host);
+    return write_file(path, map);
+}
+
 int ol_drop_privileges(const struct ol_identity *id, struct ol_failure *failure)
 {
     unsigned int uid = id->host_uid;
@@ -296,9 +329,9 @@ int ol_drop_privileges(const struct ol_identity *id, struct ol_failure *failure)
         FAIL(failure, -1, "unshare user namespace");
     if (write_file("/proc/self/setgroups", "deny") < 0)
         FAIL(failure, -1, "write /proc/self/setgroups");
-    if (write_file("/proc/self/uid_map", id->uid_map) < 0)
+    if (write_map("/proc/self/uid_map", id->sandbox_uid, uid) < 0)
         FAIL(failure, -1, "write /proc/self/uid_map");
-    if (write_file("/proc/self/gid_map", id->gid_map) < 0)
+    if (write_map("/proc/self/gid_map", id->sandbox_gid, uid) < 0)
         FAIL(failure, -1, "write /proc/self/gid_map");
     int rc = ol_drop_all_caps(id->last_cap);
     if (rc < 0) {

@@ -1,6 +1,6 @@
 """Giving up privileges, in two steps around the moment a handler process
 gets its function: before it, the process still needs root for its mounts;
-after it (FinalDrop), the function's own code runs, so nothing may be left.
+after it, the function's own code runs, so nothing may be left.
 """
 import os
 import resource
@@ -39,31 +39,22 @@ def narrow_bounding_set():
             sc.prctl(sc.PR_CAPBSET_DROP, cap, "PR_CAPBSET_DROP(%d)" % cap)
 
 
-def before_assignment():
-    """While the shell waits in the pool (it is still root)."""
-    # No exec can ever grant privileges again (setuid binaries, file caps).
-    sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
-    # Empty the bounding set: no capability can be regained by any means.
-    for cap in SHELL_CAPS:
-        sc.prctl(sc.PR_CAPBSET_DROP, cap, "PR_CAPBSET_DROP(%d)" % cap)
-    os.setgroups([])
-    # A crash must not write the handler's memory anywhere.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+class Privileges:
+    """A shell giving up root, in two C calls (cbits/shell.c), from structs
+    built ahead: in the zygote, once for all its children, a child only
+    writes its uid into its copy (building them in each child cost ~45 page
+    copies).
 
+    before_assignment(), while the shell waits in the pool (it still needs
+    root for its mounts):
+    - no exec can ever grant privileges again (no_new_privs: setuid
+      binaries, file capabilities);
+    - its bounding set is emptied: no capability can be regained by any
+      means (its effective set stays, for the steps still to come);
+    - no supplementary groups;
+    - no core dumps: a crash must not write the handler's memory anywhere.
 
-def set_rlimits(nofile, fsize):
-    """The function's own limits, soft and hard alike: without
-    CAP_SYS_RESOURCE (gone soon after) no hard limit can be raised again.
-    A file grown past `fsize` fails with EFBIG (Python ignores SIGXFSZ)."""
-    for resource_id, value in ((resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_FSIZE, fsize)):
-        if value is not None:
-            resource.setrlimit(resource_id, (value, value))
-
-
-class FinalDrop:
-    """What a handler does once its code is attached, before any of it
-    runs: leave root for good.  Made while the shell waits in the pool;
-    calling it is one C call (cbits/shell.c: ol_drop_privileges), which
+    final(host_uid), once its code is attached, before any of it runs,
     takes these steps in this order:
 
     1. setresgid and setresuid to `host_uid`.  Leaving uid 0 clears the
@@ -88,15 +79,26 @@ class FinalDrop:
        (cbits/olsys.c says which and why): from here on they stay refused
        for good."""
 
-    def __init__(self, host_uid):
-        self.host_uid = host_uid
-        self._maps = [sc.ffi.new("char[]", b"%d %d 1" % (sandbox_id, host_uid))
-                      for sandbox_id in (SANDBOX_UID, SANDBOX_GID)]
+    def __init__(self):
         self.identity = sc.ffi.new("struct ol_identity *", {
-            "host_uid": host_uid, "uid_map": self._maps[0], "gid_map": self._maps[1],
-            "last_cap": LAST_CAP, "pdeathsig": signal.SIGKILL})
+            "sandbox_uid": SANDBOX_UID, "sandbox_gid": SANDBOX_GID, "last_cap": LAST_CAP,
+            "pdeathsig": signal.SIGKILL})
         self.failure = sc.ffi.new("struct ol_failure *")
 
-    def __call__(self):
+    def before_assignment(self):
+        if sc.lib.ol_before_assignment(LAST_CAP, self.failure) < 0:
+            raise sc.failed(self.failure, "shell")
+
+    def final(self, host_uid):
+        self.identity.host_uid = host_uid
         if sc.lib.ol_drop_privileges(self.identity, self.failure) < 0:
-            raise sc.failed(self.failure, "uid %d" % self.host_uid)
+            raise sc.failed(self.failure, "uid %d" % host_uid)
+
+
+def set_rlimits(nofile, fsize):
+    """The function's own limits, soft and hard alike: without
+    CAP_SYS_RESOURCE (gone soon after) no hard limit can be raised again.
+    A file grown past `fsize` fails with EFBIG (Python ignores SIGXFSZ)."""
+    for resource_id, value in ((resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_FSIZE, fsize)):
+        if value is not None:
+            resource.setrlimit(resource_id, (value, value))

@@ -49,6 +49,7 @@ class Zygote:
         self.children = {}  # pid in our namespace -> sandbox id
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.plans = {}  # scratch_mb -> mounts.CompiledPlan
+        self.prepared = handler.Preparation()  # shared by every child, copied on write
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The handler only wakes the loop; reaping happens in the loop.
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -160,7 +161,8 @@ class Zygote:
         # unwind into the zygote's own loop, which is on this stack too.
         status = 0
         try:
-            handler.serve(setup.channel_fd, times, msg["uid"], rehearse=msg.get("pooled", True))
+            handler.serve(setup.channel_fd, times, msg["uid"], self.prepared,
+                          rehearse=msg.get("pooled", True))
         except BaseException:
             traceback.print_exc()
             status = 1
@@ -235,18 +237,13 @@ def warm_up():
     for name in dir(sc.lib):
         getattr(sc.lib, name)
     sc.ffi.new("int *")
-    # Everything imported so far is shared with every child.  Out of the
-    # collector's reach, it is never written to by a child's GC, so its
-    # pages stay shared instead of being copied into each handler.
-    gc.collect()
-    gc.freeze()
 
 
 def main():
     try:
         control = socket.socket(fileno=CONTROL_FD)
         warm_up()
-        # syscalls.fork is only safe with one thread: another one could
+        # ol_fork_shells is only safe with one thread: another one could
         # hold the GIL at the fork, and the child would wait for it forever.
         threads = os.listdir("/proc/self/task")
         if len(threads) != 1:
@@ -255,7 +252,13 @@ def main():
     except Exception as e:
         print("zygote: cannot boot: %s: %s" % (type(e).__name__, e), file=sys.stderr)
         sys.exit(proto.EXIT_BOOT_IMPORT)
-    Zygote(control).serve()
+    zygote = Zygote(control)
+    # Everything made so far is shared with every child.  Out of the
+    # collector's reach, it is never written to by a child's GC, so its
+    # pages stay shared instead of being copied into each handler.
+    gc.collect()
+    gc.freeze()
+    zygote.serve()
 
 
 if __name__ == "__main__":
