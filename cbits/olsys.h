@@ -50,22 +50,35 @@ struct ol_failure {
     int err;
 };
 
+/* Files of /proc/net as they read in a network namespace just made. */
+struct ol_netns_snapshot {
+    int n;
+    const char *const *names;  /* e.g. "snmp" */
+    const char *const *data;
+    const int *len;
+};
+
 struct ol_shell {
     const int *cgroup_fds;  /* each cgroup's cgroup.procs, open for writing */
     int ncgroup_fds;
     int output_fd;          /* becomes fds 1 and 2 */
     int channel_fd;         /* kept, with 0, 1 and 2; every other fd is closed */
-    int ns_flags;           /* namespaces to unshare */
-    int loopback;           /* bring up lo (a new network namespace) */
+    int ns_flags;           /* namespaces to unshare, the network's aside */
+    int netns;              /* 1: a network namespace of its own; 0: the zygote's */
+    int netns_fd;           /* a used one, to join if untouched; or -1 */
+    const struct ol_netns_snapshot *pristine;  /* what untouched means; NULL: join none */
+    int made_netns_fd;      /* out: the one it made (and brought lo up in), open; or -1 */
     const struct ol_mount_op *mounts;
     int nmounts;
     const char *hostname;
 };
 
 int ol_apply_mounts(const struct ol_mount_op *ops, int n, struct ol_failure *failure);
+/* Bring up lo in the calling thread's network namespace: 0, or -1 and errno. */
+int ol_loopback_up(void);
 /* stamps[0]: when its cgroups and fds were done; stamps[1]: its namespaces
  * and mounts (CLOCK_MONOTONIC, Python's time.monotonic()). */
-int ol_enter_shell(const struct ol_shell *shell, struct ol_failure *failure, double *stamps);
+int ol_enter_shell(struct ol_shell *shell, struct ol_failure *failure, double *stamps);
 /* Fork n shells (sandbox/runtime/zygote.py): i + 1 in the i-th child. */
 int ol_fork_shells(int n, int own_pidns, int *pids, struct ol_failure *failures);
 

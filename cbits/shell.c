@@ -163,7 +163,7 @@ static void close_keeping_errno(int fd)
 }
 
 /* A new network namespace has a loopback device, but it is down. */
-static int loopback_up(void)
+int ol_loopback_up(void)
 {
     struct ifreq ifr;
     int s = (int)syscall(SYS_socket, AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -189,9 +189,58 @@ static int close_all_but(int keep)
     return (int)syscall(SYS_close_range, keep + 1, ~0U, 0);
 }
 
-int ol_enter_shell(const struct ol_shell *shell, struct ol_failure *failure, double *stamps)
+/* /proc/net/<name> of the calling thread's network namespace, into buf:
+ * its length (size if it did not fit), or -1. */
+static long read_net_file(const char *name, char *buf, long size)
 {
-    int null_fd;
+    char path[64] = "/proc/thread-self/net/";
+    long n = 0, got = 0;
+    int fd;
+
+    if (strlen(path) + strlen(name) >= sizeof path)
+        return -1;
+    strcat(path, name);
+    fd = (int)syscall(SYS_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    while (n < size && (got = syscall(SYS_read, fd, buf + n, size - n)) > 0)
+        n += got;
+    syscall(SYS_close, fd);
+    return got < 0 ? -1 : n;
+}
+
+/* Did no sandbox leave a trace in the calling thread's network namespace?
+ * No socket open in it (sockstat's "sockets: used" counts every kind, even
+ * one whose only reference is in flight in a unix socket's queue), no TCP
+ * TIME_WAIT, no IP fragment waiting, and every counter (its loopback's,
+ * the IP, IPv6, ICMP, TCP and UDP MIBs: `pristine`'s files) as in a
+ * namespace just made, so no packet was ever sent, received or refused in
+ * it.  What else it holds (addresses, routes, rules, sysctls, lo's state)
+ * takes CAP_NET_ADMIN over it to change, which no handler ever has: the
+ * namespace belongs to the host's user namespace, the handler runs as an
+ * unprivileged uid in one of its own. */
+static int netns_untouched(const struct ol_netns_snapshot *pristine)
+{
+    char buf[16384];
+    long n = read_net_file("sockstat", buf, sizeof buf - 1);
+
+    if (n < 0)
+        return 0;
+    buf[n] = 0;
+    if (strncmp(buf, "sockets: used 0\n", 16) != 0 || !strstr(buf, " tw 0 ") ||
+        !strstr(buf, "\nFRAG: inuse 0 memory 0\n"))
+        return 0;
+    for (int i = 0; i < pristine->n; i++) {
+        n = read_net_file(pristine->names[i], buf, sizeof buf);
+        if (n != pristine->len[i] || memcmp(buf, pristine->data[i], (size_t)n) != 0)
+            return 0;
+    }
+    return 1;
+}
+
+int ol_enter_shell(struct ol_shell *shell, struct ol_failure *failure, double *stamps)
+{
+    int null_fd, make_netns;
 
     if (shell->channel_fd < 3 || shell->output_fd < 3) {
         errno = EINVAL;
@@ -209,14 +258,27 @@ int ol_enter_shell(const struct ol_shell *shell, struct ol_failure *failure, dou
     null_fd = (int)syscall(SYS_openat, AT_FDCWD, "/dev/null", O_RDONLY);
     if (null_fd < 0 || syscall(SYS_dup2, null_fd, 0) < 0)
         FAIL(failure, -1, "open /dev/null");
+    /* A used network namespace (sandbox/loopback.py) is joined only if
+     * its last sandbox left no trace in it; else this shell makes one. */
+    make_netns = shell->netns;
+    if (make_netns && shell->netns_fd >= 0 && shell->pristine &&
+        syscall(SYS_setns, shell->netns_fd, CLONE_NEWNET) == 0)
+        make_netns = !netns_untouched(shell->pristine);
     /* Nothing of the zygote's: its control socket, epoll, wakeup pipe... */
     if (close_all_but(shell->channel_fd) < 0)
         FAIL(failure, -1, "close_range");
     stamps[0] = now();
-    if (syscall(SYS_unshare, shell->ns_flags) < 0)
+    if (syscall(SYS_unshare, shell->ns_flags | (make_netns ? CLONE_NEWNET : 0)) < 0)
         FAIL(failure, -1, "unshare");
-    if (shell->loopback && loopback_up() < 0)
-        FAIL(failure, -1, "bring up lo");
+    if (make_netns) {
+        if (ol_loopback_up() < 0)
+            FAIL(failure, -1, "bring up lo");
+        /* For the worker to keep, and recycle once this sandbox is gone. */
+        shell->made_netns_fd = (int)syscall(SYS_openat, AT_FDCWD, "/proc/thread-self/ns/net",
+                                            O_RDONLY | O_CLOEXEC);
+        if (shell->made_netns_fd < 0)
+            FAIL(failure, -1, "open /proc/thread-self/ns/net");
+    }
     if (ol_apply_mounts(shell->mounts, shell->nmounts, failure) < 0)
         return -failure->err;
     if (syscall(SYS_sethostname, shell->hostname, strlen(shell->hostname)) < 0)

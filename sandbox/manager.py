@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from .cgroups import Cgroup, Limits
 from .errors import SandboxError
+from .loopback import LoopbackPool
 from .pools import Refill, wait_for_item
 from .runtime import proto
 from .runtime import syscalls as sc
@@ -62,6 +63,7 @@ class Sandbox:
         self.uid = uid              # the host uid its code runs as
         self.network = "isolated"   # "isolated" (only its loopback), "host", or "egress ADDR"
         self.lease = None           # its egress namespace (sandbox.network.Lease)
+        self.netns_fd = None        # its own loopback-only namespace, to recycle
         self.channel = channel
         self.label = None
         self.state = "starting"     # -> "pooled" -> "assigned"
@@ -157,6 +159,8 @@ class SandboxManager:
         self.starting = 0                   # shells forked but not yet ready
         self.waiters = collections.deque()  # futures of create() calls awaiting a shell
         self.refill_later = Refill(self._refill)
+        # Recycled loopback-only namespaces, for the shells to join.
+        self.loopback = LoopbackPool(2 * config.pool_size) if config.netns else None
         self.zygote = None
         self.closing = False
         self._serial = 0
@@ -232,7 +236,8 @@ class SandboxManager:
         while made:
             batch = made[:per_message]
             try:
-                self.zygote.fork([(shell.id, shell.uid, pooled, fds) for shell, fds in batch],
+                self.zygote.fork([(shell.id, shell.uid, pooled, shell.netns_fd is not None, fds)
+                                  for shell, fds in batch],
                                  self.config.scratch_mb, self.config.fresh, self.config.netns)
             except SandboxError as e:
                 error = e
@@ -258,7 +263,7 @@ class SandboxManager:
         sandbox_id = "sb-%d" % self._serial
         cgroup = self.cgroups.acquire()
         fds = []
-        ours = output = None
+        ours = output = netns_fd = None
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             fds.append(theirs.detach())
@@ -267,6 +272,9 @@ class SandboxManager:
             output, output_w = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(output, False)
             fds.append(output_w)
+            netns_fd = self.loopback.take() if self.loopback is not None else None
+            if netns_fd is not None:
+                fds.append(os.dup(netns_fd))  # dup'd: ours stays open with the sandbox
             fds += cgroup.open_procs()
             # A pooled shell is built in the background: it must not take
             # the CPUs from the calls being served (and their replies).
@@ -279,12 +287,15 @@ class SandboxManager:
                 ours.close()
             if output is not None:
                 os.close(output)
+            if netns_fd is not None:
+                self.loopback.give_back(netns_fd)
             self.cgroups.release(cgroup)
             raise SandboxError("fork shell", sandbox_id, str(e)) from None
         uid = self.config.uid_base + self.cgroups.number[cgroup.path]
         sandbox = Sandbox(sandbox_id, cgroup, ours, uid)
         sandbox.built_idle = pooled
         sandbox.output_fd = output
+        sandbox.netns_fd = netns_fd
         return sandbox, fds
 
     def _discard_new_shell(self, sandbox, fds):
@@ -293,6 +304,7 @@ class SandboxManager:
             os.close(fd)
         sandbox.channel.close()
         os.close(sandbox.output_fd)
+        self._release_netns(sandbox, reusable=True)
         self.cgroups.release(sandbox.cgroup)
 
     def _watch_new_shell(self, sandbox):
@@ -357,11 +369,22 @@ class SandboxManager:
 
     def _on_shell_ready(self, sandbox):
         try:
-            data = sandbox.channel.recv(4096)
+            data, fds = proto.recv_fds(sandbox.channel)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
+            data, fds = b"", []
+        if fds and self.loopback is not None:
+            # It made a namespace (sent before any function's code ran): the
+            # one it was given, if any, had a trace of its last sandbox.
+            if sandbox.netns_fd is not None:
+                self.loopback.refused += 1
+                os.close(sandbox.netns_fd)
+            sandbox.netns_fd = fds.pop(0)
+        elif data and sandbox.netns_fd is not None:
+            self.loopback.joined += 1
+        for fd in fds:
+            os.close(fd)
         asyncio.get_running_loop().remove_reader(sandbox.channel.fileno())
         self.starting -= 1
         unpacker = proto.unpacker()
@@ -536,12 +559,23 @@ class SandboxManager:
             # empty, or emptied (killed and waited for) on release.
             self.network.release(sandbox.lease, reusable=emptied)
             sandbox.lease = None
+        self._release_netns(sandbox, reusable=emptied)
         if not sandbox.exited.done():
             sandbox.exited.set_result(error or describe_status(status))
         if sandbox.state == "pooled":
             # Only a pooled shell's death calls for a new one: refilling after
             # shells that failed to start would fork in a loop on a broken host.
             self._refill()
+
+    def _release_netns(self, sandbox, reusable):
+        """Its loopback-only namespace, for the pool to check and recycle
+        once no process can be left in it."""
+        if sandbox.netns_fd is not None:
+            if reusable:
+                self.loopback.give_back(sandbox.netns_fd)
+            else:
+                os.close(sandbox.netns_fd)
+            sandbox.netns_fd = None
 
     async def destroy(self, sandbox, timeout=2.0):
         """Kill a sandbox and wait until it is gone and its cgroup free."""
@@ -562,6 +596,8 @@ class SandboxManager:
             self._on_child_exit(sandbox_id, None, "the worker shut down")
         while self.waiters:
             self._fail_waiter(SandboxError("create sandbox", "-", "the worker is shutting down"))
+        if self.loopback is not None:
+            self.loopback.close()
         try:
             self.root.remove()
             self.root.remove_empty_parents()

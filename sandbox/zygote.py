@@ -128,19 +128,20 @@ class Zygote:
 
     def fork(self, shells, scratch_mb, fresh=False, netns=True):
         """Ask for shells, in one message: `shells` holds (sandbox_id, uid,
-        pooled, fds) for each, where uid is the host uid its code will run
-        as, pooled says it will wait in the pool (others are wanted at once),
-        and fds are its channel, its output pipe, then its cgroup.procs
+        pooled, netns_given, fds) for each, where uid is the host uid its
+        code will run as, pooled says it will wait in the pool (others are
+        wanted at once), and fds are its channel, its output pipe, if
+        netns_given a network namespace to join, then its cgroup.procs
         files.  At most proto.MAX_FDS fds in all."""
         ids = ", ".join(shell[0] for shell in shells)
         if not self.alive:
             raise SandboxError("fork sandbox", ids, "the zygote is not running")
         msg = {"op": "fork", "scratch_mb": scratch_mb, "fresh": fresh, "netns": netns,
                "shells": [{"id": sandbox_id, "hostname": sandbox_id, "uid": uid,
-                           "pooled": pooled, "nfds": len(fds)}
-                          for sandbox_id, uid, pooled, fds in shells]}
+                           "pooled": pooled, "netns_given": netns_given, "nfds": len(fds)}
+                          for sandbox_id, uid, pooled, netns_given, fds in shells]}
         try:
-            proto.send_packet(self.control, msg, [fd for shell in shells for fd in shell[3]])
+            proto.send_packet(self.control, msg, [fd for shell in shells for fd in shell[-1]])
         except BlockingIOError:
             raise SandboxError("fork sandbox", ids, "the zygote's queue is full") from None
         except OSError as e:

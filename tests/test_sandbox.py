@@ -192,3 +192,74 @@ def test_shells_forked_in_one_batch_are_each_alone(tmp_path, manager_config):
         for f in facts:  # stdin, stdout, stderr, its channel, and listdir's own
             assert len(f[3]) == 5, f[3]
     asyncio.run(scenario())
+
+
+NETWORK_TRACES = '''
+import socket
+
+def counters():
+    with open("/proc/net/dev") as f:
+        lo = [l for l in f if l.strip().startswith("lo:")][0].split(":")[1].split()
+    with open("/proc/net/snmp") as f:
+        rows = [l.split() for l in f]
+    snmp = {}
+    for names, values in zip(rows[::2], rows[1::2]):
+        snmp.update({names[0] + k: int(v) for k, v in zip(names[1:], values[1:])})
+    return {"lo_packets": int(lo[1]) + int(lo[9]), "no_routes": snmp["Ip:OutNoRoutes"],
+            "tcp_opens": snmp["Tcp:PassiveOpens"]}
+
+def handler(event):
+    seen = counters()
+    trace = event.get("trace")
+    if trace == "udp":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"x", ("127.0.0.1", 9))
+    elif trace == "no_route":  # no packet at all: only a counter moves
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.sendto(b"x", ("192.0.2.1", 9))
+            except OSError:
+                pass
+    elif trace == "tcp":  # a connection, closed: TIME_WAIT
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            client = socket.create_connection(server.getsockname())
+            server.accept()[0].close()
+            client.close()
+    return seen
+'''
+
+
+@pytest.mark.parametrize("trace", [None, "udp", "no_route", "tcp"])
+def test_a_used_network_namespace_is_joined_only_without_a_trace(tmp_path, manager_config,
+                                                                trace):
+    """A sandbox's loopback-only namespace goes to a later shell, which
+    joins it only if its last sandbox left nothing in it: every sandbox
+    starts with the counters of a namespace just made."""
+    code = code_dir(tmp_path, NETWORK_TRACES)
+
+    async def ready_pool(manager):
+        for _ in range(100):
+            if manager.pool:
+                return
+            await asyncio.sleep(0.02)
+
+    async def scenario():
+        manager = SandboxManager(dataclasses.replace(manager_config(), pool_size=1))
+        await manager.start()
+        await ready_pool(manager)
+        first = await manager.create(str(code))
+        await ask(first, json.dumps({"trace": trace}).encode())
+        await manager.destroy(first)  # its namespace is kept...
+        await ready_pool(manager)
+        await manager.destroy(await manager.create(str(code)))  # ...for the shell forked now
+        await ready_pool(manager)
+        later = await manager.create(str(code))
+        seen = json.loads((await ask(later, b"{}"))["body"])
+        joined, refused = manager.loopback.joined, manager.loopback.refused
+        await manager.shutdown()
+        assert seen == {"lo_packets": 0, "no_routes": 0, "tcp_opens": 0}
+        # The namespace `later` got was `first`'s (a refill may count one more).
+        assert (joined >= 1 and refused == 0) if trace is None else refused == 1
+    asyncio.run(scenario())

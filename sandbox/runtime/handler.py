@@ -167,10 +167,11 @@ class Preparation:
         self.privileges = privileges.Privileges()
 
 
-def serve(channel_fd, setup_times, host_uid, prepared, rehearse=True):
-    """Say ready, wait for a function, load it, serve it as `host_uid`.
-    Returns when the worker closes the channel (or drops this shell unused).  A shell that a
-    call is already waiting for skips the rehearsal: it would only delay it."""
+def serve(channel_fd, setup_times, host_uid, prepared, rehearse=True, ready_fds=()):
+    """Say ready (passing `ready_fds` along), wait for a function, load it,
+    serve it as `host_uid`.  Returns when the worker closes the channel (or
+    drops this shell unused).  A shell that a call is already waiting for
+    skips the rehearsal: it would only delay it."""
     channel = socket.socket(fileno=channel_fd)
     try:
         prepared.privileges.before_assignment()
@@ -179,7 +180,9 @@ def serve(channel_fd, setup_times, host_uid, prepared, rehearse=True):
         return
     if rehearse:
         rehearsal()
-    channel.sendall(proto.pack({"op": "ready", "t": setup_times}))
+    proto.send_packet(channel, {"op": "ready", "t": setup_times}, ready_fds)
+    for fd in ready_fds:
+        os.close(fd)
     unpacker = proto.unpacker()
     assign, fds = _wait_assign(channel, unpacker)
     if assign is None:

@@ -90,6 +90,12 @@ def seccomp_install():
     _check(lib.ol_seccomp_install(), "seccomp", "SECCOMP_SET_MODE_FILTER")
 
 
+def loopback_up():
+    """Bring up lo in the calling thread's network namespace (a new one's is down)."""
+    if lib.ol_loopback_up() < 0:
+        raise SyscallError("ioctl(SIOCSIFFLAGS)", "lo", ffi.errno)
+
+
 def prctl(option, arg, name):
     _check(lib.ol_prctl(option, arg, 0), "prctl", name)
 

@@ -42,6 +42,11 @@ PREIMPORTS = (
 
 HANDLER_NS = sc.CLONE_NEWNS | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP
 
+# What of /proc/net a used network namespace must read exactly as a new one
+# does for a shell to join it (cbits/shell.c: netns_untouched says why): its
+# loopback's counters, and the IP, ICMP, TCP and UDP MIBs, v4 and v6.
+NETNS_COUNTERS = ("dev", "snmp", "snmp6", "netstat")
+
 
 class Zygote:
     def __init__(self, control):
@@ -50,6 +55,7 @@ class Zygote:
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.plans = {}  # scratch_mb -> mounts.CompiledPlan
         self.prepared = handler.Preparation()  # shared by every child, copied on write
+        self.pristine_netns = PristineNetns()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The handler only wakes the loop; reaping happens in the loop.
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -112,7 +118,9 @@ class Zygote:
         # Everything the children's C set-up needs is built here, before the
         # forks: a child runs as little Python as it can (shell.c says why).
         setups = [ShellSetup(self.plan(msg["scratch_mb"]), fds, msg.get("netns", True),
-                             msg["hostname"]) for msg, fds in batch]
+                             msg.get("netns_given", False), self.pristine_netns.snapshot,
+                             msg["hostname"])
+                  for msg, fds in batch]
         pids = sc.ffi.new("int[]", len(batch))
         failures = sc.ffi.new("struct ol_failure[]", len(batch))
         rc = sc.lib.ol_fork_shells(len(batch), self.own_pidns, pids, failures)
@@ -162,7 +170,7 @@ class Zygote:
         status = 0
         try:
             handler.serve(setup.channel_fd, times, msg["uid"], self.prepared,
-                          rehearse=msg.get("pooled", True))
+                          rehearse=msg.get("pooled", True), ready_fds=setup.made_netns())
         except BaseException:
             traceback.print_exc()
             status = 1
@@ -190,12 +198,16 @@ class ShellSetup:
     - new mount, IPC, UTS and cgroup namespaces, and unless the worker runs
       with network_isolation off, a network namespace with only a loopback
       of its own: it cannot reach the worker's port, the host's loopback
-      services or other sandboxes;
+      services or other sandboxes.  The worker may give it one to join, a
+      recycled one that no sandbox left a trace in (sandbox/loopback.py);
+      else it makes one, and passes it to the worker with its "ready";
     - its own /proc, scratch /tmp and /dev/shm, and ptys (mounts.shell_plan);
     - its hostname."""
 
-    def __init__(self, plan, fds, netns, hostname):
-        self.channel_fd, output_fd, cgroup_fds = fds[0], fds[1], fds[2:]
+    def __init__(self, plan, fds, netns, netns_given, pristine_netns, hostname):
+        # fds: its channel, its output pipe, the namespace given, cgroups.
+        self.channel_fd, output_fd = fds[0], fds[1]
+        netns_fd, cgroup_fds = (fds[2], fds[3:]) if netns_given else (-1, fds[2:])
         self.plan = plan
         self.failure = sc.ffi.new("struct ol_failure *")
         self.stamps = sc.ffi.new("double[2]")
@@ -204,7 +216,8 @@ class ShellSetup:
         self.spec = sc.ffi.new("struct ol_shell *", {
             "cgroup_fds": self._cgroup_fds, "ncgroup_fds": len(cgroup_fds),
             "output_fd": output_fd, "channel_fd": self.channel_fd,
-            "ns_flags": HANDLER_NS | (sc.CLONE_NEWNET if netns else 0), "loopback": netns,
+            "ns_flags": HANDLER_NS, "netns": netns, "netns_fd": netns_fd,
+            "pristine": pristine_netns, "made_netns_fd": -1,
             "mounts": plan.array, "nmounts": len(plan), "hostname": self._hostname})
 
     def enter(self):
@@ -214,6 +227,46 @@ class ShellSetup:
                 raise self.plan.error(self.failure)
             raise sc.failed(self.failure, "shell")
         return [self.stamps[0], self.stamps[1]]
+
+    def made_netns(self):
+        """[the fd of the network namespace it made], or []."""
+        return [self.spec.made_netns_fd] if self.spec.made_netns_fd >= 0 else []
+
+
+class PristineNetns:
+    """NETNS_COUNTERS as they read in a network namespace just made (the
+    zygote makes one for a moment), for its children's C set-up to compare
+    a used namespace with.  If none can be made, `snapshot` is NULL and the
+    children never join a used one."""
+
+    def __init__(self):
+        self.snapshot = sc.ffi.NULL
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:
+                sc.unshare(sc.CLONE_NEWNET)
+            except sc.SyscallError as e:
+                print("zygote: used network namespaces are not recycled: %s" % e,
+                      file=sys.stderr)
+                return
+            try:
+                sc.loopback_up()
+                data = []
+                for name in NETNS_COUNTERS:
+                    with open("/proc/thread-self/net/" + name, "rb") as f:
+                        data.append(f.read())
+            finally:
+                sc.setns(own, sc.CLONE_NEWNET)  # and the new one is gone
+        finally:
+            os.close(own)
+        self._keep = [sc.ffi.new("char[]", name.encode()) for name in NETNS_COUNTERS] + [
+            sc.ffi.new("char[]", d) for d in data]
+        n = len(NETNS_COUNTERS)
+        self._arrays = (sc.ffi.new("char *[]", self._keep[:n]),
+                        sc.ffi.new("char *[]", self._keep[n:]),
+                        sc.ffi.new("int[]", [len(d) for d in data]))
+        self.snapshot = sc.ffi.new("struct ol_netns_snapshot *", {
+            "n": n, "names": self._arrays[0], "data": self._arrays[1], "len": self._arrays[2]})
 
 
 def reseed():
