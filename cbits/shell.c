@@ -19,7 +19,6 @@
 #include <linux/mount.h>
 #include <linux/stat.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <net/if.h>
 #include <sched.h>
 #include <signal.h>
@@ -367,11 +366,28 @@ int ol_before_assignment(int last_cap, struct ol_failure *failure)
     return 0;
 }
 
-/* "<inside> <host> 1": one id mapped, as /proc/self/uid_map takes it. */
+/* n in decimal at *p, which moves past it. */
+static void put_decimal(char **p, unsigned int n)
+{
+    char digits[10];
+    int count = 0;
+    do
+        digits[count++] = (char)('0' + n % 10);
+    while ((n /= 10) != 0);
+    while (count > 0)
+        *(*p)++ = digits[--count];
+}
+
+/* "<inside> <host> 1": one id mapped, as /proc/self/uid_map takes it.  Not
+ * with snprintf: its first call in a handler would touch (and copy) pages
+ * of the C library's state while a call waits. */
 static int write_map(const char *path, unsigned int inside, unsigned int host)
 {
-    char map[32];
-    snprintf(map, sizeof map, "%u %u 1", inside, host);
+    char map[32], *p = map;
+    put_decimal(&p, inside);
+    *p++ = ' ';
+    put_decimal(&p, host);
+    memcpy(p, " 1", 3);
     return write_file(path, map);
 }
 

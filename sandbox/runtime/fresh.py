@@ -13,7 +13,7 @@ from . import handler
 
 def main():
     times = ast.literal_eval(sys.argv[1]) + [time.monotonic()]
-    handler.serve(handler.FRESH_CHANNEL_FD, times, int(sys.argv[2]), handler.Preparation())
+    handler.serve(handler.FRESH_CHANNEL_FD, times, int(sys.argv[2]))
 
 
 if __name__ == "__main__":

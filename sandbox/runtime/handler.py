@@ -157,29 +157,22 @@ def invoke(fn, wants_context, function_name, request, max_response=None):
     return {"status": "ok", "body": body, "run": run}
 
 
-class Preparation:
-    """What a shell uses once it has its code, made ahead: by the zygote,
-    once for all its children (built in each child, they cost ~45 page
-    copies), or by a fresh interpreter for itself."""
-
-    def __init__(self):
-        self.attach = mounts.CompiledPlan(mounts.code_plan(-1))  # its fd is filled in then
-        self.privileges = privileges.Privileges()
-
-
-def serve(channel_fd, setup_times, host_uid, prepared, rehearse=True, ready_fds=()):
+def serve(channel_fd, setup_times, host_uid, rehearse=True, ready_fds=()):
     """Say ready (passing `ready_fds` along), wait for a function, load it,
     serve it as `host_uid`.  Returns when the worker closes the channel (or
     drops this shell unused).  A shell that a call is already waiting for
     skips the rehearsal: it would only delay it."""
     channel = socket.socket(fileno=channel_fd)
+    # Made now, so that at assignment only the syscalls are left.
+    leave_root = privileges.Privileges(host_uid)
     try:
-        prepared.privileges.before_assignment()
+        leave_root.before_assignment()
     except OSError as e:
         report_setup_failure(channel.detach(), e)
         return
     if rehearse:
         rehearsal()
+    attach = mounts.CompiledPlan(mounts.code_plan(-1))  # its fd is filled in then
     proto.send_packet(channel, {"op": "ready", "t": setup_times}, ready_fds)
     for fd in ready_fds:
         os.close(fd)
@@ -194,15 +187,15 @@ def serve(channel_fd, setup_times, host_uid, prepared, rehearse=True, ready_fds=
             # the loopback-only one this shell was built with.
             sc.setns(fds[1], sc.CLONE_NEWNET)
             os.close(fds[1])
-        prepared.attach.set_fd(0, fds[0])
-        prepared.attach.apply()
+        attach.set_fd(0, fds[0])
+        attach.apply()
         if assign.get("scratch_mb"):
             mounts.apply(mounts.scratch_plan(assign["scratch_mb"]))
         os.chdir(CODE_DIR)
         mounted = time.monotonic()
         limits = assign.get("process_limits", {})
         privileges.set_rlimits(limits.get("nofile"), limits.get("fsize"))
-        prepared.privileges.final(host_uid)
+        leave_root.final()
     except Exception as e:
         report_setup_failure(channel.detach(), e)
         return

@@ -41,9 +41,7 @@ def narrow_bounding_set():
 
 class Privileges:
     """A shell giving up root, in two C calls (cbits/shell.c), from structs
-    built ahead: in the zygote, once for all its children, a child only
-    writes its uid into its copy (building them in each child cost ~45 page
-    copies).
+    built while it waits in the pool.
 
     before_assignment(), while the shell waits in the pool (it still needs
     root for its mounts):
@@ -54,8 +52,8 @@ class Privileges:
     - no supplementary groups;
     - no core dumps: a crash must not write the handler's memory anywhere.
 
-    final(host_uid), once its code is attached, before any of it runs,
-    takes these steps in this order:
+    final(), once its code is attached, before any of it runs, takes these
+    steps in this order:
 
     1. setresgid and setresuid to `host_uid`.  Leaving uid 0 clears the
        permitted, effective and ambient capability sets: mount, unshare,
@@ -79,20 +77,19 @@ class Privileges:
        (cbits/olsys.c says which and why): from here on they stay refused
        for good."""
 
-    def __init__(self):
+    def __init__(self, host_uid):
         self.identity = sc.ffi.new("struct ol_identity *", {
-            "sandbox_uid": SANDBOX_UID, "sandbox_gid": SANDBOX_GID, "last_cap": LAST_CAP,
-            "pdeathsig": signal.SIGKILL})
+            "host_uid": host_uid, "sandbox_uid": SANDBOX_UID, "sandbox_gid": SANDBOX_GID,
+            "last_cap": LAST_CAP, "pdeathsig": signal.SIGKILL})
         self.failure = sc.ffi.new("struct ol_failure *")
 
     def before_assignment(self):
         if sc.lib.ol_before_assignment(LAST_CAP, self.failure) < 0:
             raise sc.failed(self.failure, "shell")
 
-    def final(self, host_uid):
-        self.identity.host_uid = host_uid
+    def final(self):
         if sc.lib.ol_drop_privileges(self.identity, self.failure) < 0:
-            raise sc.failed(self.failure, "uid %d" % host_uid)
+            raise sc.failed(self.failure, "uid %d" % self.identity.host_uid)
 
 
 def set_rlimits(nofile, fsize):

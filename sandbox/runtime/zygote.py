@@ -54,7 +54,6 @@ class Zygote:
         self.children = {}  # pid in our namespace -> sandbox id
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.plans = {}  # scratch_mb -> mounts.CompiledPlan
-        self.prepared = handler.Preparation()  # shared by every child, copied on write
         self.pristine_netns = PristineNetns()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The handler only wakes the loop; reaping happens in the loop.
@@ -169,8 +168,8 @@ class Zygote:
         # unwind into the zygote's own loop, which is on this stack too.
         status = 0
         try:
-            handler.serve(setup.channel_fd, times, msg["uid"], self.prepared,
-                          rehearse=msg.get("pooled", True), ready_fds=setup.made_netns())
+            handler.serve(setup.channel_fd, times, msg["uid"], rehearse=msg.get("pooled", True),
+                          ready_fds=setup.made_netns())
         except BaseException:
             traceback.print_exc()
             status = 1
