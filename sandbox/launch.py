@@ -23,6 +23,11 @@ ZYGOTE_ENV = {
     "PYTHONPATH": "/ol",
     "LANG": "C.UTF-8",
     "HOME": "/tmp",
+    # Every library symbol is bound when the zygote loads: else each child
+    # binds those the zygote never called itself on their first call, each
+    # time writing (and so copying) a page of the zygote's, some of them
+    # while a call waits (~0.1 ms of a cold start after idle).
+    "LD_BIND_NOW": "1",
 }
 
 

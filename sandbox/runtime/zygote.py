@@ -162,8 +162,10 @@ class Zygote:
         if msg.get("fresh"):
             # No zygote benefit: a new interpreter, for comparison only.
             os.dup2(setup.channel_fd, handler.FRESH_CHANNEL_FD)
-            os.execv("/usr/bin/python3", ["python3", "-s", "-B", "-m", "olrt.fresh",
-                                          repr(times), str(msg["uid"])])
+            # Without the zygote's LD_BIND_NOW, which would slow its start.
+            env = {k: v for k, v in os.environ.items() if k != "LD_BIND_NOW"}
+            os.execve("/usr/bin/python3", ["python3", "-s", "-B", "-m", "olrt.fresh",
+                                           repr(times), str(msg["uid"])], env)
         # Whatever happens, the child ends here: an exception must never
         # unwind into the zygote's own loop, which is on this stack too.
         status = 0
