@@ -117,6 +117,7 @@ class CgroupPool:
         self.number = {}          # cgroup path -> its number
         self.spare_numbers = []   # of cgroups that were removed
         self.serial = 0
+        self.oom_kills_known = {}  # cgroup path -> its OOM kills when last read
 
     def reserve(self, count):
         while len(self.free) < count:
@@ -136,12 +137,19 @@ class CgroupPool:
                                % (UID_SLOTS - 1))
         cgroup = Cgroup("%s/cg-%d" % (self.root, number)).create(self.limits)
         self.number[cgroup.path] = number
+        self.oom_kills_known[cgroup.path] = 0
         return cgroup
+
+    def oom_kills(self, cgroup):
+        """Its OOM kills so far: read when its last sandbox ended, if it was."""
+        known = self.oom_kills_known.pop(cgroup.path, None)
+        return cgroup.oom_kills() if known is None else known
 
     def release(self, cgroup, customized=False):
         if cgroup.pids():
             cgroup.remove()  # not empty after its sandbox died: do not reuse
             self.spare_numbers.append(self.number.pop(cgroup.path))
+            self.oom_kills_known.pop(cgroup.path, None)
             return
         if customized:
             cgroup.set_limits(self.limits)  # back to the defaults for the next one
@@ -311,7 +319,7 @@ class SandboxManager:
         """Asked for: wait for it to say it is ready, and copy its output."""
         if not self.config.netns:
             sandbox.network = "host"
-        sandbox.oom_kills = sandbox.cgroup.oom_kills()
+        sandbox.oom_kills = self.cgroups.oom_kills(sandbox.cgroup)
         self.sandboxes[sandbox.id] = sandbox
         self.starting += 1
         sandbox.channel.setblocking(False)
@@ -545,7 +553,10 @@ class SandboxManager:
                 self.pool.remove(sandbox)
             sandbox.channel.close()
         self._finish_output(sandbox)
-        if status is not None and sandbox.cgroup.oom_kills() > sandbox.oom_kills:
+        kills = sandbox.cgroup.oom_kills() if status is not None else None
+        if kills is not None:
+            self.cgroups.oom_kills_known[sandbox.cgroup.path] = kills
+        if kills is not None and kills > sandbox.oom_kills:
             sandbox.out_of_memory = True
             error = "ran out of memory (its limit is %d MB)" % sandbox.cgroup.memory_limit_mb()
         emptied = True
