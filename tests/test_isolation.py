@@ -212,3 +212,16 @@ def test_each_sandbox_draws_its_own_random_numbers(worker, module, draw):
         worker.add_function(name, source)
         draws.add(worker.call(name, {})[2])
     assert len(draws) == 3
+
+
+def test_a_handler_and_its_children_see_only_the_platforms_environment(worker):
+    # The zygote's LD_BIND_NOW would make every program a handler starts
+    # bind all its symbols at load.
+    source = ("import os, subprocess\n"
+              "def handler(event):\n"
+              "    child = subprocess.run(['/usr/bin/env'], capture_output=True, text=True)\n"
+              "    return [sorted(os.environ), sorted(v.split('=')[0] for v in child.stdout.split())]\n")
+    worker.add_function("environment", source)
+    own, child = worker.call("environment", {})[2]
+    assert own == ["HOME", "LANG", "PATH", "PYTHONPATH"]
+    assert child == own

@@ -162,10 +162,8 @@ class Zygote:
         if msg.get("fresh"):
             # No zygote benefit: a new interpreter, for comparison only.
             os.dup2(setup.channel_fd, handler.FRESH_CHANNEL_FD)
-            # Without the zygote's LD_BIND_NOW, which would slow its start.
-            env = {k: v for k, v in os.environ.items() if k != "LD_BIND_NOW"}
-            os.execve("/usr/bin/python3", ["python3", "-s", "-B", "-m", "olrt.fresh",
-                                           repr(times), str(msg["uid"])], env)
+            os.execv("/usr/bin/python3", ["python3", "-s", "-B", "-m", "olrt.fresh",
+                                          repr(times), str(msg["uid"])])
         # Whatever happens, the child ends here: an exception must never
         # unwind into the zygote's own loop, which is on this stack too.
         status = 0
@@ -297,6 +295,10 @@ def main():
     try:
         control = socket.socket(fileno=CONTROL_FD)
         warm_up()
+        # Its work is done (sandbox/launch.py says why it is set): what a
+        # handler runs, and the fresh interpreters of the comparison mode,
+        # start without it.
+        os.environ.pop("LD_BIND_NOW", None)
         # ol_fork_shells is only safe with one thread: another one could
         # hold the GIL at the fork, and the child would wait for it forever.
         threads = os.listdir("/proc/self/task")
