@@ -269,7 +269,7 @@ class PristineNetns:
 
 
 def reseed():
-    """Forked without Python's after-fork work (syscalls.fork), and as pid
+    """Forked without Python's after-fork work (ol_fork_shells), and as pid
     1 like every other sandbox: what draws random numbers from state copied
     from the zygote would draw the same ones in every sandbox.
 

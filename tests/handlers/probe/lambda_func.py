@@ -103,7 +103,7 @@ def _everyday():
                               text=True).stdout.strip())
     with open("/dev/urandom", "rb") as f:
         out.append("urandom %d" % len(f.read(8)))
-    # Shells are forked without Python's after-fork hooks (syscalls.fork):
+    # Shells are forked without Python's after-fork hooks (ol_fork_shells):
     # the modules whose state those hooks reset still work.
     import asyncio
     import concurrent.futures
