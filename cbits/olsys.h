@@ -79,6 +79,8 @@ int ol_loopback_up(void);
 /* stamps[0]: when its cgroups and fds were done; stamps[1]: its namespaces
  * and mounts (CLOCK_MONOTONIC, Python's time.monotonic()). */
 int ol_enter_shell(struct ol_shell *shell, struct ol_failure *failure, double *stamps);
+/* Does /proc/net/sockstat's text show no socket, TIME_WAIT or fragment? */
+int ol_sockstat_clean(const char *sockstat);
 /* Fork n shells (sandbox/runtime/zygote.py): i + 1 in the i-th child. */
 int ol_fork_shells(int n, int own_pidns, int *pids, struct ol_failure *failures);
 

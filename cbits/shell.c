@@ -33,8 +33,15 @@
 
 #include "olsys.h"
 
-#define FAIL(f, i, name) do { (f)->index = (i); (f)->call = (name); (f)->err = errno; \
-                              return -(f)->err; } while (0)
+#define FAIL(f, i, name) do { note_failure((f), (i), (name)); return -(f)->err; } while (0)
+
+/* What failed: the step (-1 for one outside a mount plan), the call, errno. */
+static void note_failure(struct ol_failure *failure, int index, const char *call)
+{
+    failure->index = index;
+    failure->call = call;
+    failure->err = errno;
+}
 
 #ifndef MNT_DETACH
 #define MNT_DETACH 2  /* <sys/mount.h>, which clashes with <linux/mount.h> */
@@ -208,16 +215,25 @@ static long read_net_file(const char *name, char *buf, long size)
     return got < 0 ? -1 : n;
 }
 
+int ol_sockstat_clean(const char *sockstat)
+{
+    /* Only these fields are the namespace's own: orphans, allocations and
+     * memory are the host's, and move with its traffic. */
+    return strncmp(sockstat, "sockets: used 0\n", 16) == 0 && strstr(sockstat, " tw 0 ") &&
+           strstr(sockstat, "\nFRAG: inuse 0 memory 0\n");
+}
+
 /* Did no sandbox leave a trace in the calling thread's network namespace?
  * No socket open in it (sockstat's "sockets: used" counts every kind, even
  * one whose only reference is in flight in a unix socket's queue), no TCP
- * TIME_WAIT, no IP fragment waiting, and every counter (its loopback's,
- * the IP, IPv6, ICMP, TCP and UDP MIBs: `pristine`'s files) as in a
- * namespace just made, so no packet was ever sent, received or refused in
- * it.  What else it holds (addresses, routes, rules, sysctls, lo's state)
- * takes CAP_NET_ADMIN over it to change, which no handler ever has: the
- * namespace belongs to the host's user namespace, the handler runs as an
- * unprivileged uid in one of its own. */
+ * TIME_WAIT, no IPv4 fragment waiting (an IPv6 one moved a counter), and
+ * every file of `pristine` as in a namespace just made: no packet was ever
+ * sent, received or refused in it (lo's counters, the IP, IPv6, ICMP, TCP
+ * and UDP MIBs), and no IPv6 flow label was left (they outlive their
+ * socket).  What else it holds (addresses, routes, rules, sysctls, lo's
+ * state) takes CAP_NET_ADMIN over it to change, which no handler ever has:
+ * the namespace belongs to the host's user namespace, the handler runs as
+ * an unprivileged uid in one of its own. */
 static int netns_untouched(const struct ol_netns_snapshot *pristine)
 {
     char buf[16384];
@@ -226,8 +242,7 @@ static int netns_untouched(const struct ol_netns_snapshot *pristine)
     if (n < 0)
         return 0;
     buf[n] = 0;
-    if (strncmp(buf, "sockets: used 0\n", 16) != 0 || !strstr(buf, " tw 0 ") ||
-        !strstr(buf, "\nFRAG: inuse 0 memory 0\n"))
+    if (!ol_sockstat_clean(buf))
         return 0;
     for (int i = 0; i < pristine->n; i++) {
         n = read_net_file(pristine->names[i], buf, sizeof buf);
@@ -241,7 +256,9 @@ int ol_enter_shell(struct ol_shell *shell, struct ol_failure *failure, double *s
 {
     int null_fd, make_netns;
 
-    if (shell->channel_fd < 3 || shell->output_fd < 3) {
+    /* Never a shell outside its cgroups: no limits would hold it, and no
+     * kill through them would reach it. */
+    if (shell->channel_fd < 3 || shell->output_fd < 3 || shell->ncgroup_fds < 1) {
         errno = EINVAL;
         FAIL(failure, -1, "check fds");
     }
@@ -286,13 +303,6 @@ int ol_enter_shell(struct ol_shell *shell, struct ol_failure *failure, double *s
     return 0;
 }
 
-static void note_failure(struct ol_failure *failure, const char *call)
-{
-    failure->index = -1;
-    failure->call = call;
-    failure->err = errno;
-}
-
 /* Fork n children, each as pid 1 of a new PID namespace of its own, with the
  * C library's fork(): Python's os.fork would also run the interpreter's
  * after-fork work (threading's bookkeeping, at-fork callbacks), whose
@@ -309,20 +319,20 @@ static void note_failure(struct ol_failure *failure, const char *call)
  * back to its own PID namespace (the rest are then not forked). */
 int ol_fork_shells(int n, int own_pidns, int *pids, struct ol_failure *failures)
 {
+    memset(pids, 0, sizeof *pids * (size_t)n);
     for (int i = 0; i < n; i++) {
         pid_t pid;
-        pids[i] = 0;
         /* unshare(CLONE_NEWPID) only changes where the *next* child goes:
          * it becomes pid 1 of a new namespace, with no second fork. */
         if (syscall(SYS_unshare, CLONE_NEWPID) < 0) {
-            note_failure(&failures[i], "unshare");
+            note_failure(&failures[i], -1, "unshare");
             continue;
         }
         pid = fork();
         if (pid == 0)
             return i + 1;
         if (pid < 0)
-            note_failure(&failures[i], "fork");
+            note_failure(&failures[i], -1, "fork");
         else
             pids[i] = pid;
         /* Back to our own, so that the next unshare is allowed. */

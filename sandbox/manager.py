@@ -239,10 +239,12 @@ class SandboxManager:
                 made.append(self._new_shell(pooled))
         except SandboxError as e:
             error = e
-        per_message = proto.MAX_FDS // len(made[0][1]) if made else 1
         shells = []
         while made:
-            batch = made[:per_message]
+            batch = made[:1]
+            while len(batch) < len(made) and \
+                    sum(len(fds) for _, fds in made[:len(batch) + 1]) <= proto.MAX_FDS:
+                batch = made[:len(batch) + 1]
             try:
                 self.zygote.fork([(shell.id, shell.uid, pooled, shell.netns_fd is not None, fds)
                                   for shell, fds in batch],
@@ -250,7 +252,7 @@ class SandboxManager:
             except SandboxError as e:
                 error = e
                 break
-            del made[:per_message]
+            del made[:len(batch)]
             for shell, fds in batch:
                 for fd in fds:
                     os.close(fd)  # the zygote has its own copies now
@@ -266,7 +268,9 @@ class SandboxManager:
 
     def _new_shell(self, pooled):
         """A Sandbox for a shell not yet forked, and the fds the zygote
-        passes to it: its channel, its output pipe, its cgroup.procs files."""
+        passes to it: its channel, its output pipe, a used network namespace
+        for it to join if it finds no trace in it (sandbox.loopback), its
+        cgroup.procs files."""
         self._serial += 1
         sandbox_id = "sb-%d" % self._serial
         cgroup = self.cgroups.acquire()
@@ -382,22 +386,22 @@ class SandboxManager:
             return
         except OSError:
             data, fds = b"", []
-        if fds and self.loopback is not None:
-            # It made a namespace (sent before any function's code ran): the
-            # one it was given, if any, had a trace of its last sandbox.
-            if sandbox.netns_fd is not None:
-                self.loopback.refused += 1
-                os.close(sandbox.netns_fd)
-            sandbox.netns_fd = fds.pop(0)
-        elif data and sandbox.netns_fd is not None:
-            self.loopback.joined += 1
-        for fd in fds:
-            os.close(fd)
         asyncio.get_running_loop().remove_reader(sandbox.channel.fileno())
         self.starting -= 1
         unpacker = proto.unpacker()
         unpacker.feed(data)
         msg = next(unpacker, None)
+        if fds and self.loopback is not None:
+            # It made a namespace (sent with "ready", before any function's
+            # code ran): the one it was given, if any, had a trace in it.
+            if sandbox.netns_fd is not None:
+                self.loopback.refused += 1
+                os.close(sandbox.netns_fd)
+            sandbox.netns_fd = fds.pop(0)
+        elif sandbox.netns_fd is not None and msg and msg.get("op") == "ready":
+            self.loopback.joined += 1
+        for fd in fds:
+            os.close(fd)
         if not msg or msg.get("op") != "ready":
             # It could not build its sandbox: say why once, and do not
             # refill, or a broken host would fork shells in a tight loop.

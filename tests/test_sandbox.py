@@ -195,7 +195,9 @@ def test_shells_forked_in_one_batch_are_each_alone(tmp_path, manager_config):
 
 
 NETWORK_TRACES = '''
+import os
 import socket
+import struct
 
 def counters():
     with open("/proc/net/dev") as f:
@@ -205,8 +207,10 @@ def counters():
     snmp = {}
     for names, values in zip(rows[::2], rows[1::2]):
         snmp.update({names[0] + k: int(v) for k, v in zip(names[1:], values[1:])})
+    with open("/proc/net/ip6_flowlabel") as f:
+        flow_labels = len(f.readlines()) - 1
     return {"lo_packets": int(lo[1]) + int(lo[9]), "no_routes": snmp["Ip:OutNoRoutes"],
-            "tcp_opens": snmp["Tcp:PassiveOpens"]}
+            "tcp_opens": snmp["Tcp:PassiveOpens"], "flow_labels": flow_labels}
 
 def handler(event):
     seen = counters()
@@ -220,6 +224,12 @@ def handler(event):
                 s.sendto(b"x", ("192.0.2.1", 9))
             except OSError:
                 pass
+    elif trace == "flow_label":  # no packet, no counter: it outlives its socket by a minute
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            # struct in6_flowlabel_req: get, create, shared with anyone, linger 60 s
+            request = struct.pack("16s4sBBHHHI", socket.inet_pton(socket.AF_INET6, "::1"),
+                                  struct.pack(">I", 0x12345), 0, 255, 1, 0, 60, 0)
+            s.setsockopt(socket.IPPROTO_IPV6, 32, request)  # IPV6_FLOWLABEL_MGR
     elif trace == "tcp":  # a connection, closed: TIME_WAIT
         with socket.socket() as server:
             server.bind(("127.0.0.1", 0))
@@ -227,11 +237,11 @@ def handler(event):
             client = socket.create_connection(server.getsockname())
             server.accept()[0].close()
             client.close()
-    return seen
+    return [seen, os.readlink("/proc/self/ns/net")]
 '''
 
 
-@pytest.mark.parametrize("trace", [None, "udp", "no_route", "tcp"])
+@pytest.mark.parametrize("trace", [None, "udp", "no_route", "flow_label", "tcp"])
 def test_a_used_network_namespace_is_joined_only_without_a_trace(tmp_path, manager_config,
                                                                 trace):
     """A sandbox's loopback-only namespace goes to a later shell, which
@@ -250,16 +260,19 @@ def test_a_used_network_namespace_is_joined_only_without_a_trace(tmp_path, manag
         await manager.start()
         await ready_pool(manager)
         first = await manager.create(str(code))
-        await ask(first, json.dumps({"trace": trace}).encode())
+        _, first_netns = json.loads((await ask(first, json.dumps({"trace": trace}).encode()))["body"])
         await manager.destroy(first)  # its namespace is kept...
         await ready_pool(manager)
         await manager.destroy(await manager.create(str(code)))  # ...for the shell forked now
         await ready_pool(manager)
         later = await manager.create(str(code))
-        seen = json.loads((await ask(later, b"{}"))["body"])
+        seen, later_netns = json.loads((await ask(later, b"{}"))["body"])
         joined, refused = manager.loopback.joined, manager.loopback.refused
         await manager.shutdown()
-        assert seen == {"lo_packets": 0, "no_routes": 0, "tcp_opens": 0}
-        # The namespace `later` got was `first`'s (a refill may count one more).
-        assert (joined >= 1 and refused == 0) if trace is None else refused == 1
+        assert seen == {"lo_packets": 0, "no_routes": 0, "tcp_opens": 0, "flow_labels": 0}
+        # `later` was given `first`'s namespace (a refill may count one more).
+        if trace is None:
+            assert later_netns == first_netns and joined >= 1 and refused == 0
+        else:
+            assert later_netns != first_netns and refused == 1
     asyncio.run(scenario())

@@ -2,7 +2,6 @@
 gets its function: before it, the process still needs root for its mounts;
 after it, the function's own code runs, so nothing may be left.
 """
-import os
 import resource
 import signal
 

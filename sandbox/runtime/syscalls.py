@@ -28,7 +28,6 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 
 PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
 
 _NS_NAMES = (
     (CLONE_NEWNS, "mnt"), (CLONE_NEWCGROUP, "cgroup"), (CLONE_NEWUTS, "uts"),
@@ -93,7 +92,7 @@ def seccomp_install():
 def loopback_up():
     """Bring up lo in the calling thread's network namespace (a new one's is down)."""
     if lib.ol_loopback_up() < 0:
-        raise SyscallError("ioctl(SIOCSIFFLAGS)", "lo", ffi.errno)
+        raise SyscallError("bring up", "lo", ffi.errno)
 
 
 def prctl(option, arg, name):

@@ -3,8 +3,10 @@ python3 with the runtime and common modules already imported.
 
 It serves one control channel (fd 3, SOCK_SEQPACKET) from the worker.  For
 each shell a "fork" request asks for (a batch of them at a time), it forks
-a child straight into a fresh PID namespace; the child finishes its own sandbox (its cgroup, then mount, IPC, UTS and
-cgroup namespaces, /proc, /tmp, /dev/shm) and says "ready" on its channel.
+a child straight into a fresh PID namespace; the child finishes its own
+sandbox (its cgroup, then mount, IPC, UTS and cgroup namespaces, a network
+namespace made or joined, /proc, /tmp, /dev/shm) and says "ready" on its
+channel.
 That is a shell: the worker keeps a few ready, and gives one a function's
 code only when a call needs it.  The zygote reaps its children and reports
 each exit status to the worker.
@@ -44,8 +46,9 @@ HANDLER_NS = sc.CLONE_NEWNS | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCG
 
 # What of /proc/net a used network namespace must read exactly as a new one
 # does for a shell to join it (cbits/shell.c: netns_untouched says why): its
-# loopback's counters, and the IP, ICMP, TCP and UDP MIBs, v4 and v6.
-NETNS_COUNTERS = ("dev", "snmp", "snmp6", "netstat")
+# loopback's counters, the IP, ICMP, TCP and UDP MIBs (v4 and v6), and IPv6
+# flow labels.
+NETNS_FILES = ("dev", "snmp", "snmp6", "netstat", "ip6_flowlabel")
 
 
 class Zygote:
@@ -86,12 +89,23 @@ class Zygote:
             if msg is None:
                 sys.exit(0)  # the worker is gone; as pid 1 we take every sandbox with us
             if msg.get("op") == "fork":
-                batch += split_fork_request(msg, fds)
+                try:
+                    batch += split_fork_request(msg, fds)
+                except ValueError as e:
+                    self.refuse(msg, fds, str(e))
             else:
                 for fd in fds:
                     os.close(fd)
         if batch:
             self.fork(batch)
+
+    def refuse(self, msg, fds, error):
+        """A fork request whose fds do not add up: none of its shells is forked."""
+        for fd in fds:
+            os.close(fd)
+        for shell in msg.get("shells", ()):
+            proto.send_packet(self.control, {"op": "fork_failed", "id": shell["id"],
+                                             "error": error})
 
     def on_wakeup(self):
         try:
@@ -178,7 +192,12 @@ class Zygote:
 
 def split_fork_request(msg, fds):
     """(request, fds) for each shell a "fork" message asks for: its own
-    fields and the message's common ones, and its slice of the fds."""
+    fields and the message's common ones, and its slice of the fds.  A
+    ValueError if the fds are not all there (the zygote ran out of fds, and
+    the kernel dropped some)."""
+    wanted = sum(shell["nfds"] for shell in msg["shells"])
+    if wanted != len(fds):
+        raise ValueError("fork request: %d fds came of the %d sent" % (len(fds), wanted))
     common = {k: v for k, v in msg.items() if k != "shells"}
     shells = []
     for shell in msg["shells"]:
@@ -233,39 +252,52 @@ class ShellSetup:
 
 
 class PristineNetns:
-    """NETNS_COUNTERS as they read in a network namespace just made (the
+    """NETNS_FILES as they read in a network namespace just made (the
     zygote makes one for a moment), for its children's C set-up to compare
-    a used namespace with.  If none can be made, `snapshot` is NULL and the
-    children never join a used one."""
+    a used namespace with; a file this kernel lacks (IPv6 off) is left out.
+    If none can be made, `snapshot` is NULL and the children never join a
+    used one."""
 
     def __init__(self):
         self.snapshot = sc.ffi.NULL
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            try:
-                sc.unshare(sc.CLONE_NEWNET)
-            except sc.SyscallError as e:
-                print("zygote: used network namespaces are not recycled: %s" % e,
-                      file=sys.stderr)
-                return
-            try:
-                sc.loopback_up()
-                data = []
-                for name in NETNS_COUNTERS:
-                    with open("/proc/thread-self/net/" + name, "rb") as f:
-                        data.append(f.read())
-            finally:
-                sc.setns(own, sc.CLONE_NEWNET)  # and the new one is gone
-        finally:
-            os.close(own)
-        self._keep = [sc.ffi.new("char[]", name.encode()) for name in NETNS_COUNTERS] + [
-            sc.ffi.new("char[]", d) for d in data]
-        n = len(NETNS_COUNTERS)
+            files = self._read()
+        except OSError as e:  # SyscallError included
+            print("zygote: used network namespaces are not recycled: %s" % e, file=sys.stderr)
+            return
+        self._keep = [sc.ffi.new("char[]", name.encode()) for name in files] + [
+            sc.ffi.new("char[]", data) for data in files.values()]
+        n = len(files)
         self._arrays = (sc.ffi.new("char *[]", self._keep[:n]),
                         sc.ffi.new("char *[]", self._keep[n:]),
-                        sc.ffi.new("int[]", [len(d) for d in data]))
+                        sc.ffi.new("int[]", [len(data) for data in files.values()]))
         self.snapshot = sc.ffi.new("struct ol_netns_snapshot *", {
             "n": n, "names": self._arrays[0], "data": self._arrays[1], "len": self._arrays[2]})
+
+    @staticmethod
+    def _read():
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sc.unshare(sc.CLONE_NEWNET)
+            try:
+                sc.loopback_up()
+                files = {}
+                for name in NETNS_FILES:
+                    try:
+                        with open("/proc/thread-self/net/" + name, "rb") as f:
+                            files[name] = f.read()
+                    except FileNotFoundError:
+                        pass
+                return files
+            finally:
+                # Back to its own, or every child would start in this one;
+                # the new one is gone with it.
+                try:
+                    sc.setns(own, sc.CLONE_NEWNET)
+                except OSError as e:  # then it must not serve at all
+                    raise RuntimeError(str(e)) from None
+        finally:
+            os.close(own)
 
 
 def reseed():
@@ -291,13 +323,20 @@ def warm_up():
     sc.ffi.new("int *")
 
 
+def cannot_boot(error, status):
+    print("zygote: cannot boot: %s: %s" % (type(error).__name__, error), file=sys.stderr)
+    sys.exit(status)
+
+
 def main():
     try:
         control = socket.socket(fileno=CONTROL_FD)
         warm_up()
-        # Its work is done (sandbox/launch.py says why it is set): what a
-        # handler runs, and the fresh interpreters of the comparison mode,
-        # start without it.
+        # Read by the dynamic linker at start-up (sandbox/launch.py says why
+        # it is set), which goes on binding at load what is loaded later
+        # (extension modules a function imports).  The programs a handler
+        # runs, and the fresh interpreters of the comparison mode, start
+        # without it.
         os.environ.pop("LD_BIND_NOW", None)
         # ol_fork_shells is only safe with one thread: another one could
         # hold the GIL at the fork, and the child would wait for it forever.
@@ -306,9 +345,11 @@ def main():
             raise RuntimeError("the zygote must have one thread, it has %d" % len(threads))
         privileges.narrow_bounding_set()
     except Exception as e:
-        print("zygote: cannot boot: %s: %s" % (type(e).__name__, e), file=sys.stderr)
-        sys.exit(proto.EXIT_BOOT_IMPORT)
-    zygote = Zygote(control)
+        cannot_boot(e, proto.EXIT_BOOT_IMPORT)
+    try:
+        zygote = Zygote(control)
+    except Exception as e:
+        cannot_boot(e, proto.EXIT_BOOT_SETUP)
     # Everything made so far is shared with every child.  Out of the
     # collector's reach, it is never written to by a child's GC, so its
     # pages stay shared instead of being copied into each handler.
