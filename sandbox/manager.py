@@ -53,6 +53,19 @@ OUTPUT_LINE = 16 << 10
 FIRST_MESSAGE_MAX = 32 << 10
 
 
+def fd_batches(shells):
+    """(shell, fds) pairs in consecutive runs whose fds fit in one message."""
+    batch, nfds = [], 0
+    for shell, fds in shells:
+        if batch and nfds + len(fds) > proto.MAX_FDS:
+            yield batch
+            batch, nfds = [], 0
+        batch.append((shell, fds))
+        nfds += len(fds)
+    if batch:
+        yield batch
+
+
 class Sandbox:
     """A shell while it waits in the pool; then one function's handler.
     `channel` is the worker's end of its stream socket."""
@@ -240,26 +253,22 @@ class SandboxManager:
         except SandboxError as e:
             error = e
         shells = []
-        while made:
-            batch = made[:1]
-            while len(batch) < len(made) and \
-                    sum(len(fds) for _, fds in made[:len(batch) + 1]) <= proto.MAX_FDS:
-                batch = made[:len(batch) + 1]
+        batches = list(fd_batches(made))
+        for i, batch in enumerate(batches):
             try:
                 self.zygote.fork([(shell.id, shell.uid, pooled, shell.netns_fd is not None, fds)
                                   for shell, fds in batch],
                                  self.config.scratch_mb, self.config.fresh, self.config.netns)
             except SandboxError as e:
                 error = e
+                for shell, fds in (item for unsent in batches[i:] for item in unsent):
+                    self._discard_new_shell(shell, fds)
                 break
-            del made[:len(batch)]
             for shell, fds in batch:
                 for fd in fds:
                     os.close(fd)  # the zygote has its own copies now
                 self._watch_new_shell(shell)
                 shells.append(shell)
-        for shell, fds in made:  # never asked for
-            self._discard_new_shell(shell, fds)
         if error is not None:
             if not shells:
                 raise error
