@@ -61,6 +61,7 @@ async def churn(seconds, concurrency):
         os.rmdir(code)
     return {"seconds": round(elapsed, 3), "concurrency": concurrency,
             "completed": len(latencies), "per_s": len(latencies) / elapsed,
+            "netns_joined": manager.loopback.joined, "netns_refused": manager.loopback.refused,
             "samples": latencies}
 
 

@@ -171,6 +171,10 @@ def markdown(results):
         out.append("- sandbox churn (create, one call, destroy; concurrency %d): %.0f/s, "
                    "each p50 %.2f ms p99 %.2f ms" % (churn["concurrency"], churn["per_s"],
                                                     s["p50"], s["p99"]))
+        if "netns_joined" in churn:
+            out.append("  (shells that joined a used network namespace: %d; that found a trace "
+                       "in one and made their own: %d)"
+                       % (churn["netns_joined"], churn["netns_refused"]))
     if mem.get("pss_kb"):
         out.append("- %d idle warm handlers: PSS median %.2f MB, mean %.2f MB; worker RSS %.1f MB"
                    % (mem["alive"], statistics.median(mem["pss_kb"]) / 1024,
