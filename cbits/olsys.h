@@ -9,7 +9,10 @@ int ol_mount_setattr(int dirfd, const char *path, unsigned int flags,
                      uint64_t attr_set, uint64_t attr_clr, uint64_t propagation);
 int ol_prctl(int option, unsigned long arg2, unsigned long arg3);
 int ol_drop_all_caps(int last_cap);
-int ol_seccomp_install(void);
+/* The handlers' seccomp filter, in two stages (olsys.c says why). */
+#define OL_SECCOMP_SHELL 1
+#define OL_SECCOMP_HANDLER 2
+int ol_seccomp_install(int stage);
 int ol_spawn(uint64_t flags, int cgroup_fd, const char *path, char *const argv[],
              char *const envp[], const int *fds, int nfds, int err_fd, int *pidfd);
 

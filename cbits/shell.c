@@ -356,6 +356,7 @@ static int write_file(const char *path, const char *text)
 int ol_before_assignment(int last_cap, struct ol_failure *failure)
 {
     static const struct { unsigned long cur, max; } no_core = {0, 0};
+    int rc;
 
     /* No exec can ever grant privileges again (setuid binaries, file caps). */
     if (syscall(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
@@ -373,6 +374,12 @@ int ol_before_assignment(int last_cap, struct ol_failure *failure)
     /* A crash must not write the handler's memory anywhere. */
     if (syscall(SYS_setrlimit, RLIMIT_CORE, &no_core) < 0)
         FAIL(failure, -1, "setrlimit(RLIMIT_CORE)");
+    /* All of the seccomp filter but what the rest of the set-up calls. */
+    rc = ol_seccomp_install(OL_SECCOMP_SHELL);
+    if (rc < 0) {
+        errno = -rc;
+        FAIL(failure, -1, "seccomp");
+    }
     return 0;
 }
 
@@ -430,7 +437,7 @@ int ol_drop_privileges(const struct ol_identity *id, struct ol_failure *failure)
         FAIL(failure, -1, "PR_SET_DUMPABLE");
     if (syscall(SYS_prctl, PR_SET_PDEATHSIG, id->pdeathsig, 0, 0, 0) < 0)
         FAIL(failure, -1, "PR_SET_PDEATHSIG");
-    rc = ol_seccomp_install();
+    rc = ol_seccomp_install(OL_SECCOMP_HANDLER);
     if (rc < 0) {
         errno = -rc;
         FAIL(failure, -1, "seccomp");

@@ -44,7 +44,7 @@ def errno_of(libc, nr, *args):
     return ctypes.get_errno() if rc == -1 else 0
 
 
-def in_filtered_child(check):
+def in_filtered_child(check, install=sc.seccomp_install):
     """Run check(libc) in a forked child under the filter; return its dict."""
     r, w = os.pipe()
     pid = os.fork()
@@ -55,7 +55,7 @@ def in_filtered_child(check):
             # Its own namespaces: a call the filter wrongly let through
             # (with the bogus arguments below) could change nothing shared.
             sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET)
-            sc.seccomp_install()
+            install()
             result = check(ctypes.CDLL(None, use_errno=True))
             os.write(w, repr(result).encode())
         finally:
@@ -75,6 +75,20 @@ def test_every_refused_syscall_answers_eperm():
         lambda libc: {name: errno_of(libc, nr, 0, 0, 0, 0, 0) for name, nr in REFUSED.items()})
     wrong = {name: errno.errorcode.get(e, e) for name, e in results.items() if e != errno.EPERM}
     assert not wrong, wrong
+
+
+# What a shell still calls once it has its function: the filter's last
+# stage refuses them, the first leaves them to the kernel.
+AT_ASSIGNMENT = ("mount", "move_mount", "setns", "unshare")
+
+
+def test_a_waiting_shell_is_refused_all_but_what_its_assignment_still_calls():
+    def shell_stage():
+        assert sc.lib.ol_seccomp_install(sc.lib.OL_SECCOMP_SHELL) == 0
+    results = in_filtered_child(
+        lambda libc: {name: errno_of(libc, nr, 0, 0, 0, 0, 0) for name, nr in REFUSED.items()},
+        install=shell_stage)
+    assert {name for name, e in results.items() if e != errno.EPERM} == set(AT_ASSIGNMENT)
 
 
 def test_ordinary_syscalls_run():

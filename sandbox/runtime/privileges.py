@@ -49,7 +49,8 @@ class Privileges:
     - its bounding set is emptied: no capability can be regained by any
       means (its effective set stays, for the steps still to come);
     - no supplementary groups;
-    - no core dumps: a crash must not write the handler's memory anywhere.
+    - no core dumps: a crash must not write the handler's memory anywhere;
+    - the seccomp filter but for the calls still to come (cbits/olsys.c).
 
     final(), once its code is attached, before any of it runs, takes these
     steps in this order:
@@ -72,9 +73,9 @@ class Privileges:
        processes, and no core can be written.
     4. The parent-death signal, which a uid change clears: a handler never
        outlives its zygote.
-    5. Last, the seccomp filter, which refuses the syscalls used above
-       (cbits/olsys.c says which and why): from here on they stay refused
-       for good."""
+    5. Last, the seccomp filter's last stage, which refuses the syscalls
+       used above (cbits/olsys.c says which and why): from here on they
+       stay refused for good."""
 
     def __init__(self, host_uid):
         self.identity = sc.ffi.new("struct ol_identity *", {

@@ -85,8 +85,10 @@ def mount_setattr(fd, attr_set, flags=AT_EMPTY_PATH | AT_RECURSIVE):
 
 
 def seccomp_install():
-    """The handlers' seccomp filter (cbits/olsys.c), on every thread."""
-    _check(lib.ol_seccomp_install(), "seccomp", "SECCOMP_SET_MODE_FILTER")
+    """The handlers' whole seccomp filter (cbits/olsys.c), both stages, on
+    every thread: what a handler ends up with."""
+    for stage in (lib.OL_SECCOMP_SHELL, lib.OL_SECCOMP_HANDLER):
+        _check(lib.ol_seccomp_install(stage), "seccomp", "SECCOMP_SET_MODE_FILTER")
 
 
 def loopback_up():
