@@ -34,6 +34,9 @@
 #include "olsys.h"
 
 #define FAIL(f, i, name) do { note_failure((f), (i), (name)); return -(f)->err; } while (0)
+/* The same if `call`, a shim that returns -errno (olsys.c), fails. */
+#define FAIL_IF_NEGATIVE(call, f, name) do { int rc_ = (call); \
+        if (rc_ < 0) { errno = -rc_; FAIL(f, -1, name); } } while (0)
 
 /* What failed: the step (-1 for one outside a mount plan), the call, errno. */
 static void note_failure(struct ol_failure *failure, int index, const char *call)
@@ -356,7 +359,6 @@ static int write_file(const char *path, const char *text)
 int ol_before_assignment(int last_cap, struct ol_failure *failure)
 {
     static const struct { unsigned long cur, max; } no_core = {0, 0};
-    int rc;
 
     /* No exec can ever grant privileges again (setuid binaries, file caps). */
     if (syscall(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
@@ -375,11 +377,7 @@ int ol_before_assignment(int last_cap, struct ol_failure *failure)
     if (syscall(SYS_setrlimit, RLIMIT_CORE, &no_core) < 0)
         FAIL(failure, -1, "setrlimit(RLIMIT_CORE)");
     /* All of the seccomp filter but what the rest of the set-up calls. */
-    rc = ol_seccomp_install(OL_SECCOMP_SHELL);
-    if (rc < 0) {
-        errno = -rc;
-        FAIL(failure, -1, "seccomp");
-    }
+    FAIL_IF_NEGATIVE(ol_seccomp_install(OL_SECCOMP_SHELL), failure, "seccomp");
     return 0;
 }
 
@@ -428,19 +426,11 @@ int ol_drop_privileges(const struct ol_identity *id, struct ol_failure *failure)
         FAIL(failure, -1, "write /proc/self/uid_map");
     if (write_map("/proc/self/gid_map", id->sandbox_gid, uid) < 0)
         FAIL(failure, -1, "write /proc/self/gid_map");
-    int rc = ol_drop_all_caps(id->last_cap);
-    if (rc < 0) {
-        errno = -rc;
-        FAIL(failure, -1, "drop capabilities");
-    }
+    FAIL_IF_NEGATIVE(ol_drop_all_caps(id->last_cap), failure, "drop capabilities");
     if (syscall(SYS_prctl, PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
         FAIL(failure, -1, "PR_SET_DUMPABLE");
     if (syscall(SYS_prctl, PR_SET_PDEATHSIG, id->pdeathsig, 0, 0, 0) < 0)
         FAIL(failure, -1, "PR_SET_PDEATHSIG");
-    rc = ol_seccomp_install(OL_SECCOMP_HANDLER);
-    if (rc < 0) {
-        errno = -rc;
-        FAIL(failure, -1, "seccomp");
-    }
+    FAIL_IF_NEGATIVE(ol_seccomp_install(OL_SECCOMP_HANDLER), failure, "seccomp");
     return 0;
 }

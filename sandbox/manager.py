@@ -158,6 +158,11 @@ class CgroupPool:
         known = self.oom_kills_known.pop(cgroup.path, None)
         return cgroup.oom_kills() if known is None else known
 
+    def read_oom_kills(self, cgroup):
+        """Its OOM kills now, remembered for its next sandbox."""
+        self.oom_kills_known[cgroup.path] = cgroup.oom_kills()
+        return self.oom_kills_known[cgroup.path]
+
     def release(self, cgroup, customized=False):
         if cgroup.pids():
             cgroup.remove()  # not empty after its sandbox died: do not reuse
@@ -566,10 +571,7 @@ class SandboxManager:
                 self.pool.remove(sandbox)
             sandbox.channel.close()
         self._finish_output(sandbox)
-        kills = sandbox.cgroup.oom_kills() if status is not None else None
-        if kills is not None:
-            self.cgroups.oom_kills_known[sandbox.cgroup.path] = kills
-        if kills is not None and kills > sandbox.oom_kills:
+        if status is not None and self.cgroups.read_oom_kills(sandbox.cgroup) > sandbox.oom_kills:
             sandbox.out_of_memory = True
             error = "ran out of memory (its limit is %d MB)" % sandbox.cgroup.memory_limit_mb()
         emptied = True

@@ -104,8 +104,10 @@ class Zygote:
         for fd in fds:
             os.close(fd)
         for shell in msg.get("shells", ()):
-            proto.send_packet(self.control, {"op": "fork_failed", "id": shell["id"],
-                                             "error": error})
+            self.fork_failed(shell["id"], error)
+
+    def fork_failed(self, sandbox_id, error):
+        proto.send_packet(self.control, {"op": "fork_failed", "id": sandbox_id, "error": error})
 
     def on_wakeup(self):
         try:
@@ -145,9 +147,7 @@ class Zygote:
             if pids[i]:
                 self.children[pids[i]] = msg["id"]
             elif failures[i].call:  # (not forked at all if rc < 0)
-                error = str(sc.failed(failures[i], "sandbox %s" % msg["id"]))
-                proto.send_packet(self.control, {"op": "fork_failed", "id": msg["id"],
-                                                 "error": error})
+                self.fork_failed(msg["id"], str(sc.failed(failures[i], "sandbox %s" % msg["id"])))
         if rc < 0:  # cannot fork any more children where they belong
             raise sc.SyscallError("setns", "the zygote's own PID namespace", -rc)
 
