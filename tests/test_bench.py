@@ -12,7 +12,7 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path):
                            "--quick", "--no-peers", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "[1/9]" in done.stdout and "## Targets" in done.stdout  # progress, then the table
+    assert "[1/10]" in done.stdout and "## Targets" in done.stdout  # progress, then the table
     (run,) = os.listdir(tmp_path)
     out = tmp_path / run
     results = json.loads((out / "results.json").read_text())
@@ -21,7 +21,9 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path):
     zygote = [r for r in results["runs"] if r["way"] == "zygote" and r["summary"]]
     assert all(r["summary"]["n"] > 0 for r in zygote)
     assert results["throughput"]["requests_per_s"] > 0 or "error" in results["throughput"]
-    assert "| zygote |" in (out / "summary.md").read_text()
+    assert len(results["stalls"]) == 2 and results["stalls"][0]["cpus"] == os.cpu_count()
+    summary = (out / "summary.md").read_text()
+    assert "| zygote |" in summary and "- before: " in summary
     assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
     assert [line for line in open("/proc/self/mountinfo") if "olbench" in line] == []
     assert cluster_leftovers("/nonexistent") == []  # no process left in another root

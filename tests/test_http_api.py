@@ -25,6 +25,9 @@ def test_status_is_ready(worker):
     status, headers, body = worker.request("GET", "/status")
     assert (status, body) == (200, b"ready")
     assert headers["x-request-id"]
+    assert set(timing(headers)) == {"total", "worker"}  # every answer is timed
+    status, headers, _ = worker.request("GET", "/nowhere")
+    assert status == 404 and set(timing(headers)) == {"total", "worker"}
 
 
 @pytest.mark.parametrize("prefix", ["/run/", "/runLambda/"])

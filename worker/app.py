@@ -19,10 +19,15 @@ class App:
 
     def handle_now(self, request):
         """Answer what needs no await; None sends the request to handle()."""
-        path = request.path
-        if path.startswith(RUN_PREFIXES):
+        if request.path.startswith(RUN_PREFIXES):
             return None
-        request_id = uuid.uuid4().hex
+        started = time.monotonic()
+        response = self._route(request, uuid.uuid4().hex)
+        response.headers += ((b"Server-Timing", server_timing(started, ())),)
+        return response
+
+    def _route(self, request, request_id):
+        path = request.path
         if path == "/status":
             if not self.ready:
                 return _error(Unavailable("the worker is starting or draining"), request_id)

@@ -8,6 +8,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+import stalls  # noqa: E402  (next to this file)
+
 WAYS = ("zygote", "hostnet", "egress", "warm", "fresh", "chroot", "bwrap", "crun", "runc")
 PHASES = ("total", "worker", "egress", "wait", "fork", "cgroup", "mounts", "interpreter", "wake",
           "attach", "drop", "load", "handler", "ipc")
@@ -146,6 +148,11 @@ def markdown(results):
     for measure, target, measured, met in targets(results):
         out.append("| %s | %s | %s | %s |" % (measure, target, measured,
                                              "met" if met else "**missed**"))
+    if results.get("stalls"):
+        out += ["", "Host noise, measured with nothing of ours running (`stalls.py`): a call "
+                "that overlaps a stall takes that much longer, whatever the sandbox does.", ""]
+        out += ["- %s: %s" % (when, stalls.describe(measured))
+                for when, measured in zip(("before", "after"), results["stalls"])]
     for handler in ("hello", "heavy"):
         for scenario in ("back-to-back", "idle-200ms"):
             out += ["", "## %s, %s" % (handler, scenario), ""]

@@ -38,6 +38,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 from client import Client, phases  # noqa: E402
+import stalls  # noqa: E402
 import report  # noqa: E402
 
 ADMIN = os.path.join(REPO, "bin", "admin")
@@ -298,7 +299,7 @@ def main():
     n_many = 40 if args.quick else 200
     n_memory = 50 if args.quick else 500
     copies = n + n_idle + 3 * n + n_many + n_memory + 50
-    total = 9 + bool(args.soak)
+    total = 10 + bool(args.soak)
     out = os.path.join(args.out, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out)
     tmp = tempfile.mkdtemp(prefix="olbench-")
@@ -323,7 +324,11 @@ def main():
         clusters.append(egress)
         settle()
 
-        step(2, total, "cold starts back to back (n=%d per handler and way)" % n)
+        step(2, total, "the host's own stalls, before the scenarios (a spinning process per vCPU)")
+        results["stalls"] = [stalls.measure(1 if args.quick else 3)]
+        print("  " + stalls.describe(results["stalls"][0]), flush=True)
+
+        step(3, total, "cold starts back to back (n=%d per handler and way)" % n)
         for handler in ("hello", "heavy"):
             ways = [("zygote", zygote), ("hostnet", hostnet), ("fresh", fresh)]
             if handler == "hello":
@@ -334,7 +339,7 @@ def main():
             samples, timings = run_sequential(zygote, handler, n * 5, 0, warm=True)
             record("warm", handler, "back-to-back", samples, timings)
 
-        step(3, total, "cold starts after 200 ms idle gaps (n=%d)" % n_idle)
+        step(4, total, "cold starts after 200 ms idle gaps (n=%d)" % n_idle)
         for cluster in (zygote, hostnet, egress, fresh):
             cluster.restart()
         for handler in ("hello", "heavy"):
@@ -347,32 +352,36 @@ def main():
             samples, timings = run_sequential(zygote, handler, n_idle // 2, 0.2, warm=True)
             record("warm", handler, "idle-200ms", samples, timings)
 
-        step(4, total, "cold starts at concurrency 1, 2 and 8 (n=%d each)" % n)
+        step(5, total, "cold starts at concurrency 1, 2 and 8 (n=%d each)" % n)
         for c in (1, 2, 8):
             zygote.restart()
             samples, errors = run_concurrent(zygote, "hello", n, c)
             record("zygote", "hello", "concurrency-%d" % c, samples, errors=errors)
 
-        step(5, total, "%d distinct functions, cold, concurrency 8" % n_many)
+        step(6, total, "%d distinct functions, cold, concurrency 8" % n_many)
         zygote.restart()
         samples, errors = run_concurrent(zygote, "hello", n_many, 8)
         record("zygote", "hello", "many-functions-c8", samples, errors=errors)
 
-        step(6, total, "warm throughput with keep-alive (wrk, 8 connections)")
+        step(7, total, "warm throughput with keep-alive (wrk, 8 connections)")
         zygote.restart()
         results["throughput"] = run_wrk(zygote, 3 if args.quick else 10, 8)
 
-        step(7, total, "memory of %d idle warm handlers" % n_memory)
+        step(8, total, "memory of %d idle warm handlers" % n_memory)
         zygote.restart()
         results["memory"] = run_memory(zygote, n_memory)
 
         if args.soak:
-            step(8, total, "soak for %d s" % args.soak)
+            step(9, total, "soak for %d s" % args.soak)
             zygote.restart()
             results["soak"] = run_soak(zygote, args.soak)
     finally:
         for cluster in clusters:
             cluster.kill()
+
+    # Again, the workers gone: the host's noise changes over a run.
+    results["stalls"].append(stalls.measure(1 if args.quick else 3))
+    print("  host stalls now: " + stalls.describe(results["stalls"][-1]), flush=True)
 
     step(total - 1, total, "sandbox churn: create + call + destroy, concurrency 8")
     results["churn"] = run_churn(2 if args.quick else 5, 8)
