@@ -126,17 +126,19 @@ class Zygote:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         return "%s; see the worker log" % (BOOT_FAILURES.get(code) or describe_status(status))
 
-    def fork(self, shells, scratch_mb, fresh=False, netns=True):
+    def fork(self, shells, scratch_mb, fresh=False, netns=True, rehearse=True):
         """Ask for shells, in one message: `shells` holds (sandbox_id, uid,
         pooled, netns_given, fds) for each, where uid is the host uid its
         code will run as, pooled says it will wait in the pool (others are
         wanted at once), and fds are its channel, its output pipe, if
         netns_given a network namespace to join, then its cgroup.procs
-        files.  At most proto.MAX_FDS fds in all."""
+        files.  At most proto.MAX_FDS fds in all.  With `rehearse`, each
+        runs a throw-away call before it says ready (handler.rehearsal)."""
         ids = ", ".join(shell[0] for shell in shells)
         if not self.alive:
             raise SandboxError("fork sandbox", ids, "the zygote is not running")
         msg = {"op": "fork", "scratch_mb": scratch_mb, "fresh": fresh, "netns": netns,
+               "rehearse": rehearse,
                "shells": [{"id": sandbox_id, "hostname": sandbox_id, "uid": uid,
                            "pooled": pooled, "netns_given": netns_given, "nfds": len(fds)}
                           for sandbox_id, uid, pooled, netns_given, fds in shells]}

@@ -166,6 +166,21 @@ def test_a_load_failure_is_heard_even_when_the_request_cannot_be_sent(tmp_path, 
     asyncio.run(scenario())
 
 
+async def full_pool(manager):
+    """Wait until all of the manager's pool of shells is ready."""
+    for _ in range(200):
+        if len(manager.pool) == manager.config.pool_size:
+            return
+        await asyncio.sleep(0.02)
+
+
+async def started_with_full_pool(config, pool_size):
+    manager = SandboxManager(dataclasses.replace(config, pool_size=pool_size))
+    await manager.start()
+    await full_pool(manager)
+    return manager
+
+
 def test_shells_forked_in_one_batch_are_each_alone(tmp_path, manager_config):
     """The zygote forks a whole batch of shells in one go (the pool's first
     fill is one message): each must still be pid 1 of its own namespaces,
@@ -176,12 +191,7 @@ def test_shells_forked_in_one_batch_are_each_alone(tmp_path, manager_config):
                               "            os.readlink('/proc/self/ns/net'), os.listdir('/proc/self/fd')]\n")
 
     async def scenario():
-        manager = SandboxManager(dataclasses.replace(manager_config(), pool_size=6))
-        await manager.start()
-        for _ in range(100):
-            if len(manager.pool) == 6:
-                break
-            await asyncio.sleep(0.05)
+        manager = await started_with_full_pool(manager_config(), 6)
         boxes = [await manager.create(str(code)) for _ in range(6)]
         assert all(b.taken_from_pool for b in boxes)
         replies = [await ask(b, b"{}") for b in boxes]
@@ -191,6 +201,30 @@ def test_shells_forked_in_one_batch_are_each_alone(tmp_path, manager_config):
         assert len({f[1] for f in facts}) == 6 and len({f[2] for f in facts}) == 6
         for f in facts:  # stdin, stdout, stderr, its channel, and listdir's own
             assert len(f[3]) == 5, f[3]
+    asyncio.run(scenario())
+
+
+def test_shells_forked_while_calls_wait_skip_the_rehearsal(tmp_path, manager_config):
+    """Pooled shells rehearse a call before they say ready; shells forked
+    while calls wait for one do not (the CPUs are behind), and serve the
+    same."""
+    code = code_dir(tmp_path, "def handler(event):\n    return event\n")
+
+    async def scenario():
+        manager = await started_with_full_pool(manager_config(), 2)
+        assert (manager.rehearsed, manager.unrehearsed) == (2, 0)
+        # A refill while a call waits: the shell goes to that call unrehearsed.
+        waiter = asyncio.get_running_loop().create_future()
+        manager.waiters.append(waiter)
+        manager._fork_shells(1)
+        await manager.destroy(await asyncio.wait_for(waiter, 10))
+        assert (manager.rehearsed, manager.unrehearsed) == (2, 1)
+        # A burst: the calls beyond the pool wait, and their shells serve the same.
+        boxes = await asyncio.gather(*[manager.create(str(code)) for _ in range(6)])
+        replies = [await ask(b, b'{"n": %d}' % i) for i, b in enumerate(boxes)]
+        await manager.shutdown()
+        assert [json.loads(r["body"]) for r in replies] == [{"n": i} for i in range(6)]
+        assert manager.unrehearsed >= 5, (manager.rehearsed, manager.unrehearsed)
     asyncio.run(scenario())
 
 
@@ -249,22 +283,14 @@ def test_a_used_network_namespace_is_joined_only_without_a_trace(tmp_path, manag
     starts with the counters of a namespace just made."""
     code = code_dir(tmp_path, NETWORK_TRACES)
 
-    async def ready_pool(manager):
-        for _ in range(100):
-            if manager.pool:
-                return
-            await asyncio.sleep(0.02)
-
     async def scenario():
-        manager = SandboxManager(dataclasses.replace(manager_config(), pool_size=1))
-        await manager.start()
-        await ready_pool(manager)
+        manager = await started_with_full_pool(manager_config(), 1)
         first = await manager.create(str(code))
         _, first_netns = json.loads((await ask(first, json.dumps({"trace": trace}).encode()))["body"])
         await manager.destroy(first)  # its namespace is kept...
-        await ready_pool(manager)
+        await full_pool(manager)
         await manager.destroy(await manager.create(str(code)))  # ...for the shell forked now
-        await ready_pool(manager)
+        await full_pool(manager)
         later = await manager.create(str(code))
         seen, later_netns = json.loads((await ask(later, b"{}"))["body"])
         joined, refused = manager.loopback.joined, manager.loopback.refused

@@ -160,8 +160,8 @@ def invoke(fn, wants_context, function_name, request, max_response=None):
 def serve(channel_fd, setup_times, host_uid, rehearse=True, ready_fds=()):
     """Say ready (passing `ready_fds` along), wait for a function, load it,
     serve it as `host_uid`.  Returns when the worker closes the channel (or
-    drops this shell unused).  A shell that a call is already waiting for
-    skips the rehearsal: it would only delay it."""
+    drops this shell unused).  Without `rehearse` (the worker's choice when
+    calls are waiting for shells) it says ready at once."""
     channel = socket.socket(fileno=channel_fd)
     # Made now, so that at assignment only the syscalls are left.
     leave_root = privileges.Privileges(host_uid)
@@ -173,7 +173,8 @@ def serve(channel_fd, setup_times, host_uid, rehearse=True, ready_fds=()):
     if rehearse:
         rehearsal()
     attach = mounts.CompiledPlan(mounts.code_plan(-1))  # its fd is filled in then
-    proto.send_packet(channel, {"op": "ready", "t": setup_times}, ready_fds)
+    proto.send_packet(channel, {"op": "ready", "t": setup_times, "rehearsed": rehearse},
+                      ready_fds)
     for fd in ready_fds:
         os.close(fd)
     unpacker = proto.unpacker()

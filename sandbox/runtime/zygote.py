@@ -182,7 +182,7 @@ class Zygote:
         # unwind into the zygote's own loop, which is on this stack too.
         status = 0
         try:
-            handler.serve(setup.channel_fd, times, msg["uid"], rehearse=msg.get("pooled", True),
+            handler.serve(setup.channel_fd, times, msg["uid"], rehearse=msg.get("rehearse", False),
                           ready_fds=setup.made_netns())
         except BaseException:
             traceback.print_exc()

@@ -62,6 +62,7 @@ async def churn(seconds, concurrency):
     return {"seconds": round(elapsed, 3), "concurrency": concurrency,
             "completed": len(latencies), "per_s": len(latencies) / elapsed,
             "netns_joined": manager.loopback.joined, "netns_refused": manager.loopback.refused,
+            "rehearsed": manager.rehearsed, "unrehearsed": manager.unrehearsed,
             "samples": latencies}
 
 

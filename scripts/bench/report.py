@@ -182,6 +182,10 @@ def markdown(results):
             out.append("  (shells that joined a used network namespace: %d; that found a trace "
                        "in one and made their own: %d)"
                        % (churn["netns_joined"], churn["netns_refused"]))
+        if "rehearsed" in churn:
+            out.append("  (shells that rehearsed a call before they were ready: %d; that did not, "
+                       "forked while calls waited for shells: %d)"
+                       % (churn["rehearsed"], churn["unrehearsed"]))
     if mem.get("pss_kb"):
         out.append("- %d idle warm handlers: PSS median %.2f MB, mean %.2f MB; worker RSS %.1f MB"
                    % (mem["alive"], statistics.median(mem["pss_kb"]) / 1024,
