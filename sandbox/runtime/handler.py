@@ -157,7 +157,7 @@ def invoke(fn, wants_context, function_name, request, max_response=None):
     return {"status": "ok", "body": body, "run": run}
 
 
-def serve(channel_fd, setup_times, host_uid, rehearse=True, ready_fds=()):
+def serve(channel_fd, setup_times, host_uid, rehearse, ready_fds=()):
     """Say ready (passing `ready_fds` along), wait for a function, load it,
     serve it as `host_uid`.  Returns when the worker closes the channel (or
     drops this shell unused).  Without `rehearse` (the worker's choice when

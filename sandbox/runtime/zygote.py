@@ -177,7 +177,8 @@ class Zygote:
             # No zygote benefit: a new interpreter, for comparison only.
             os.dup2(setup.channel_fd, handler.FRESH_CHANNEL_FD)
             os.execv("/usr/bin/python3", ["python3", "-s", "-B", "-m", "olrt.fresh",
-                                          repr(times), str(msg["uid"])])
+                                          repr(times), str(msg["uid"]),
+                                          str(int(msg.get("rehearse", False)))])
         # Whatever happens, the child ends here: an exception must never
         # unwind into the zygote's own loop, which is on this stack too.
         status = 0
