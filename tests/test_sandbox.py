@@ -184,6 +184,11 @@ def test_common_library_calls_import_nothing_in_the_sandbox(tmp_path, manager_co
                               "    logging.getLogger('f').info('x')\n"
                               "    ET.fromstring('<a><b>%s</b></a>' % decimal.Decimal('1.1')).find('b')\n"
                               "    json.dumps([http.client.responses[200], asyncio.iscoroutinefunction(handler)])\n"
+                              "    ET.tostring(ET.fromstring('<a/>'))\n"
+                              "    import dataclasses, pathlib, urllib.request\n"
+                              "    dataclasses.dataclass(type('P', (), {'__annotations__': {'x': int}}))\n"
+                              "    pathlib.Path('/tmp').exists()\n"
+                              "    urllib.request.build_opener()\n"
                               "    return sorted(set(sys.modules) - before)\n")
 
     async def scenario():
