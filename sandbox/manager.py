@@ -266,7 +266,9 @@ class SandboxManager:
         # behind, and the next ready shell goes to a waiting call, which
         # would wait for its rehearsal too: skipping it then made churn at
         # concurrency 8 9% faster (413 to 450 a second, 3 runs each) and
-        # 200 functions at concurrency 8 10% (p50 19.4 to 17.6 ms).
+        # 200 functions at concurrency 8 10% (p50 19.4 to 17.6 ms).  One of
+        # these left unused in the pool rehearses later
+        # (handler.rehearse_if_unused).
         rehearse = pooled and not self.waiters
         for i, batch in enumerate(batches):
             try:

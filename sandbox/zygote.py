@@ -126,7 +126,7 @@ class Zygote:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         return "%s; see the worker log" % (BOOT_FAILURES.get(code) or describe_status(status))
 
-    def fork(self, shells, scratch_mb, fresh=False, netns=True, rehearse=True):
+    def fork(self, shells, scratch_mb, fresh=False, netns=True, rehearse=False):
         """Ask for shells, in one message: `shells` holds (sandbox_id, uid,
         pooled, netns_given, fds) for each, where uid is the host uid its
         code will run as, pooled says it will wait in the pool (others are

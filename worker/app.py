@@ -22,9 +22,7 @@ class App:
         if request.path.startswith(RUN_PREFIXES):
             return None
         started = time.monotonic()
-        response = self._route(request, uuid.uuid4().hex)
-        response.headers += ((b"Server-Timing", server_timing(started, ())),)
-        return response
+        return timed(self._route(request, uuid.uuid4().hex), started)
 
     def _route(self, request, request_id):
         path = request.path
@@ -44,9 +42,7 @@ class App:
         started = time.monotonic()
         request_id = uuid.uuid4().hex
         phases = []
-        response = await self._run(request, request_id, phases)
-        response.headers += ((b"Server-Timing", server_timing(started, phases)),)
-        return response
+        return timed(await self._run(request, request_id, phases), started, phases)
 
     async def _run(self, request, request_id, phases):
         try:
@@ -69,6 +65,12 @@ class App:
             log.exception("request %s to %s failed inside the worker", request_id, request.path)
             return _error(WorkerError("internal worker error; see the worker log"), request_id)
         return Response(200, result, headers=((b"X-Request-Id", request_id.encode()),))
+
+
+def timed(response, started, phases=()):
+    """`response` with its Server-Timing header."""
+    response.headers += ((b"Server-Timing", server_timing(started, phases)),)
+    return response
 
 
 def server_timing(started, phases):

@@ -35,12 +35,13 @@ CONTROL_FD = 3
 # (and shares their memory): the common stdlib, and the heavier modules that
 # web-facing functions tend to use.  Then what some of those import only on
 # first use (an EmailMessage's policy, as_string's generator, strptime's
-# parser, ElementTree.tostring's codec), and more modules functions often
-# import.  Imported in a forked handler, each of those cost its cold start
-# 1 to 8 ms (email.policy 4, urllib.request 8): with them the benchmark's
-# heavy handler starts in 2.3 ms, not 6.7.  They (the last three lines, and
-# logging) made the zygote 2.1 MB bigger (12.9 to 15.0 MB anonymous), and
-# hello's churn did not move (A/B, 3 runs each).
+# parser, ElementTree.tostring's codec): imported in a handler, email.policy
+# alone took 4 ms of its cold start, and the benchmark's heavy handler now
+# starts in 2.3 ms, not 6.7.  Each module here makes every sandbox's fork
+# and exit dearer, however: dataclasses, pathlib, glob, csv, gzip,
+# statistics, hmac, secrets and urllib.request (2.1 MB more of the zygote,
+# saving 1 to 8 ms each to a function that imports them) cost hello's churn
+# 4% (A/B, 4 runs each), so they are left to the functions that use them.
 PREIMPORTS = (
     "json", "traceback", "importlib", "inspect", "base64", "collections",
     "datetime", "functools", "hashlib", "itertools", "math", "random", "re",
@@ -48,8 +49,6 @@ PREIMPORTS = (
     "asyncio", "decimal", "email", "email.message", "email.parser", "http.client",
     "urllib.parse", "xml.etree.ElementTree",
     "email.policy", "email.generator", "_strptime", "encodings.ascii",
-    "dataclasses", "pathlib", "glob", "csv", "gzip", "statistics",
-    "hmac", "secrets", "urllib.request",
 )
 
 HANDLER_NS = sc.CLONE_NEWNS | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP

@@ -149,10 +149,12 @@ def markdown(results):
         out.append("| %s | %s | %s | %s |" % (measure, target, measured,
                                              "met" if met else "**missed**"))
     if results.get("stalls"):
-        out += ["", "Host noise, measured with nothing of ours running (`stalls.py`): a call "
-                "that overlaps a stall takes that much longer, whatever the sandbox does.", ""]
+        out += ["", "Stalls: the time a spinning process on each vCPU lost while nothing of "
+                "ours ran (`stalls.py`), to the hypervisor or the guest kernel's own work. A "
+                "call that overlaps one takes that much longer, whatever the sandbox does.", ""]
         out += ["- %s: %s" % (when, stalls.describe(measured))
-                for when, measured in zip(("before", "after"), results["stalls"])]
+                for when, measured in zip(("before the scenarios", "after the worker scenarios"),
+                                          results["stalls"])]
     for handler in ("hello", "heavy"):
         for scenario in ("back-to-back", "idle-200ms"):
             out += ["", "## %s, %s" % (handler, scenario), ""]

@@ -324,7 +324,7 @@ def main():
         clusters.append(egress)
         settle()
 
-        step(2, total, "the host's own stalls, before the scenarios (a spinning process per vCPU)")
+        step(2, total, "vCPU stalls before the scenarios (a spinning process per vCPU)")
         results["stalls"] = [stalls.measure(1 if args.quick else 3)]
         print("  " + stalls.describe(results["stalls"][0]), flush=True)
 
@@ -379,9 +379,11 @@ def main():
         for cluster in clusters:
             cluster.kill()
 
-    # Again, the workers gone: the host's noise changes over a run.
+    # Again once the workers' sandboxes are gone: the host's noise changes
+    # over a run.
+    settle()
     results["stalls"].append(stalls.measure(1 if args.quick else 3))
-    print("  host stalls now: " + stalls.describe(results["stalls"][-1]), flush=True)
+    print("  vCPU stalls after the worker scenarios: " + stalls.describe(results["stalls"][-1]), flush=True)
 
     step(total - 1, total, "sandbox churn: create + call + destroy, concurrency 8")
     results["churn"] = run_churn(2 if args.quick else 5, 8)
