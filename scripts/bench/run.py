@@ -294,7 +294,7 @@ def main():
         sys.exit("bench: no rootfs at %s: run `make` first" % ROOTFS)
 
     n = 20 if args.quick else 200        # back-to-back samples per way
-    n_idle = 10 if args.quick else 50    # samples with 200 ms idle gaps
+    n_idle = 10 if args.quick else 50    # samples with 200 ms idle gaps, half per handler
     n_peer = 10 if args.quick else 50
     n_many = 40 if args.quick else 200
     n_memory = 50 if args.quick else 500
@@ -339,7 +339,8 @@ def main():
             samples, timings = run_sequential(zygote, handler, n * 5, 0, warm=True)
             record("warm", handler, "back-to-back", samples, timings)
 
-        step(4, total, "cold starts after 200 ms idle gaps (n=%d)" % n_idle)
+        step(4, total, "cold starts after 200 ms idle gaps (n=%d per handler and way)"
+             % (n_idle // 2))
         for cluster in (zygote, hostnet, egress, fresh):
             cluster.restart()
         for handler in ("hello", "heavy"):
