@@ -203,13 +203,14 @@ def plot(results, path):
     for row, scenario in enumerate(("back-to-back", "idle-200ms")):
         for col, handler in enumerate(("hello", "heavy")):
             ax = axes[row][col]
-            for way in WAYS:
+            for colour, way in enumerate(WAYS):
                 run = find(results, way, handler, scenario)
                 if not run or not run["samples"]:
                     continue
                 ms = sorted(s * 1e3 for s in run["samples"])
+                # A way keeps its colour in every panel, whichever ways a panel lacks.
                 ax.step(ms, [(i + 1) / len(ms) for i in range(len(ms))], where="post",
-                        label="%s (p50 %.2f)" % (way, ms[len(ms) // 2]))
+                        color="C%d" % colour, label="%s (p50 %.2f)" % (way, pct(ms, 0.5)))
             ax.set_xscale("log")
             ax.set_title("%s, %s" % (handler, scenario))
             ax.set_xlabel("latency (ms, log scale)")
