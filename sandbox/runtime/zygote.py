@@ -37,11 +37,12 @@ CONTROL_FD = 3
 # first use (an EmailMessage's policy, as_string's generator, strptime's
 # parser, ElementTree.tostring's codec): imported in a handler, email.policy
 # alone took 4 ms of its cold start, and the benchmark's heavy handler now
-# starts in 2.3 ms, not 6.7.  Each module here makes every sandbox's fork
-# and exit dearer, however: dataclasses, pathlib, glob, csv, gzip,
-# statistics, hmac, secrets and urllib.request (2.1 MB more of the zygote,
-# saving 1 to 8 ms each to a function that imports them) cost hello's churn
-# 4% (A/B, 4 runs each), so they are left to the functions that use them.
+# starts in 2.3 ms, not 6.7 (one worker alone, back to back).  Each module
+# here makes every sandbox's fork and exit dearer, however: dataclasses,
+# pathlib, glob, csv, gzip, statistics, hmac, secrets and urllib.request
+# (2.1 MB more of the zygote, saving 1 to 8 ms each to a function that
+# imports them) cost hello's churn 4% (A/B, 4 runs each), so they are left
+# to the functions that use them.
 PREIMPORTS = (
     "json", "traceback", "importlib", "inspect", "base64", "collections",
     "datetime", "functools", "hashlib", "itertools", "math", "random", "re",

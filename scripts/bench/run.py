@@ -384,7 +384,8 @@ def main():
     # over a run.
     settle()
     results["stalls"].append(stalls.measure(1 if args.quick else 3))
-    print("  vCPU stalls after the worker scenarios: " + stalls.describe(results["stalls"][-1]), flush=True)
+    print("  vCPU stalls after the worker scenarios: " + stalls.describe(results["stalls"][-1]),
+          flush=True)
 
     step(total - 1, total, "sandbox churn: create + call + destroy, concurrency 8")
     results["churn"] = run_churn(2 if args.quick else 5, 8)

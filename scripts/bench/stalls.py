@@ -69,7 +69,8 @@ def measure(seconds=3.0):
             data = f.read()
         _, status = os.waitpid(pid, 0)
         if status != 0 or not data:
-            failed.append("probe %d exited with status %d" % (pid, os.waitstatus_to_exitcode(status)))
+            failed.append("probe %d exited with status %d"
+                          % (pid, os.waitstatus_to_exitcode(status)))
         else:
             gaps += json.loads(data)
     if failed:
