@@ -166,6 +166,27 @@ def test_a_load_failure_is_heard_even_when_the_request_cannot_be_sent(tmp_path, 
     asyncio.run(scenario())
 
 
+def test_a_function_sees_nothing_of_the_rehearsals(tmp_path, manager_config):
+    """The zygote runs the call path with a throw-away function before it
+    forks (warm_up), and a pooled shell once more: the function then loaded
+    is the only lambda_func, and only its own directory is on sys.path."""
+    code = code_dir(tmp_path, "import sys\n"
+                              "def handler(event):\n"
+                              "    return [sys.modules['lambda_func'].__file__,\n"
+                              "            [p for p in sys.path if 'rehears' in p], sys.path[0]]\n")
+
+    async def scenario():
+        manager = SandboxManager(manager_config())
+        await manager.start()
+        await asyncio.sleep(1.5)  # the pool's shells rehearsed
+        sandbox = await manager.create(str(code))
+        reply = await ask(sandbox, b"{}")
+        await manager.shutdown()
+        assert reply["status"] == "ok", reply
+        assert json.loads(reply["body"]) == ["/handler/lambda_func.py", [], "/handler"]
+    asyncio.run(scenario())
+
+
 def test_common_library_calls_import_nothing_in_the_sandbox(tmp_path, manager_config):
     """The zygote imported what the modules it pre-imports import only on
     first use (an EmailMessage's policy, as_string's generator, strptime's
