@@ -21,7 +21,7 @@ setup(
     version="0.1.0",
     license="Apache-2.0",
     packages=["sandbox", "sandbox.runtime", "worker", "rootfs"],
-    python_requires=">=3.9",
+    python_requires=">=3.11",
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15", "msgpack>=1.0", "uvloop>=0.18", "httptools>=0.5",
                       "inotify_simple>=1.3", "PyYAML>=6"],
