@@ -130,6 +130,7 @@ class Cgroup:
     def __init__(self, path, mode_=None):
         self.path = path.strip("/")
         self.mode = mode_ or mode()
+        self.frozen = False  # by freeze(); a frozen cgroup stays so with no process in it
 
     def __repr__(self):
         return "Cgroup(%r, %s)" % (self.path, self.mode.name)
@@ -274,6 +275,7 @@ class Cgroup:
                    "FROZEN" if frozen else "THAWED")
         else:
             raise CgroupError("freeze", self.path, "no cgroup2 tree and no v1 freezer")
+        self.frozen = frozen
 
     def thaw(self):
         self.freeze(False)

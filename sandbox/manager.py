@@ -51,6 +51,11 @@ OUTPUT_CAP = 1 << 20
 OUTPUT_LINE = 16 << 10
 # A fresh channel's socket buffer (~200 KiB) takes this much in one send.
 FIRST_MESSAGE_MAX = 32 << 10
+# A shell builds its sandbox in milliseconds.  One still not ready after
+# this long never will be (stopped, or stuck in the kernel), and it would
+# hold its place among the shells being started for good, so that no new
+# one is forked: it is killed, and a call waiting for it gets the error.
+READY_DEADLINE = 10.0
 
 
 def fd_batches(shells):
@@ -95,6 +100,7 @@ class Sandbox:
         self.output_partial = b""   # a line not finished yet
         self.output_capped = False
         self.exited = asyncio.get_running_loop().create_future()  # -> description
+        self.ready_deadline = None  # the timer of READY_DEADLINE while it starts
 
     def host_pid(self):
         """The host pid of the sandbox's pid 1, or None once it is gone."""
@@ -169,8 +175,13 @@ class CgroupPool:
             self.spare_numbers.append(self.number.pop(cgroup.path))
             self.oom_kills_known.pop(cgroup.path, None)
             return
+        # Back as it was made for the next one: its limits the defaults, and
+        # thawed (a sandbox killed while frozen leaves its cgroup frozen, and
+        # a shell forked into it would never say ready).
         if customized:
-            cgroup.set_limits(self.limits)  # back to the defaults for the next one
+            cgroup.set_limits(self.limits)
+        if cgroup.frozen:
+            cgroup.thaw()
         self.free.append(cgroup)
 
 
@@ -356,6 +367,8 @@ class SandboxManager:
         loop = asyncio.get_running_loop()
         loop.add_reader(sandbox.channel.fileno(), self._on_shell_ready, sandbox)
         loop.add_reader(sandbox.output_fd, self._on_output, sandbox)
+        sandbox.ready_deadline = loop.call_later(READY_DEADLINE, self._shell_failed, sandbox,
+                                                 "not ready after %g s" % READY_DEADLINE)
 
     def _finish_output(self, sandbox):
         """Its processes are gone: copy what is left in its pipe, close it."""
@@ -412,8 +425,6 @@ class SandboxManager:
             return
         except OSError:
             data, fds = b"", []
-        asyncio.get_running_loop().remove_reader(sandbox.channel.fileno())
-        self.starting -= 1
         unpacker = proto.unpacker()
         unpacker.feed(data)
         msg = next(unpacker, None)
@@ -429,14 +440,9 @@ class SandboxManager:
         for fd in fds:
             os.close(fd)
         if not msg or msg.get("op") != "ready":
-            # It could not build its sandbox: say why once, and do not
-            # refill, or a broken host would fork shells in a tight loop.
-            reason = msg.get("errorMessage") if msg else "it closed its channel"
-            self.log("shell %s failed: %s" % (sandbox.id, reason))
-            sandbox.state = "failed"
-            sandbox.kill()
-            self._fail_waiter(SandboxError("build sandbox", sandbox.id, reason))
+            self._shell_failed(sandbox, msg.get("errorMessage") if msg else self._why_silent(sandbox))
             return
+        self._started(sandbox)
         sandbox.setup_times = msg["t"]
         if msg.get("rehearsed"):
             self.rehearsed += 1
@@ -454,6 +460,28 @@ class SandboxManager:
         else:
             sandbox.state = "pooled"
             self.pool.append(sandbox)
+
+    def _started(self, sandbox):
+        """It said ready, or failed: no longer one of those starting."""
+        asyncio.get_running_loop().remove_reader(sandbox.channel.fileno())
+        sandbox.ready_deadline.cancel()
+        self.starting -= 1
+
+    def _shell_failed(self, sandbox, reason):
+        """It could not build its sandbox: say why once, and do not refill,
+        or a broken host would fork shells in a tight loop."""
+        self._started(sandbox)
+        self.log("shell %s failed: %s" % (sandbox.id, reason))
+        sandbox.state = "failed"
+        sandbox.kill()
+        self._fail_waiter(SandboxError("build sandbox", sandbox.id, reason))
+
+    def _why_silent(self, sandbox):
+        """Why a shell closed its channel before it said anything."""
+        if self.cgroups.read_oom_kills(sandbox.cgroup) > sandbox.oom_kills:
+            return "it ran out of memory while it started (its limit is %d MB)" % (
+                sandbox.cgroup.memory_limit_mb())
+        return "it closed its channel"
 
     def _next_waiter(self):
         """The oldest create() still waiting for a shell (cancelled ones skipped)."""
@@ -578,8 +606,7 @@ class SandboxManager:
         if sandbox is None:
             return
         if sandbox.state == "starting":
-            self.starting -= 1
-            asyncio.get_running_loop().remove_reader(sandbox.channel.fileno())
+            self._started(sandbox)
             self._fail_waiter(SandboxError("build sandbox", sandbox_id,
                                            error or describe_status(status)))
         if sandbox.state in ("starting", "pooled", "failed"):

@@ -155,6 +155,19 @@ def test_code_change_is_picked_up_by_the_next_call(worker):
     assert len(sandboxes(worker, "reload")) == 1  # old instances were retired
 
 
+def test_edits_of_a_function_frozen_while_idle_keep_being_served(own_worker):
+    """Each edit retires the function's idle sandbox, which the worker had
+    frozen by then; its cgroup goes back to the pool, and more edits than
+    the pool holds shells reuse every one.  A cgroup handed on frozen would
+    stall the pool, and every cold start after it."""
+    worker = own_worker(pool_size=2)
+    for version in range(6):
+        worker.add_function("edited", "def handler(event):\n    return %d\n" % version)
+        assert worker.call("edited", {})[::2] == (200, version)
+        time.sleep(0.2)  # idle past FREEZE_AFTER: frozen
+    assert worker.call("hello", {"name": "B"})[::2] == (200, "Hello, B!")
+
+
 def test_replaced_function_directory_is_picked_up(worker):
     d = worker.add_function("replaced", "def handler(event):\n    return 'old'\n")
     assert worker.call("replaced", {})[2] == "old"

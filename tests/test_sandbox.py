@@ -146,6 +146,54 @@ def test_freeze_stops_a_sandbox_and_thaw_resumes_it(tmp_path, manager_config):
     asyncio.run(scenario())
 
 
+def test_a_cgroup_frozen_when_its_sandbox_died_is_reused_thawed(tmp_path, manager_config):
+    """The worker freezes idle sandboxes; one destroyed while frozen gives
+    its cgroup back to the pool, and the shells forked into it after must
+    run (a frozen one would never say ready, and the pool would stall)."""
+    code = code_dir(tmp_path, "def handler(event):\n    return 'awake'\n")
+
+    async def scenario():
+        config = dataclasses.replace(manager_config(), pool_size=2)
+        manager = SandboxManager(config)
+        await manager.start()
+        try:
+            for _ in range(4):  # past the pool: every cgroup it had is reused
+                sandbox = await asyncio.wait_for(manager.create(str(code)), 5)
+                assert (await ask(sandbox, b"{}"))["body"] == b'"awake"'
+                sandbox.cgroup.freeze()
+                await manager.destroy(sandbox)
+                assert sandbox.cgroup in manager.cgroups.free
+        finally:
+            await manager.shutdown()
+    asyncio.run(scenario())
+
+
+def test_a_shell_never_ready_is_killed_and_its_caller_told(tmp_path, manager_config, monkeypatch):
+    """A shell that never says ready (here: forked into a cgroup frozen
+    behind the pool's back) would hold its place among those starting for
+    good; past READY_DEADLINE it is killed, and its caller gets why."""
+    from sandbox import manager as manager_module
+    from sandbox.errors import SandboxError
+    monkeypatch.setattr(manager_module, "READY_DEADLINE", 0.5)
+    code = code_dir(tmp_path, "def handler(event):\n    return 'awake'\n")
+
+    async def scenario():
+        manager = SandboxManager(dataclasses.replace(manager_config(), pool_size=0))
+        await manager.start()
+        try:
+            cgroup = manager.cgroups.acquire()
+            cgroup.freeze()
+            manager.cgroups.free.append(cgroup)
+            with pytest.raises(SandboxError, match="not ready after 0.5 s"):
+                await asyncio.wait_for(manager.create(str(code)), 5)
+            assert manager.starting == 0
+            sandbox = await asyncio.wait_for(manager.create(str(code)), 5)
+            assert (await ask(sandbox, b"{}"))["body"] == b'"awake"'
+        finally:
+            await manager.shutdown()
+    asyncio.run(scenario())
+
+
 def test_a_load_failure_is_heard_even_when_the_request_cannot_be_sent(tmp_path, manager_config):
     """The shell reports a load failure and exits before the request is
     written: the worker must still get the report, not a broken pipe."""
