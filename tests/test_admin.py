@@ -292,12 +292,33 @@ def test_ol_yaml_limits_override_the_cluster_and_are_reset_after(own_worker):
     assert w.call("big", {"mb": 100})[::2] == (200, 100 << 20)
 
 
+def test_ol_yaml_is_read_only_as_a_file_of_its_own(worker, tmp_path):
+    """The worker reads ol.yaml as root: a symbolic link (to a host file,
+    which an error would quote) and a FIFO (which would block the worker)
+    are refused, and nothing of the linked file reaches the caller."""
+    secret = tmp_path / "secret"
+    secret.write_text("root:$6$not-for-callers:19000:0:99999:7:::\n")
+    d = worker.add_function("linkyaml", "def handler(event):\n    return 1\n")
+    config = os.path.join(d, "ol.yaml")
+    os.symlink(str(secret), config)
+    status, _, body = worker.call("linkyaml", {})
+    assert status == 500 and body["errorType"] == "Runtime.ConfigError", body
+    assert "symbolic link" in body["errorMessage"] and "not-for-callers" not in str(body)
+    os.unlink(config)
+    os.mkfifo(config)
+    status, _, body = worker.call("linkyaml", {})
+    assert status == 500 and "not a regular file" in body["errorMessage"], body
+    os.unlink(config)
+    assert worker.call("linkyaml", {})[::2] == (200, 1)
+
+
 @pytest.mark.parametrize("text,words", [
     ("limits:\n  mem_mb: -1\n", "limits.mem_mb"),
     ("limits:\n  memory: 5\n", "unknown limits"),
     ("limits:\n  request_kb: 5\n", "unknown limits"),
     ("flavour: mint\n", "expected only `limits:` and `egress:`"),
-    ("limits: [1\n", "cannot be read"),
+    ("limits: [1\n", "not valid YAML: expected ',' or ']'"),
+    ("just a string\n", "expected a mapping"),
 ])
 def test_bad_ol_yaml_is_500_saying_what_is_wrong(worker, text, words):
     d = worker.add_function("badyaml", "def handler(event):\n    return 1\n")

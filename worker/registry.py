@@ -9,8 +9,10 @@ after an edit always sees the new code, with no polling and no stat of the
 whole tree per call.
 """
 import dataclasses
+import errno
 import os
 import re
+import stat
 
 import yaml
 from inotify_simple import INotify, flags
@@ -88,13 +90,19 @@ class Registry:
         """(limits, egress) from the function's ol.yaml, checked."""
         where = "%s of function %r" % (CONFIG_FILE, name)
         try:
-            with open(path) as f:
-                config = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise InitFailed("%s cannot be read: %s" % (where, e), "Runtime.ConfigError") from None
-        if not isinstance(config, dict) or set(config) - {"limits", "egress"}:
+            config = yaml.safe_load(_read_own_file(path, CONFIG_MAX)) or {}
+        except OSError as e:
+            raise InitFailed("%s cannot be read: %s" % (where, e.strerror), "Runtime.ConfigError"
+                             ) from None
+        except yaml.YAMLError as e:
+            raise InitFailed("%s cannot be read: not valid YAML: %s" % (where, _yaml_problem(e)),
+                             "Runtime.ConfigError") from None
+        if not isinstance(config, dict):
+            raise InitFailed("%s: expected a mapping with `limits:` and `egress:`, found a %s"
+                             % (where, type(config).__name__), "Runtime.ConfigError")
+        if set(config) - {"limits", "egress"}:
             raise InitFailed("%s: expected only `limits:` and `egress:`, found %s"
-                             % (where, sorted(config) if isinstance(config, dict) else config),
+                             % (where, ", ".join(sorted(str(k)[:40] for k in config)[:8])),
                              "Runtime.ConfigError")
         egress = config.get("egress", False)
         if not isinstance(egress, bool):
@@ -157,3 +165,38 @@ class Registry:
                 except OSError:
                     pass
             self.on_change(name)
+
+
+# ol.yaml is read by the worker, as root, from a directory that the
+# function's authors write.  So it is read only as a regular file of its
+# own: never through a symbolic link (to a host file, which an error would
+# then quote back to any caller), never a FIFO or a device (which would
+# block the worker's loop, or fill its memory), and never more than this.
+CONFIG_MAX = 64 << 10
+
+
+def _read_own_file(path, limit):
+    """The bytes of the regular file at `path`, if it is one (not through a
+    symbolic link) and at most `limit` long; else an OSError saying why."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(e.errno, "it is a symbolic link; it must be a file of its own") from None
+        raise
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, "it is over %d KiB" % (limit >> 10))
+    return data
+
+
+def _yaml_problem(error):
+    """A YAML error on one line: what, and where."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        problem += " (line %d, column %d)" % (mark.line + 1, mark.column + 1)
+    return problem
