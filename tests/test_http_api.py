@@ -79,9 +79,11 @@ def test_unknown_route_is_404_and_get_on_run_is_405(worker):
     assert status == 405 and headers["allow"] == "POST"
 
 
-def test_malformed_json_is_400_unmarshal_error(worker):
-    status, _, body = worker.call("hello", body=b'{"name": ')
-    assert status == 400 and body["errorType"] == "Runtime.UnmarshalError"
+@pytest.mark.parametrize("body", [b'{"name": ', b'{"name": NaN}', b'[-Infinity]',
+                                  b'"\xff"', b"[" * 100_000 + b"]" * 100_000])
+def test_malformed_json_is_400_unmarshal_error(worker, body):
+    status, _, answer = worker.call("hello", body=body)
+    assert status == 400 and answer["errorType"] == "Runtime.UnmarshalError", answer
 
 
 def test_handler_exception_is_500_with_its_type_message_and_stack(worker):
@@ -95,15 +97,20 @@ def test_handler_exception_is_500_with_its_type_message_and_stack(worker):
     assert worker.call("probe", {"op": "echo"})[0] == 200  # the instance still serves
 
 
-def test_unserialisable_result_is_a_marshal_error(worker):
-    status, _, body = worker.call("probe", {"op": "unjsonable"})
-    assert status == 500 and body["errorType"] == "Runtime.MarshalError"
+@pytest.mark.parametrize("event", [{"op": "unjsonable"}, {"op": "float", "value": "nan"},
+                                   {"op": "float", "value": "-inf"}])
+def test_unserialisable_result_is_a_marshal_error(worker, event):
+    status, _, body = worker.call("probe", event)
+    assert status == 500 and body["errorType"] == "Runtime.MarshalError", body
 
 
-@pytest.mark.parametrize("op,expect", [("exit", "exited with status 3"),
-                                       ("segv", "killed by signal 11 (SIGSEGV)")])
-def test_dead_handler_is_502_with_exit_status_and_next_call_works(worker, op, expect):
-    status, headers, body = worker.call("probe", {"op": op})
+@pytest.mark.parametrize("op,code,expect", [("exit", 3, "exited with status 3"),
+                                            ("sys.exit", 4, "exited with status 4"),
+                                            ("sys.exit", None, "exited with status 0"),
+                                            ("sys.exit", "bye", "exited with status 1"),
+                                            ("segv", None, "killed by signal 11 (SIGSEGV)")])
+def test_dead_handler_is_502_with_exit_status_and_next_call_works(worker, op, code, expect):
+    status, headers, body = worker.call("probe", {"op": op, "code": code})
     assert status == 502
     assert body["errorType"] == "Runtime.ExitError"
     assert expect in body["errorMessage"]

@@ -11,6 +11,14 @@ log = logging.getLogger("worker")
 RUN_PREFIXES = ("/run/", "/runLambda/")
 
 
+def _not_json(constant):
+    raise ValueError("%s is not JSON" % constant)
+
+
+# JSON as RFC 8259 has it: UTF-8, and without Python's NaN and Infinity.
+STRICT_JSON = json.JSONDecoder(parse_constant=_not_json)
+
+
 class App:
     def __init__(self, table, max_body):
         self.table = table
@@ -53,9 +61,12 @@ class App:
             body = request.body if request.body.strip() else b""  # no body: the event is {}
             if body:
                 try:
-                    json.loads(body)
-                except ValueError as e:
+                    STRICT_JSON.decode(body.decode())
+                except ValueError as e:  # UnicodeDecodeError included
                     raise BadRequest("the request body is not valid JSON: %s" % e) from None
+                except RecursionError:
+                    raise BadRequest("the request body is not valid JSON: nested too deeply"
+                                     ) from None
             if not self.ready:
                 raise Unavailable("the worker is starting or draining")
             result = await self.table.invoke(name, request_id, body, phases)

@@ -133,6 +133,11 @@ def _error(exc, error_type=None):
             "errorMessage": str(exc), "stackTrace": _stack(exc)}
 
 
+# NaN and the infinities are not JSON: a reply holding one is refused, as
+# any other value that is not.
+JSON_ENCODER = json.JSONEncoder(allow_nan=False)
+
+
 def invoke(fn, wants_context, function_name, request, max_response=None):
     try:
         event = json.loads(request["body"]) if request["body"] else {}
@@ -148,7 +153,7 @@ def invoke(fn, wants_context, function_name, request, max_response=None):
         return dict(_error(e), run=time.monotonic() - start)
     run = time.monotonic() - start
     try:
-        body = json.dumps(result).encode()
+        body = JSON_ENCODER.encode(result).encode()
     except Exception as e:  # not JSON, too deep (RecursionError), a broken __str__...
         return {"status": "error", "errorType": "Runtime.MarshalError",
                 "errorMessage": "the return value is not JSON: %s" % e, "stackTrace": [],

@@ -195,10 +195,22 @@ class Zygote:
         try:
             handler.serve(setup.channel_fd, times, msg["uid"], rehearse=msg.get("rehearse", False),
                           ready_fds=setup.made_netns())
+        except SystemExit as e:  # sys.exit() in the function: its status, as Python gives it
+            status = exit_status(e.code)
         except BaseException:
             traceback.print_exc()
             status = 1
         os._exit(status)
+
+
+def exit_status(code):
+    """The status Python exits with for sys.exit(code)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xff
+    print(code, file=sys.stderr)
+    return 1
 
 
 def split_fork_request(msg, fds):

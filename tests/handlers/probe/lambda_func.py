@@ -4,6 +4,7 @@ import ctypes
 import errno
 import os
 import socket
+import sys
 import time
 
 
@@ -146,6 +147,8 @@ OPS = {
     "listdir": lambda e: _try(os.listdir, e["path"]),
     "raise": lambda e: (_ for _ in ()).throw(RuntimeError(e.get("message", "boom"))),
     "exit": lambda e: os._exit(e.get("code", 3)),
+    "sys.exit": lambda e: sys.exit(e.get("code")),
+    "float": lambda e: float(e["value"]),
     "segv": lambda e: ctypes.string_at(0),
     "sleep": lambda e: (time.sleep(e.get("seconds", 0.1)), socket.gethostname())[1],
     "unjsonable": lambda e: {1, 2},
