@@ -21,16 +21,21 @@ class RootfsError(Exception):
     pass
 
 
+def check_exists(path):
+    """A RootfsError unless `path` is a directory or a tarball."""
+    if os.path.isfile(path) and not path.endswith(TARBALL_SUFFIXES):
+        raise RootfsError("rootfs %s is neither a directory nor a tarball (%s)"
+                          % (path, ", ".join(TARBALL_SUFFIXES)))
+    if not os.path.exists(path):
+        raise RootfsError("rootfs %s does not exist (build the default one with `make rootfs`, "
+                          "or point the cluster's `rootfs` key at another one)" % path)
+
+
 def prepare(path, cache_dir):
+    check_exists(path)
     if os.path.isdir(path):
         return check_dir(path)
-    if os.path.isfile(path):
-        if not path.endswith(TARBALL_SUFFIXES):
-            raise RootfsError("rootfs %s is neither a directory nor a tarball (%s)"
-                              % (path, ", ".join(TARBALL_SUFFIXES)))
-        return check_dir(extract(path, cache_dir))
-    raise RootfsError("rootfs %s does not exist (build the default one with `make rootfs`, "
-                      "or point the cluster's `rootfs` key at another one)" % path)
+    return check_dir(extract(path, cache_dir))
 
 
 def check_dir(root):

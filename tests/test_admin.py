@@ -120,10 +120,24 @@ def test_setconf_merges_and_validates(tmp_path):
     template = json.loads((d / "config" / "template.json").read_text())
     assert template["limits"]["mem_mb"] == 512 and template["limits"]["procs"] == 64
     assert template["max_sandboxes"] == 7
-    for bad in ('{"limits": {"mem_mb": -1}}', '{"nonsense": 1}', "[1]", "{oops"):
+    for bad in ('{"limits": {"mem_mb": -1}}', '{"nonsense": 1}', "[1]", "{oops",
+                '{"host": "nonsense host"}', '{"rootfs": "/nonexistent"}'):
         done = admin("setconf", "-cluster", d, bad, check=False)
         assert done.returncode == 1 and done.stderr.count("\n") == 1, bad
     assert json.loads((d / "config" / "template.json").read_text()) == template
+
+
+def test_workers_on_a_port_in_use_is_refused_in_one_line(tmp_path):
+    """Another process (another cluster's worker) on the port would answer
+    the readiness check: the port is refused before anything starts."""
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = admin("workers", "-cluster", d, "-p", taken.getsockname()[1], check=False)
+    assert done.returncode == 1 and "is in use" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and not os.listdir(d / "workers")
 
 
 def test_workers_twice_starts_nothing_twice(own_worker):

@@ -3,6 +3,7 @@ start-up, then passed explicitly to whatever needs it."""
 import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass, fields
 
 from sandbox.uids import UID_MAX, UID_SLOTS, default_base
@@ -118,6 +119,17 @@ def _egress(source, raw):
     return Egress(_flag("%s: egress.enabled" % source, raw["enabled"]), str(net), spare)
 
 
+HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?\Z")
+
+
+def _is_host(host):
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return len(host) <= 253 and bool(HOST_NAME.match(host))
+
+
 def from_dict(raw, source):
     known = {f.name for f in fields(WorkerConfig)}
     unknown = sorted(set(raw) - known)
@@ -142,6 +154,9 @@ def from_dict(raw, source):
     for key in ("cluster", "rootfs", "host"):
         if not isinstance(raw[key], str) or not raw[key]:
             raise ConfigError("%s: %s must be a non-empty string" % (source, key))
+    if not _is_host(raw["host"]):
+        raise ConfigError("%s: host must be an IP address or a host name, not %r"
+                          % (source, raw["host"]))
     port = _positive_int("%s: port" % source, raw["port"])
     if port > 65535:
         raise ConfigError("%s: port must be at most 65535, not %d" % (source, port))
