@@ -471,7 +471,8 @@ class SandboxManager:
         """It could not build its sandbox: say why once, and do not refill,
         or a broken host would fork shells in a tight loop."""
         self._started(sandbox)
-        self.log("shell %s failed: %s" % (sandbox.id, reason))
+        if not self.closing:  # else it was killed with the others
+            self.log("shell %s failed: %s" % (sandbox.id, reason))
         sandbox.state = "failed"
         sandbox.kill()
         self._fail_waiter(SandboxError("build sandbox", sandbox.id, reason))
