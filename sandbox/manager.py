@@ -14,6 +14,7 @@ import array
 import asyncio
 import collections
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -51,6 +52,15 @@ OUTPUT_CAP = 1 << 20
 OUTPUT_LINE = 16 << 10
 # A fresh channel's socket buffer (~200 KiB) takes this much in one send.
 FIRST_MESSAGE_MAX = 32 << 10
+# Control characters a handler writes reach the log escaped: a carriage
+# return or a terminal's escape sequence could otherwise forge or hide the
+# worker's own lines for whoever reads the log in a terminal.
+CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _escape(match):
+    return b"\\x%02x" % match.group()[0]
+
 # A shell builds its sandbox in milliseconds.  One still not ready after
 # this long never will be (stopped, or stuck in the kernel), and it would
 # hold its place among the shells being started for good, so that no new
@@ -416,7 +426,8 @@ class SandboxManager:
         sandbox.output_partial = partial
         if lines:
             prefix = ("[%s %s] " % (sandbox.label or "-", sandbox.id)).encode()
-            os.write(self.config.log_fd, b"".join(prefix + line + b"\n" for line in lines))
+            os.write(self.config.log_fd, b"".join(prefix + CONTROL.sub(_escape, line) + b"\n"
+                                                  for line in lines))
 
     def _on_shell_ready(self, sandbox):
         try:

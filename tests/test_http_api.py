@@ -297,6 +297,26 @@ def test_handler_output_goes_to_the_log_with_its_function_and_sandbox(worker):
     assert said and said[0].startswith("[talker sb-"), said
 
 
+def test_handler_output_cannot_forge_log_lines(worker):
+    """A carriage return or a terminal escape in a handler's output would
+    let it overwrite or hide lines for a reader at a terminal: they are
+    escaped, and the line stays its function's."""
+    worker.add_function("forger", "import sys\n"
+                                  "def handler(event):\n"
+                                  "    print('plugh\\rworker: all good\\x1b[2K\\x1b[31m', flush=True)\n"
+                                  "    return 1\n")
+    worker.call("forger", {})
+    log = os.path.join(worker.path, "logs", "worker-%d.log" % worker.port)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [line for line in open(log, newline="").read().split("\n") if "plugh" in line]
+        if lines:
+            break
+        time.sleep(0.02)
+    assert lines == [lines[0]] and lines[0].startswith("[forger sb-"), lines
+    assert lines[0].endswith("plugh\\x0dworker: all good\\x1b[2K\\x1b[31m"), lines
+
+
 def test_handler_cannot_read_the_worker_log_or_other_fds(worker):
     _, _, facts = worker.call("probe", {"op": "facts"})
     assert facts["fds"][:4] == [0, 1, 2, facts["fds"][3]] and len(facts["fds"]) <= 5
