@@ -41,10 +41,17 @@ def test_hello_on_both_paths(worker, prefix):
 def test_f_py_layout_and_context_argument(worker):
     worker.add_function("fpy", "def f(event):\n    return {'got': event}\n", entry="f.py")
     assert worker.call("fpy", {"a": [1, 2]})[::2] == (200, {"got": {"a": [1, 2]}})
-    worker.add_function("ctx", "def handler(event, context):\n"
-                               "    return [context.function_name, context.aws_request_id]\n")
+    worker.add_function("ctx", "import time\n"
+                               "def handler(event, context):\n"
+                               "    before = context.get_remaining_time_in_millis()\n"
+                               "    time.sleep(0.2)\n"
+                               "    after = context.get_remaining_time_in_millis()\n"
+                               "    return [context.function_name, context.aws_request_id,\n"
+                               "            before, before - after]\n")
     status, headers, body = worker.call("ctx", {})
-    assert status == 200 and body == ["ctx", headers["x-request-id"]]
+    assert status == 200 and body[:2] == ["ctx", headers["x-request-id"]]
+    before, slept = body[2:]
+    assert 29_000 < before <= 30_000 and 190 <= slept < 1000, body  # runtime_sec is 30
 
 
 def test_empty_body_is_an_empty_event(worker):

@@ -32,7 +32,7 @@ REPLY_OVERHEAD = 1 << 20
 def process_limits(limits):
     """What the handler process enforces on itself, from a function's limits."""
     return {"nofile": limits.nofile, "fsize": limits.fsize_mb << 20,
-            "response": limits.response_kb << 10}
+            "response": limits.response_kb << 10, "runtime": limits.runtime_sec}
 
 
 # What each kind of reply must hold, and of which type.

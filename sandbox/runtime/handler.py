@@ -41,13 +41,17 @@ class LoadError(Exception):
 class Context:
     """What handler(event, context) receives, named as AWS users expect."""
 
-    def __init__(self, function_name, request_id):
+    def __init__(self, function_name, request_id, deadline):
         self.function_name = function_name
         self.aws_request_id = self.request_id = request_id
-        self._start = time.monotonic()
+        self._deadline = deadline  # monotonic; None if the worker set none
 
     def get_remaining_time_in_millis(self):
-        return 0  # no deadline is enforced yet
+        """Until the worker kills the call (limits.runtime_sec).  Its clock
+        started when it sent the request, a little before this one."""
+        if self._deadline is None:
+            return 0
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
 def load(code_dir=CODE_DIR):
@@ -138,7 +142,8 @@ def _error(exc, error_type=None):
 JSON_ENCODER = json.JSONEncoder(allow_nan=False)
 
 
-def invoke(fn, wants_context, function_name, request, max_response=None):
+def invoke(fn, wants_context, function_name, request, max_response=None, runtime=None):
+    received = time.monotonic()
     try:
         event = json.loads(request["body"]) if request["body"] else {}
     except ValueError as e:
@@ -146,7 +151,8 @@ def invoke(fn, wants_context, function_name, request, max_response=None):
     start = time.monotonic()
     try:
         if wants_context:
-            result = fn(event, Context(function_name, request["id"]))
+            deadline = received + runtime if runtime else None
+            result = fn(event, Context(function_name, request["id"], deadline))
         else:
             result = fn(event)
     except Exception as e:
@@ -221,7 +227,8 @@ def serve(channel_fd, setup_times, host_uid, rehearse, ready_fds=()):
     name = assign.get("function", "")
     while True:
         for request in unpacker:
-            reply = invoke(fn, wants_context, name, request, limits.get("response"))
+            reply = invoke(fn, wants_context, name, request, limits.get("response"),
+                           limits.get("runtime"))
             if startup:
                 reply.update(startup)
                 startup = None
