@@ -28,6 +28,8 @@ def test_status_is_ready(worker):
     assert set(timing(headers)) == {"total", "worker"}  # every answer is timed
     status, headers, _ = worker.request("GET", "/nowhere")
     assert status == 404 and set(timing(headers)) == {"total", "worker"}
+    status, headers, _ = worker.request("POST", "/status")
+    assert status == 405 and headers["allow"] == "GET"
 
 
 @pytest.mark.parametrize("prefix", ["/run/", "/runLambda/"])
@@ -74,9 +76,13 @@ def test_unknown_function_is_404(worker):
     assert body["requestId"] == headers["x-request-id"]
 
 
-@pytest.mark.parametrize("name", ["..", ".hidden", "a%2Fb"])
+@pytest.mark.parametrize("name", ["..", ".hidden", "a%2Fb", "%2e%2e", "%2E%2E%2Fetc"])
 def test_bad_function_names_are_404(worker, name):
     assert worker.call(name, {})[0] == 404
+
+
+def test_a_percent_encoded_name_is_decoded(worker):
+    assert worker.call("hel%6Co", {"name": "P"})[::2] == (200, "Hello, P!")
 
 
 def test_unknown_route_is_404_and_get_on_run_is_405(worker):

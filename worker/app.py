@@ -2,6 +2,7 @@
 import json
 import logging
 import time
+import urllib.parse
 import uuid
 
 from .errors import BadRequest, MethodNotAllowed, NotFound, Unavailable, WorkerError
@@ -35,6 +36,8 @@ class App:
     def _route(self, request, request_id):
         path = request.path
         if path == "/status":
+            if request.method != "GET":  # HEAD included: the HTTP layer reads it as a GET
+                return _error(MethodNotAllowed("use GET for /status", b"GET"), request_id)
             if not self.ready:
                 return _error(Unavailable("the worker is starting or draining"), request_id)
             return Response(200, b"ready", b"text/plain", ((b"X-Request-Id", request_id.encode()),))
@@ -55,6 +58,8 @@ class App:
     async def _run(self, request, request_id, phases):
         try:
             name = request.path.split("/", 2)[2]
+            if "%" in name:  # /run/hel%6Co is hello
+                name = urllib.parse.unquote(name)
             if request.method != "POST":
                 raise MethodNotAllowed("use POST to run a function, not %s" % request.method,
                                        b"POST")
