@@ -60,9 +60,27 @@ class Lease:
     fd: int
 
 
+def nameservers(path):
+    """The IPv4 nameservers a resolv.conf names (none if it cannot be read)."""
+    found = []
+    try:
+        with open(path) as f:
+            for line in f:
+                words = line.split()
+                if len(words) >= 2 and words[0] == "nameserver":
+                    try:
+                        found.append(ipaddress.IPv4Address(words[1]))
+                    except ValueError:
+                        pass  # IPv6: the subnet is IPv4
+    except OSError:
+        pass
+    return found
+
+
 class EgressNetwork:
-    def __init__(self, port, subnet, spare, log=print):
+    def __init__(self, port, subnet, spare, log=print, resolv_confs=("/etc/resolv.conf",)):
         self.port = port
+        self.resolv_confs = resolv_confs  # whose nameservers the subnet must not hold
         self.bridge = nat.bridge_name(port)
         self.tag = nat.worker_tag(port)
         self.subnet = worker_subnet(subnet, port)
@@ -133,18 +151,31 @@ class EgressNetwork:
             raise SandboxError("enable egress", self.subnet, str(e)) from None
 
     def _check_subnet_is_free(self):
-        """Refuse a subnet that overlaps one the host already routes: its
-        sandboxes' traffic (or the host's) would go the wrong way."""
+        """Refuse a subnet that overlaps one the host already routes, or
+        holds an address the host reaches through its default route (its
+        gateway, its nameservers or the rootfs's): with the bridge up, their
+        traffic (the host's, or its sandboxes') would go the wrong way."""
         for route in self.ipr.get_routes(family=socket.AF_INET):
+            if route.get("RTA_TABLE", route["table"]) != MAIN_TABLE:
+                continue
             dst, length = route.get("RTA_DST"), route["dst_len"]
-            if route.get("RTA_TABLE", route["table"]) != MAIN_TABLE or not dst or not length:
-                continue  # the default route, or another table's
+            if not dst or not length:  # the default route: its gateway
+                gateway = route.get("RTA_GATEWAY")
+                if gateway and ipaddress.IPv4Address(gateway) in self.subnet:
+                    self._clash("the host's default gateway %s" % gateway)
+                continue
             if ipaddress.IPv4Network((dst, length), strict=False).overlaps(self.subnet):
                 dev = self.ipr.get_links(route.get("RTA_OIF"))[0].get("IFLA_IFNAME") \
                     if route.get("RTA_OIF") else "?"
-                raise SandboxError("enable egress", self.subnet,
-                                   "it clashes with the host's route %s/%d dev %s: choose "
-                                   "another egress.subnet" % (dst, length, dev))
+                self._clash("the host's route %s/%d dev %s" % (dst, length, dev))
+        for path in self.resolv_confs:
+            for server in nameservers(path):
+                if server in self.subnet:
+                    self._clash("the nameserver %s of %s" % (server, path))
+
+    def _clash(self, what):
+        raise SandboxError("enable egress", self.subnet,
+                           "it clashes with %s: choose another egress.subnet" % what)
 
     async def close(self):
         """Drop every namespace and remove the bridge and the rules."""

@@ -299,6 +299,29 @@ def test_a_subnet_that_clashes_with_a_host_route_is_refused_at_start(tmp_path):
         subprocess.run(["ip", "link", "del", dummy], capture_output=True)
 
 
+@pytest.mark.parametrize("resolv", ["nameserver 10.214.78.53\n",
+                                    "# mine\nnameserver ::1\nnameserver 10.214.78.200\n"])
+def test_a_subnet_holding_a_nameserver_is_refused(tmp_path, resolv):
+    """A nameserver the host reaches through its default route would be
+    cut off by the bridge's route, for the host (its resolv.conf) or the
+    sandboxes (the rootfs's)."""
+    from pyroute2 import IPRoute
+    from sandbox.errors import SandboxError
+    from sandbox.network import EgressNetwork
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(resolv)
+    network = EgressNetwork(9999, "10.214.78.0/24", 0, resolv_confs=(str(conf),))
+    network.ipr = IPRoute()
+    try:
+        with pytest.raises(SandboxError, match="clashes with the nameserver 10.214.78"):
+            network._check_subnet_is_free()
+        conf.write_text("nameserver 10.214.79.53\n")
+        network._check_subnet_is_free()  # one outside it is no clash
+    finally:
+        network.ipr.close()
+        network.thread.shutdown()
+
+
 def test_a_sigkilled_workers_network_is_removed_by_kill(own_worker):
     w = own_worker(egress={"enabled": True})
     d = w.add_function("out", EGRESS_FUNCTION)

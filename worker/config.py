@@ -107,6 +107,8 @@ def _egress(source, raw):
         raise ConfigError("%s: unknown egress key(s) %s" % (source, ", ".join(unknown)))
     subnet = raw["subnet"]
     try:
+        if not isinstance(subnet, str):  # IPv4Network(16) would be 0.0.0.16/32
+            raise TypeError(subnet)
         net = ipaddress.IPv4Network(subnet)
     except (ValueError, TypeError):
         raise ConfigError("%s: egress.subnet must be an IPv4 network like 10.213.0.0/16, "

@@ -62,7 +62,8 @@ async def run(config):
         # that never needs it.
         from sandbox.network import EgressNetwork
         network = EgressNetwork(config.port, config.egress.subnet, config.egress.spare,
-                                log=log.warning)
+                                log=log.warning, resolv_confs=(
+                                    "/etc/resolv.conf", os.path.join(rootfs, "etc/resolv.conf")))
     manager = SandboxManager(SandboxConfig(
         rootfs=rootfs, cgroup_root=config.cgroup, log_fd=2, hostname="ol-%d" % config.port,
         limits=Limits(limits.mem_mb, limits.procs, limits.cpu_percent),

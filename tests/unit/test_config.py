@@ -30,6 +30,7 @@ def test_defaults_fill_in():
     ({"cluster": "/c", "egress": {"subnet": "8.8.8.0/24"}}, "egress.subnet"),
     ({"cluster": "/c", "egress": {"subnet": "10.1.2.0/25"}}, "egress.subnet"),
     ({"cluster": "/c", "egress": {"subnet": "ten"}}, "egress.subnet"),
+    ({"cluster": "/c", "egress": {"subnet": 16}}, "egress.subnet must be an IPv4 network"),
     ({"cluster": "/c", "egress": {"subnet": "169.254.0.0/16"}}, "egress.subnet"),
     ({"cluster": "/c", "egress": {"subnet": "127.0.0.0/16"}}, "egress.subnet"),
     ({"cluster": "/c", "egress": {"nat": "nft"}}, "unknown egress key"),
