@@ -1,8 +1,10 @@
 """Sandbox churn: how many sandboxes per second can be created, called once
-and destroyed, with the sandbox package driven directly (no HTTP).
+and destroyed, with the sandbox package driven directly (no HTTP).  As
+root, after `make`:
 
-    python scripts/bench/churn.py SECONDS CONCURRENCY   -> JSON on stdout
+    .venv/bin/python scripts/bench/churn.py [SECONDS] [CONCURRENCY] [--json]
 """
+import argparse
 import asyncio
 import json
 import os
@@ -16,6 +18,7 @@ sys.path.insert(0, REPO)
 from rootfs.prepare import check_dir  # noqa: E402
 from sandbox.manager import SandboxConfig, SandboxManager  # noqa: E402
 from worker.functions import Channel  # noqa: E402
+import report  # noqa: E402  (next to this file)
 
 
 async def churn(seconds, concurrency):
@@ -66,5 +69,29 @@ async def churn(seconds, concurrency):
             "samples": latencies}
 
 
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("seconds", nargs="?", type=float, default=5.0,
+                        help="how long to run (default 5)")
+    parser.add_argument("concurrency", nargs="?", type=int, default=8,
+                        help="create-call-destroy loops at once (default 8)")
+    parser.add_argument("--json", action="store_true",
+                        help="print everything, the raw samples included, as JSON")
+    args = parser.parse_args()
+    if args.seconds <= 0 or args.concurrency < 1:
+        parser.error("SECONDS must be above 0 and CONCURRENCY at least 1")
+    if os.geteuid() != 0:
+        sys.exit("churn: run as root (it builds sandboxes)")
+    try:
+        result = asyncio.run(churn(args.seconds, args.concurrency))
+    except KeyboardInterrupt:
+        sys.exit(130)  # its sandboxes are gone: churn() shuts its manager down
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(report.churn_lines(result)))
+
+
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(churn(float(sys.argv[1]), int(sys.argv[2])))))
+    main()

@@ -141,8 +141,8 @@ def markdown(results):
     host = results["host"]
     out = ["# Cold-start benchmark", "",
            "Host: %(cpus)d CPUs (%(cpu)s), Linux %(kernel)s, cgroups %(cgroups)s." % host,
-           "Latencies in ms. Ours (zygote, warm, fresh) are HTTP end to end from a client "
-           "on the same host; peers are spawn-to-exit of the tool running the same handler "
+           "Latencies in ms. Ours (zygote, hostnet, egress, warm, fresh) are HTTP end to end "
+           "from a client on the same host; peers are spawn-to-exit of the tool running the same handler "
            "on the same rootfs.%s" % (" QUICK RUN: few samples." if results["quick"] else ""),
            "", "## Targets", "", "| measure | target | measured | |", "|---|---|---|---|"]
     for measure, target, measured, met in targets(results):
@@ -176,18 +176,7 @@ def markdown(results):
                    "%d socket errors" % (tp["connections"], tp["seconds"], tp["requests_per_s"],
                                          tp["non_2xx"], tp["socket_errors"]))
     if "per_s" in churn:
-        s = summarize(churn["samples"])
-        out.append("- sandbox churn (create, one call, destroy; concurrency %d): %.0f/s, "
-                   "each p50 %.2f ms p99 %.2f ms" % (churn["concurrency"], churn["per_s"],
-                                                    s["p50"], s["p99"]))
-        if "netns_joined" in churn:
-            out.append("  (shells that joined a used network namespace: %d; that found a trace "
-                       "in one and made their own: %d)"
-                       % (churn["netns_joined"], churn["netns_refused"]))
-        if "rehearsed" in churn:
-            out.append("  (shells that rehearsed a call before they were ready: %d; that did not, "
-                       "forked while calls waited for shells: %d)"
-                       % (churn["rehearsed"], churn["unrehearsed"]))
+        out += churn_lines(churn)
     if mem.get("pss_kb"):
         out.append("- %d idle warm handlers: PSS median %.2f MB, mean %.2f MB; worker RSS %.1f MB"
                    % (mem["alive"], statistics.median(mem["pss_kb"]) / 1024,
@@ -232,3 +221,20 @@ def write(results, out):
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(markdown(results))
     plot(results, os.path.join(out, "latency.png"))
+
+
+def churn_lines(churn):
+    """What scripts/bench/churn.py measured, as the summary's lines."""
+    s = summarize(churn["samples"])
+    lines = ["- sandbox churn (create, one call, destroy; concurrency %d): %.0f/s, "
+             "each p50 %.2f ms p99 %.2f ms" % (churn["concurrency"], churn["per_s"],
+                                              s["p50"], s["p99"])]
+    if "netns_joined" in churn:
+        lines.append("  (shells that joined a used network namespace: %d; that found a trace "
+                     "in one and made their own: %d)"
+                     % (churn["netns_joined"], churn["netns_refused"]))
+    if "rehearsed" in churn:
+        lines.append("  (shells that rehearsed a call before they were ready: %d; that did not, "
+                     "forked while calls waited for shells: %d)"
+                     % (churn["rehearsed"], churn["unrehearsed"]))
+    return lines

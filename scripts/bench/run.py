@@ -2,9 +2,9 @@
 """Cold-start microbenchmarks: our worker against the other ways of running
 the same Python handlers on the same rootfs, all in one run.
 
-    make bench                     # or: .venv/bin/python scripts/bench/run.py
-    scripts/bench/run.py --quick   # fewer samples, for a smoke test
-    scripts/bench/run.py --soak 600
+    make bench                                       # everything, the peers installed
+    make bench BENCH_ARGS=--quick                    # fewer samples, for a smoke test
+    .venv/bin/python scripts/bench/run.py --soak 600 # also a soak
 
 Ways measured, for the hello and heavy-stdlib handlers:
   chroot    a fresh python3 in the rootfs, no namespaces: the floor without a zygote
@@ -22,6 +22,7 @@ results.json (raw samples and summary), summary.md (tables) and latency.png.
 Needs root, `make`, and for the peers `make bench-deps`.
 """
 import argparse
+import atexit
 import concurrent.futures
 import datetime
 import json
@@ -249,7 +250,7 @@ def rss_kb(pid):
 
 def run_churn(seconds, concurrency):
     done = subprocess.run([PYTHON, os.path.join(HERE, "churn.py"), str(seconds),
-                           str(concurrency)], capture_output=True, text=True, cwd=REPO)
+                           str(concurrency), "--json"], capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         return {"error": done.stderr.strip()[-500:]}
     return json.loads(done.stdout)
@@ -301,8 +302,9 @@ def main():
     copies = n + n_idle + 3 * n + n_many + n_memory + 50
     total = 10 + bool(args.soak)
     out = os.path.join(args.out, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(out)
     tmp = tempfile.mkdtemp(prefix="olbench-")
+    # However the run ends (Ctrl-C included): its clusters' files go too.
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     results = {"host": report.host_info(), "quick": args.quick, "runs": []}
     clusters = []
 
@@ -403,12 +405,17 @@ def main():
         for r in run_peers(jobs, tmp):
             record(r["peer"], r["handler"], r["scenario"], r.get("samples", []),
                    error=r.get("error"))
-    shutil.rmtree(tmp, ignore_errors=True)
 
+    os.makedirs(out)
     report.write(results, out)
     print(open(os.path.join(out, "summary.md")).read())
     print("results in %s (results.json, summary.md, latency.png)" % out)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; its workers are stopped, and no results were written",
+              file=sys.stderr)
+        sys.exit(130)

@@ -11,6 +11,7 @@ does: it sets a floor under the p99 of any short call.
 
     .venv/bin/python scripts/bench/stalls.py [SECONDS]
 """
+import argparse
 import json
 import os
 import sys
@@ -91,11 +92,18 @@ def describe(stalls):
         return "not measured: %s" % stalls["error"]
     return ("%.1f stalls of over %.1f ms per second on each of %d vCPUs (median %.2f ms, "
             "longest %.2f ms): %.1f ms lost per second, of which the guest counted %.1f as "
-            "steal; %.0f s measured"
+            "steal; %g s measured"
             % (stalls["per_cpu_per_s"], THRESHOLD * 1e3, stalls["cpus"], stalls["p50_ms"],
                stalls["max_ms"], stalls["lost_ms_per_s"], stalls.get("steal_ms_per_s", 0.0),
                stalls["seconds"]))
 
 
 if __name__ == "__main__":
-    print(describe(measure(float(sys.argv[1]) if len(sys.argv) > 1 else 3.0)))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("seconds", nargs="?", type=float, default=3.0,
+                        help="how long to measure (default 3)")
+    seconds = parser.parse_args().seconds
+    if seconds <= 0:
+        parser.error("SECONDS must be above 0")
+    print(describe(measure(seconds)))
