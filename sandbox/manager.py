@@ -451,7 +451,8 @@ class SandboxManager:
         for fd in fds:
             os.close(fd)
         if not msg or msg.get("op") != "ready":
-            self._shell_failed(sandbox, msg.get("errorMessage") if msg else self._why_silent(sandbox))
+            reason = msg.get("errorMessage") if msg else self._why_silent(sandbox)
+            self._shell_failed(sandbox, reason)
             return
         self._started(sandbox)
         sandbox.setup_times = msg["t"]

@@ -142,8 +142,8 @@ def markdown(results):
     out = ["# Cold-start benchmark", "",
            "Host: %(cpus)d CPUs (%(cpu)s), Linux %(kernel)s, cgroups %(cgroups)s." % host,
            "Latencies in ms. Ours (zygote, hostnet, egress, warm, fresh) are HTTP end to end "
-           "from a client on the same host; peers are spawn-to-exit of the tool running the same handler "
-           "on the same rootfs.%s" % (" QUICK RUN: few samples." if results["quick"] else ""),
+           "from a client on the same host; peers are spawn-to-exit of the tool running the "
+           "same handler on the same rootfs.%s" % (" QUICK RUN: few samples." if results["quick"] else ""),
            "", "## Targets", "", "| measure | target | measured | |", "|---|---|---|---|"]
     for measure, target, measured, met in targets(results):
         out.append("| %s | %s | %s | %s |" % (measure, target, measured,
