@@ -261,7 +261,7 @@ class FunctionTable:
                                    % (name, reply["size"], function.limits.response_kb))
         if status == "init_error":
             await self._destroy(instance)
-            raise InitFailed("%s: %s" % (name, reply["errorMessage"]), reply["errorType"],
+            raise InitFailed("function %r: %s" % (name, reply["errorMessage"]), reply["errorType"],
                              reply["stackTrace"])
         self._release(instance)
         if status == "ok":
