@@ -13,6 +13,7 @@ ahead of time:
 import array
 import asyncio
 import collections
+import itertools
 import os
 import re
 import socket
@@ -66,6 +67,8 @@ def _escape(match):
 # hold its place among the shells being started for good, so that no new
 # one is forked: it is killed, and a call waiting for it gets the error.
 READY_DEADLINE = 10.0
+# Seconds between attempts to restart a zygote that failed to boot.
+RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
 def fd_batches(shells):
@@ -214,6 +217,7 @@ class SandboxManager:
         self.closing = False
         self._serial = 0
         self._restarting = None
+        self.zygote_trouble = None         # why sandboxes cannot be made now, if so
 
     def log(self, line):
         os.write(self.config.log_fd, (line + "\n").encode())
@@ -255,8 +259,25 @@ class SandboxManager:
         self._restarting = asyncio.ensure_future(self._restart_zygote())
 
     async def _restart_zygote(self):
-        await self._start_zygote()
-        self._refill()
+        """Until a new zygote runs: one that fails to boot after a death
+        (fds or memory short for a moment, or killed again) is retried, less
+        often each time, for no call can be served without one."""
+        for attempt in itertools.count():
+            try:
+                await self._start_zygote()
+            except (SandboxError, OSError) as e:  # ZygoteBootError included
+                self.zygote_trouble = "its zygote could not be restarted: %s" % e
+                delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
+                if attempt % 12 == 0:  # then about once a minute
+                    self.log("%s; trying again in %g s (attempt %d)" % (
+                        self.zygote_trouble, delay, attempt + 1))
+                await asyncio.sleep(delay)
+                continue
+            if self.zygote_trouble:
+                self.log("zygote restarted (attempt %d)" % (attempt + 1))
+            self.zygote_trouble = None
+            self._refill()
+            return
 
     # -- shells ---------------------------------------------------------------------
     def _refill(self):
@@ -552,6 +573,8 @@ class SandboxManager:
             raise SandboxError("create sandbox", code_dir, "the manager is shutting down")
         if egress and self.network is None:
             raise SandboxError("create sandbox", code_dir, "egress is not enabled on this worker")
+        if self.zygote_trouble:
+            raise SandboxError("create sandbox", code_dir, self.zygote_trouble)
         if self._restarting is not None and not self._restarting.done():
             await self._restarting
         lease = await self.network.acquire() if egress else None

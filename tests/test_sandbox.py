@@ -194,6 +194,39 @@ def test_a_shell_never_ready_is_killed_and_its_caller_told(tmp_path, manager_con
     asyncio.run(scenario())
 
 
+def test_a_zygote_restart_that_fails_is_retried_and_said(tmp_path, manager_config, monkeypatch):
+    """A zygote that dies is restarted; if the new one cannot boot (here:
+    twice), the manager says why on every create() meanwhile, and tries
+    again until one runs."""
+    code = code_dir(tmp_path, "def handler(event):\n    return 'awake'\n")
+
+    async def scenario():
+        manager = SandboxManager(manager_config())
+        await manager.start()
+        try:
+            real_start, failures = manager._start_zygote, []
+
+            async def failing_start():
+                if len(failures) < 2:
+                    failures.append(1)
+                    raise SandboxError("start zygote", "-", "no fds left (a test)")
+                await real_start()
+            monkeypatch.setattr(manager, "_start_zygote", failing_start)
+            os.kill(manager.zygote.pid, 9)
+            while not manager.zygote_trouble:
+                await asyncio.sleep(0.01)
+            with pytest.raises(SandboxError, match="could not be restarted: .*no fds left"):
+                await manager.create(str(code))
+            while manager.zygote_trouble:  # the third attempt, 0.6 s on
+                await asyncio.sleep(0.05)
+            sandbox = await asyncio.wait_for(manager.create(str(code)), 5)
+            assert (await ask(sandbox, b"{}"))["body"] == b'"awake"'
+        finally:
+            await manager.shutdown()
+    from sandbox.errors import SandboxError
+    asyncio.run(scenario())
+
+
 def test_a_load_failure_is_heard_even_when_the_request_cannot_be_sent(tmp_path, manager_config):
     """The shell reports a load failure and exits before the request is
     written: the worker must still get the report, not a broken pipe."""

@@ -40,6 +40,10 @@ class App:
                 return _error(MethodNotAllowed("use GET for /status", b"GET"), request_id)
             if not self.ready:
                 return _error(Unavailable("the worker is starting or draining"), request_id)
+            trouble = self.table.trouble()
+            if trouble:
+                return _error(Unavailable("the worker cannot make sandboxes: " + trouble),
+                              request_id)
             return Response(200, b"ready", b"text/plain", ((b"X-Request-Id", request_id.encode()),))
         if path == "/sandboxes":
             if request.method != "GET":

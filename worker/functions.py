@@ -182,6 +182,10 @@ class FunctionTable:
         self.closing = False
         registry.on_change = self._retire_idle
 
+    def trouble(self):
+        """Why no cold start can succeed now (its zygote is down), or None."""
+        return self.manager.zygote_trouble
+
     async def invoke(self, name, request_id, body, phases):
         """Run one call; returns the handler's JSON reply as bytes.  Appends
         (phase, seconds, note) to `phases` as they become known."""
