@@ -14,6 +14,7 @@ import array
 import asyncio
 import collections
 import itertools
+import logging
 import os
 import re
 import socket
@@ -53,6 +54,7 @@ OUTPUT_CAP = 1 << 20
 OUTPUT_LINE = 16 << 10
 # A fresh channel's socket buffer (~200 KiB) takes this much in one send.
 FIRST_MESSAGE_MAX = 32 << 10
+log = logging.getLogger("sandbox")
 # Control characters a handler writes reach the log escaped: a carriage
 # return or a terminal's escape sequence could otherwise forge or hide the
 # worker's own lines for whoever reads the log in a terminal.
@@ -219,8 +221,6 @@ class SandboxManager:
         self._restarting = None
         self.zygote_trouble = None         # why sandboxes cannot be made now, if so
 
-    def log(self, line):
-        os.write(self.config.log_fd, (line + "\n").encode())
 
     async def start(self):
         blocker = user_namespace_blocker()
@@ -237,7 +237,7 @@ class SandboxManager:
         # behind, and doing it in a thread would fight the loop for the GIL.
         reserve = self.config.max_live + self.config.pool_size * 2
         self.cgroups.reserve(reserve)
-        self.log("made %d cgroups in %.0f ms" % (reserve, (time.monotonic() - started) * 1e3))
+        log.info("made %d cgroups in %.0f ms" % (reserve, (time.monotonic() - started) * 1e3))
         await self._start_zygote()
         self._refill()
 
@@ -255,7 +255,7 @@ class SandboxManager:
             self._on_child_exit(sandbox_id, None, "its zygote " + reason)
         if self.closing:
             return
-        self.log("zygote %s; restarting it" % reason)
+        log.warning("zygote %s; restarting it" % reason)
         self._restarting = asyncio.ensure_future(self._restart_zygote())
 
     async def _restart_zygote(self):
@@ -269,12 +269,12 @@ class SandboxManager:
                 self.zygote_trouble = "its zygote could not be restarted: %s" % e
                 delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
                 if attempt % 12 == 0:  # then about once a minute
-                    self.log("%s; trying again in %g s (attempt %d)" % (
+                    log.warning("%s; trying again in %g s (attempt %d)" % (
                         self.zygote_trouble, delay, attempt + 1))
                 await asyncio.sleep(delay)
                 continue
             if self.zygote_trouble:
-                self.log("zygote restarted (attempt %d)" % (attempt + 1))
+                log.warning("zygote restarted (attempt %d)" % (attempt + 1))
             self.zygote_trouble = None
             self._refill()
             return
@@ -288,7 +288,7 @@ class SandboxManager:
             try:
                 self._fork_shells(missing)
             except SandboxError as e:
-                self.log(str(e))
+                log.warning(str(e))
 
     def _fork_shells(self, count, pooled=True):
         """`count` new shells, asked of the zygote in as few messages as
@@ -331,7 +331,7 @@ class SandboxManager:
         if error is not None:
             if not shells:
                 raise error
-            self.log(str(error))
+            log.warning(str(error))
         return shells
 
     def _new_shell(self, pooled):
@@ -485,7 +485,7 @@ class SandboxManager:
             try:
                 sandbox.cgroup.set_idle(False)
             except SandboxError as e:
-                self.log(str(e))
+                log.warning(str(e))
         waiter = self._next_waiter()
         if waiter is not None:
             sandbox.state = "assigned"
@@ -505,7 +505,7 @@ class SandboxManager:
         or a broken host would fork shells in a tight loop."""
         self._started(sandbox)
         if not self.closing:  # else it was killed with the others
-            self.log("shell %s failed: %s" % (sandbox.id, reason))
+            log.warning("shell %s failed: %s" % (sandbox.id, reason))
         sandbox.state = "failed"
         sandbox.kill()
         self._fail_waiter(SandboxError("build sandbox", sandbox.id, reason))
@@ -658,7 +658,7 @@ class SandboxManager:
             self.cgroups.release(sandbox.cgroup, sandbox.limits_customized)
         except SandboxError as e:
             emptied = False
-            self.log(str(e))
+            log.warning(str(e))
         if sandbox.lease is not None:
             # Recycled only once nothing can be left in it: its cgroup was
             # empty, or emptied (killed and waited for) on release.
@@ -707,5 +707,5 @@ class SandboxManager:
             self.root.remove()
             self.root.remove_empty_parents()
         except SandboxError as e:
-            self.log("shutdown: %s" % e)
+            log.warning("shutdown: %s" % e)
 
