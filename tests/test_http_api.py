@@ -188,6 +188,17 @@ def test_edits_of_a_function_frozen_while_idle_keep_being_served(own_worker):
     assert worker.call("hello", {"name": "B"})[::2] == (200, "Hello, B!")
 
 
+def test_a_deleted_functions_idle_sandbox_goes_without_another_call(worker):
+    d = worker.add_function("deleted", "def handler(event):\n    return 1\n")
+    assert worker.call("deleted", {})[::2] == (200, 1)
+    assert [s["state"] for s in sandboxes(worker, "deleted")] == ["idle"]
+    shutil.rmtree(d)
+    deadline = time.monotonic() + 5
+    while sandboxes(worker, "deleted") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandboxes(worker, "deleted") == []
+
+
 def test_replaced_function_directory_is_picked_up(worker):
     d = worker.add_function("replaced", "def handler(event):\n    return 'old'\n")
     assert worker.call("replaced", {})[2] == "old"

@@ -8,6 +8,7 @@ idle ones are evicted, least recently used first, to make room.
 """
 import asyncio
 import collections
+import os
 import time
 
 from sandbox.cgroups import Limits
@@ -15,7 +16,7 @@ from sandbox.errors import CapacityError, SandboxError
 from sandbox.manager import FIRST_MESSAGE_MAX
 from sandbox.runtime import proto
 
-from .errors import (Busy, HandlerDied, HandlerRaised, InitFailed, ResponseTooLarge,
+from .errors import (Busy, HandlerDied, HandlerRaised, InitFailed, NotFound, ResponseTooLarge,
                      SandboxFailed, TimedOut, Unavailable)
 
 # An instance idle this long is frozen (its cgroup), and thawed when a call
@@ -27,6 +28,16 @@ FREEZE_AFTER = 0.1
 
 # What a reply may hold beyond its body: an error's message and stack.
 REPLY_OVERHEAD = 1 << 20
+
+
+def _gone(function):
+    """NotFound if the function's directory went away meanwhile (deleted or
+    renamed while its sandbox was given its code), which is no platform
+    fault; else None."""
+    if not os.path.isdir(function.path):
+        return NotFound("no function named %r (it was removed during the call)"
+                        % function.name)
+    return None
 
 
 def process_limits(limits):
@@ -258,7 +269,8 @@ class FunctionTable:
         status = reply.get("status")
         if status == "setup_error":
             await self._destroy(instance)
-            raise SandboxFailed("%s: %s" % (name, reply["errorMessage"]))
+            raise _gone(instance.function) or SandboxFailed("%s: %s" % (name,
+                                                                        reply["errorMessage"]))
         if status == "too_large":
             self._release(instance)
             raise ResponseTooLarge("the response of %r is %d bytes, over limits.response_kb (%d KiB)"
@@ -319,7 +331,7 @@ class FunctionTable:
         except SandboxError as e:
             if self.closing:
                 raise Unavailable("the worker is shutting down") from None
-            raise SandboxFailed(str(e)) from None
+            raise _gone(function) or SandboxFailed(str(e)) from None
         finally:
             self.pending -= 1
         channel = Channel(sandbox.channel, (limits.response_kb << 10) + REPLY_OVERHEAD)

@@ -10,6 +10,7 @@ whole tree per call.
 """
 import dataclasses
 import errno
+import logging
 import os
 import re
 import stat
@@ -20,6 +21,7 @@ from inotify_simple import INotify, flags
 from .config import ConfigError, check_limits
 from .errors import InitFailed, NotFound
 
+log = logging.getLogger("worker")
 ENTRY_FILES = ("lambda_func.py", "f.py")
 CONFIG_FILE = "ol.yaml"
 # Limits a function may set for itself.  The request body limit is not one:
@@ -53,6 +55,7 @@ class Registry:
         self.watches = {}   # watch descriptor -> function name
         self.cache = {}     # name -> Function
         self.versions = {}  # name -> version counter
+        self.unwatched = set()  # names said once to be beyond inotify's watch limit
         self.on_change = lambda name: None
 
     def close(self):
@@ -75,13 +78,18 @@ class Registry:
             raise InitFailed("function %r has no entry file: expected lambda_func.py with "
                              "handler(event) or f.py with f(event)" % name,
                              "Runtime.HandlerNotFound")
-        self._watch(name, path)
+        watched = self._watch(name, path)
         for e in entries:
             if e.is_dir(follow_symlinks=False) and e.name != "__pycache__":
-                self._watch_tree(name, e.path)
+                watched = self._watch_tree(name, e.path) and watched
         limits, egress = self.limits, False
         if any(e.name == CONFIG_FILE for e in entries):
             limits, egress = self._read_config(name, os.path.join(path, CONFIG_FILE))
+        if not watched:
+            # An edit could go unseen: a new version each call, so that no
+            # sandbox with old code is ever reused.
+            self.versions[name] = self.versions.get(name, 0) + 1
+            return Function(name, path, self.versions[name], limits, egress)
         fn = Function(name, path, self.versions.setdefault(name, 0), limits, egress)
         self.cache[name] = fn
         return fn
@@ -125,15 +133,26 @@ class Registry:
         return dataclasses.replace(self.limits, **limits), egress
 
     def _watch(self, name, path):
+        """Watch one directory of a function's; False if it cannot be."""
         try:
             self.watches[self.inotify.add_watch(path, WATCH)] = name
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             pass  # vanished meanwhile; the parent's watch saw it
+        except OSError as e:  # ENOSPC: fs.inotify.max_user_watches reached
+            if name not in self.unwatched:
+                self.unwatched.add(name)
+                log.warning("registry: cannot watch %s: %s; each call to %r now starts a new "
+                            "sandbox, so that no edit goes unseen (raise "
+                            "fs.inotify.max_user_watches)", path, e.strerror, name)
+            return False
+        return True
 
     def _watch_tree(self, name, path):
+        watched = True
         for root, dirs, _files in os.walk(path):
             dirs[:] = [d for d in dirs if d != "__pycache__"]
-            self._watch(name, root)
+            watched = self._watch(name, root) and watched
+        return watched
 
     def drain_changes(self):
         try:

@@ -75,6 +75,9 @@ async def run(config):
     except OSError as e:
         raise StartError("watch registry %s: %s" % (config.registry, e.strerror)) from None
     table = FunctionTable(manager, registry, config.max_sandboxes)
+    # Changes are applied as they come too, not only at the next lookup: a
+    # deleted or edited function's idle sandboxes go at once.
+    loop.add_reader(registry.inotify.fileno(), registry.drain_changes)
     app = App(table, limits.request_kb * 1024)
     try:
         server = await loop.create_server(lambda: HttpProtocol(app), config.host, config.port,
@@ -112,5 +115,6 @@ async def run(config):
         await manager.shutdown()
         if network is not None:
             await network.close()
+        loop.remove_reader(registry.inotify.fileno())
         registry.close()
     log.info("stopped; every sandbox, cgroup and network removed")
