@@ -30,6 +30,8 @@ from .runtime import syscalls as sc
 from .uids import DEFAULT_FLOOR, UID_SLOTS, user_namespace_blocker
 from .zygote import Zygote, describe_status
 
+log = logging.getLogger("sandbox")
+
 
 @dataclass(frozen=True)
 class SandboxConfig:
@@ -54,7 +56,6 @@ OUTPUT_CAP = 1 << 20
 OUTPUT_LINE = 16 << 10
 # A fresh channel's socket buffer (~200 KiB) takes this much in one send.
 FIRST_MESSAGE_MAX = 32 << 10
-log = logging.getLogger("sandbox")
 # Control characters a handler writes reach the log escaped: a carriage
 # return or a terminal's escape sequence could otherwise forge or hide the
 # worker's own lines for whoever reads the log in a terminal.
@@ -63,6 +64,7 @@ CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 def _escape(match):
     return b"\\x%02x" % match.group()[0]
+
 
 # A shell builds its sandbox in milliseconds.  One still not ready after
 # this long never will be (stopped, or stuck in the kernel), and it would
@@ -219,8 +221,7 @@ class SandboxManager:
         self.closing = False
         self._serial = 0
         self._restarting = None
-        self.zygote_trouble = None         # why sandboxes cannot be made now, if so
-
+        self.zygote_trouble = None          # why sandboxes cannot be made now, if so
 
     async def start(self):
         blocker = user_namespace_blocker()
