@@ -70,7 +70,9 @@ def _escape(match):
 # this long never will be (stopped, or stuck in the kernel), and it would
 # hold its place among the shells being started for good, so that no new
 # one is forked: it is killed, and a call waiting for it gets the error.
-READY_DEADLINE = 10.0
+# Generous, for a pooled shell is built at cpu.idle: CPU-bound handlers
+# on every core slow it down (by about 300 times with one per core).
+READY_DEADLINE = 60.0
 # Seconds between attempts to restart a zygote that failed to boot.
 RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
 
