@@ -2,6 +2,7 @@
 reload, against a real worker; the HTTP layer's deadlines against a server
 in this process."""
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -13,6 +14,7 @@ import time
 import pytest
 import uvloop
 
+from conftest import Worker
 from worker.http import HttpProtocol, Response
 
 
@@ -197,6 +199,23 @@ def test_a_deleted_functions_idle_sandbox_goes_without_another_call(worker):
     while sandboxes(worker, "deleted") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sandboxes(worker, "deleted") == []
+
+
+def test_code_that_fails_to_load_because_it_changed_meanwhile_is_loaded_again(worker):
+    """A file rewritten in place can be read half written, and fail to
+    load; if the code changed while it loaded, the call is made once more,
+    with the code as it is now."""
+    d = worker.add_function("midedit", "import time\n"
+                                       "time.sleep(0.6)\n"
+                                       "raise ImportError('read half written')\n")
+    other = Worker(worker.path, worker.port)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(other.call, "midedit", {})
+        time.sleep(0.3)  # it is loading the first version
+        with open(os.path.join(d, "lambda_func.py.new"), "w") as f:
+            f.write("def handler(event):\n    return 'whole'\n")
+        os.rename(os.path.join(d, "lambda_func.py.new"), os.path.join(d, "lambda_func.py"))
+        assert call.result()[::2] == (200, "whole")
 
 
 def test_replaced_function_directory_is_picked_up(worker):

@@ -201,6 +201,19 @@ class FunctionTable:
         """Run one call; returns the handler's JSON reply as bytes.  Appends
         (phase, seconds, note) to `phases` as they become known."""
         function = self.registry.lookup(name)
+        try:
+            return await self._call(function, request_id, body, phases)
+        except InitFailed:
+            # A file rewritten in place can be read half written: if the
+            # code changed while it loaded, once more with the code as it is.
+            self.registry.drain_changes()
+            if self.registry.cache.get(name) is function:
+                raise
+            phases.clear()
+            return await self._call(self.registry.lookup(name), request_id, body, phases)
+
+    async def _call(self, function, request_id, body, phases):
+        name = function.name
         request = {"id": request_id, "body": body}
         instance = self._take_idle(function)
         sent_with_code = False
