@@ -60,6 +60,21 @@ async def ask(sandbox, body):
             return msg
 
 
+def one_call(config, code, settle=0.0):
+    """The reply to one call of `code`, in a sandbox of a manager of its
+    own, started `settle` seconds before."""
+    async def scenario():
+        manager = SandboxManager(config)
+        try:
+            await manager.start()
+            await asyncio.sleep(settle)
+            sandbox = await manager.create(str(code))
+            return await ask(sandbox, b"{}")
+        finally:
+            await manager.shutdown()
+    return asyncio.run(scenario())
+
+
 def test_destroy_leaves_no_process_cgroup_mount_or_socket(tmp_path, manager_config):
     code = code_dir(tmp_path, "def handler(event):\n    return event\n")
     mounts_before = host_mounts()
@@ -256,16 +271,9 @@ def test_a_function_sees_nothing_of_the_rehearsals(tmp_path, manager_config):
                               "    return [sys.modules['lambda_func'].__file__,\n"
                               "            [p for p in sys.path if 'rehears' in p], sys.path[0]]\n")
 
-    async def scenario():
-        manager = SandboxManager(manager_config())
-        await manager.start()
-        await asyncio.sleep(1.5)  # the pool's shells rehearsed
-        sandbox = await manager.create(str(code))
-        reply = await ask(sandbox, b"{}")
-        await manager.shutdown()
-        assert reply["status"] == "ok", reply
-        assert json.loads(reply["body"]) == ["/handler/lambda_func.py", [], "/handler"]
-    asyncio.run(scenario())
+    reply = one_call(manager_config(), code, settle=1.5)  # the pool's shells rehearsed
+    assert reply["status"] == "ok", reply
+    assert json.loads(reply["body"]) == ["/handler/lambda_func.py", [], "/handler"]
 
 
 def test_common_library_calls_import_nothing_in_the_sandbox(tmp_path, manager_config):
@@ -290,15 +298,9 @@ def test_common_library_calls_import_nothing_in_the_sandbox(tmp_path, manager_co
                               "    ET.tostring(ET.fromstring('<a/>'))\n"
                               "    return sorted(set(sys.modules) - before)\n")
 
-    async def scenario():
-        manager = SandboxManager(manager_config())
-        await manager.start()
-        sandbox = await manager.create(str(code))
-        reply = await ask(sandbox, b"{}")
-        await manager.shutdown()
-        assert reply["status"] == "ok", reply
-        assert json.loads(reply["body"]) == []
-    asyncio.run(scenario())
+    reply = one_call(manager_config(), code)
+    assert reply["status"] == "ok", reply
+    assert json.loads(reply["body"]) == []
 
 
 async def full_pool(manager):

@@ -282,8 +282,7 @@ class FunctionTable:
         status = reply.get("status")
         if status == "setup_error":
             await self._destroy(instance)
-            raise _gone(instance.function) or SandboxFailed("%s: %s" % (name,
-                                                                        reply["errorMessage"]))
+            raise _gone(function) or SandboxFailed("%s: %s" % (name, reply["errorMessage"]))
         if status == "too_large":
             self._release(instance)
             raise ResponseTooLarge("the response of %r is %d bytes, over limits.response_kb (%d KiB)"

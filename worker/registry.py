@@ -6,7 +6,8 @@ enables egress).
 
 Changes are tracked with inotify, drained at each lookup, so the next call
 after an edit always sees the new code, with no polling and no stat of the
-whole tree per call.
+whole tree per call; the worker's loop also drains them as they arrive
+(worker/server.py), so that a deleted function's sandboxes go at once.
 """
 import dataclasses
 import errno

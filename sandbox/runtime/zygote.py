@@ -359,9 +359,10 @@ WARM_UP_RUNS = 10
 
 
 def run_the_call_path():
-    """What of a shell's Python can run outside a sandbox: its messages,
-    a throw-away function loaded and called (the rehearsal), and the
-    structs it builds for its code's mount and its privileges."""
+    """What of a shell's Python can run outside a sandbox: a throw-away
+    function loaded and called, its reply packed and unpacked (the
+    rehearsal), the structs it builds for its code's mount and its
+    privileges, and a message with an fd."""
     handler.rehearsal()
     mounts.CompiledPlan(mounts.code_plan(-1))
     privileges.Privileges(0)
@@ -371,7 +372,6 @@ def run_the_call_path():
         _data, fds = proto.recv_fds(theirs)
         for fd in fds:
             os.close(fd)
-    proto.unpacker()
 
 
 def cannot_boot(error, status):
