@@ -1,5 +1,6 @@
 """The benchmark suite runs and writes its JSON, tables and plot (a quick
-run without the peers: the numbers are not checked, only that it works)."""
+run without the peers, and a short soak: the numbers are not checked, only
+that it works)."""
 import json
 import os
 import subprocess
@@ -9,10 +10,10 @@ from conftest import REPO, cluster_leftovers
 
 def test_quick_bench_writes_json_markdown_and_plot(tmp_path):
     done = subprocess.run([os.path.join(REPO, ".venv/bin/python"), "scripts/bench/run.py",
-                           "--quick", "--no-peers", "--out", str(tmp_path)],
+                           "--quick", "--no-peers", "--soak", "10", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "[1/10]" in done.stdout and "## Targets" in done.stdout  # progress, then the table
+    assert "[1/11]" in done.stdout and "## Targets" in done.stdout  # progress, then the table
     (run,) = os.listdir(tmp_path)
     out = tmp_path / run
     results = json.loads((out / "results.json").read_text())
@@ -25,5 +26,9 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| zygote |" in summary and "- before the scenarios: " in summary
     assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
+    soak = results["soak"]
+    assert soak["cold_calls"] > 0 and soak["calls"] > soak["cold_calls"] and len(soak["rss_kb"]) > 2
+    assert "worker RSS over a 10 s soak" in summary
+    assert (out / "soak.png").read_bytes()[:4] == b"\x89PNG"
     assert [line for line in open("/proc/self/mountinfo") if "olbench" in line] == []
     assert cluster_leftovers("/nonexistent") == []  # no process left in another root

@@ -236,6 +236,18 @@ def test_a_cold_start_gets_its_request_whole_at_any_size(worker, size):
     assert status == 200 and body == [size, "abc"]
 
 
+@pytest.mark.parametrize("size", [10, 64 << 10, 3 << 20])
+def test_a_reply_arrives_whole_at_any_size_and_the_next_call_too(worker, size):
+    # The worker reads every channel into one shared buffer, a piece at a
+    # time: a reply larger than it, or than the unpacker's first buffer,
+    # must come out whole, and the next call's reply not mixed with it.
+    name = "reply-len-%d" % size
+    worker.add_function(name, "def handler(event):\n    return event['c'] * event['n']\n")
+    for c in "ab":
+        status, _, body = worker.call(name, {"c": c, "n": size})
+        assert status == 200 and body == c * size
+
+
 def test_body_over_the_limit_is_413_before_it_is_read(worker):
     big = b'"' + b"x" * (7 << 20) + b'"'
     status, headers, body = worker.request("POST", "/run/hello", big)

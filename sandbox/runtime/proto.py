@@ -28,8 +28,17 @@ MAX_MESSAGE = 64 << 20
 BufferFull = msgpack.BufferFull
 
 
+# An unpacker's first buffer.  msgpack's default is 1 MiB, malloc'd per
+# unpacker (one per channel, one per shell's "ready"): glibc then mmaps and
+# munmaps it each time, or, once it has raised its mmap threshold, carves it
+# from the heap, which fragments and grows the worker's RSS call by call.
+# The buffer grows as a message needs, up to max_message.
+READ_SIZE = 64 * 1024
+
+
 def unpacker(max_message=MAX_MESSAGE):
-    return msgpack.Unpacker(raw=False, max_buffer_size=max_message)
+    return msgpack.Unpacker(raw=False, max_buffer_size=max_message,
+                           read_size=min(READ_SIZE, max_message))
 
 
 def send_packet(sock, msg, fds=()):

@@ -131,9 +131,16 @@ def targets(results):
                      "%.2f MB median" % median, median <= 3))
     soak = results.get("soak")
     if soak and len(soak["rss_kb"]) > 2:
-        first, last = soak["rss_kb"][1][1], soak["rss_kb"][-1][1]
-        rows.append(("worker RSS over %d s soak" % soak["seconds"], "flat",
-                     "%.1f → %.1f MB" % (first / 1024, last / 1024), last <= first * 1.1))
+        # From a fifth of the way in: by then the worker has seen every
+        # function and filled its pools.
+        first = next(kb for t, kb in soak["rss_kb"] if t >= soak["seconds"] / 5)
+        last = soak["rss_kb"][-1][1]
+        errors = soak.get("error_count", 0)
+        rows.append(("worker RSS over a %d s soak (%d calls, %d cold)" % (
+                        soak["seconds"], soak["calls"], soak.get("cold_calls", 0)),
+                     "flat, zero errors",
+                     "%.1f → %.1f MB, %d errors" % (first / 1024, last / 1024, errors),
+                     last <= first * 1.1 and not errors))
     return rows
 
 
@@ -212,6 +219,22 @@ def plot(results, path):
     fig.savefig(path, dpi=110)
 
 
+def plot_soak(soak, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot([t for t, _ in soak["rss_kb"]], [kb / 1024 for _, kb in soak["rss_kb"]], marker=".")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("seconds into the soak")
+    ax.set_ylabel("worker RSS (MB)")
+    ax.set_title("Worker memory over a %d s soak: %d calls, %d of them cold starts, %d edits"
+                 % (soak["seconds"], soak["calls"], soak["cold_calls"], soak["edits"]))
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def write(results, out):
     for run in results["runs"]:
         run["summary"] = summarize(run["samples"])
@@ -222,6 +245,8 @@ def write(results, out):
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(markdown(results))
     plot(results, os.path.join(out, "latency.png"))
+    if results.get("soak"):
+        plot_soak(results["soak"], os.path.join(out, "soak.png"))
 
 
 def churn_lines(churn):

@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,6 +49,8 @@ ROOTFS = os.path.join(REPO, "build", "rootfs")
 HANDLERS = os.path.join(HERE, "handlers")
 EVENT = b'{"name": "bench"}'
 PEERS = ("chroot", "bwrap", "crun", "runc")
+SOAK_FUNCTIONS = 400  # distinct functions in the soak, half hello, half heavy
+SOAK_LIVE = 64        # the soak worker's max_sandboxes: most cold starts evict
 
 
 def step(i, total, text):
@@ -256,27 +259,67 @@ def run_churn(seconds, concurrency):
     return json.loads(done.stdout)
 
 
-def run_soak(cluster, seconds):
-    """Warm calls for `seconds`, and every 50th call a cold start after an
-    edit of the function's code, sampling the worker's RSS."""
-    client = Client(cluster.port)
-    warm, edited = cluster.fresh_name("hello"), cluster.fresh_name("hello")
-    source = os.path.join(cluster.path, "registry", edited, "lambda_func.py")
-    end = time.monotonic() + seconds
-    rss, calls, next_sample = [], 0, 0.0
-    start = time.monotonic()
-    while time.monotonic() < end:
-        call(client, warm)
-        calls += 1
-        if calls % 50 == 0:  # the edit retires its sandbox: the call is a cold start
-            with open(source, "w") as f:
-                f.write("def handler(event):\n    return %d\n" % calls)
-            call(client, edited)
-        now = time.monotonic() - start
-        if now >= next_sample:
-            rss.append((round(now, 1), rss_kb(cluster.worker_pid())))
-            next_sample += max(1.0, seconds / 60)
-    return {"seconds": seconds, "calls": calls, "rss_kb": rss}
+def run_soak(tmp, seconds):
+    """Four clients for `seconds` against a worker of its own that holds at
+    most SOAK_LIVE sandboxes: half the calls warm (a few hot functions),
+    half cold starts of SOAK_FUNCTIONS others in turn, each evicting an idle
+    sandbox, and every 100th an edit of a hot function's code.  The worker's
+    RSS is sampled throughout: it must not grow once the worker has seen
+    every function."""
+    cluster = Cluster(tmp, "soak", SOAK_FUNCTIONS // 2, max_sandboxes=SOAK_LIVE, pool_size=16)
+    try:
+        settle()
+        pid = cluster.worker_pid()
+        hot = ["hello-%d" % i for i in range(4)]
+        cold = ["%s-%d" % (handler, i) for i in range(4, SOAK_FUNCTIONS // 2)
+                for handler in ("hello", "heavy")]
+        end = time.monotonic() + seconds
+        tallies = [{"warm": 0, "cold": 0, "edits": 0} for _ in range(4)]
+        errors = []
+
+        def client_loop(k):
+            counts = tallies[k]
+            client = Client(cluster.port)
+            i = k
+            while time.monotonic() < end:
+                i += 4
+                if i % 2:
+                    name = cold[(i // 2) % len(cold)]
+                    counts["cold"] += 1
+                else:
+                    name = hot[(i // 2) % len(hot)]
+                    counts["warm"] += 1
+                    if i % 100 == 0:  # a new version: the next call is a cold start
+                        with open(os.path.join(cluster.path, "registry", name,
+                                               "lambda_func.py"), "w") as f:
+                            f.write("def handler(event):\n    return %d\n" % i)
+                        counts["edits"] += 1
+                try:
+                    call(client, name)
+                except (RuntimeError, OSError) as e:
+                    errors.append(str(e))
+                    client.close()
+            client.close()
+
+        threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        rss, start = [], time.monotonic()
+        while any(t.is_alive() for t in threads):
+            now = time.monotonic() - start
+            rss.append((round(now, 1), rss_kb(pid)))
+            print("  %4.0f s: %d calls, worker RSS %.1f MB" % (
+                now, sum(t["warm"] + t["cold"] for t in tallies), rss[-1][1] / 1024), flush=True)
+            time.sleep(max(1.0, seconds / 60))
+        for t in threads:
+            t.join()
+        rss.append((round(time.monotonic() - start, 1), rss_kb(pid)))
+    finally:
+        cluster.kill()
+    total = {key: sum(t[key] for t in tallies) for key in tallies[0]}
+    return {"seconds": seconds, "calls": total["warm"] + total["cold"],
+            "cold_calls": total["cold"], "edits": total["edits"], "errors": errors[:20],
+            "error_count": len(errors), "rss_kb": rss}
 
 
 def main():
@@ -375,9 +418,9 @@ def main():
         results["memory"] = run_memory(zygote, n_memory)
 
         if args.soak:
-            step(9, total, "soak for %d s" % args.soak)
-            zygote.restart()
-            results["soak"] = run_soak(zygote, args.soak)
+            step(9, total, "soak for %d s: warm calls, cold starts that evict, edits" % args.soak)
+            zygote.kill()
+            results["soak"] = run_soak(tmp, args.soak)
     finally:
         for cluster in clusters:
             cluster.kill()
@@ -409,7 +452,8 @@ def main():
     os.makedirs(out)
     report.write(results, out)
     print(open(os.path.join(out, "summary.md")).read())
-    print("results in %s (results.json, summary.md, latency.png)" % out)
+    print("results in %s (results.json, summary.md, latency.png%s)"
+          % (out, ", soak.png" if args.soak else ""))
 
 
 if __name__ == "__main__":
