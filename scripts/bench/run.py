@@ -261,9 +261,10 @@ def run_churn(seconds, concurrency):
 
 def run_soak(tmp, seconds):
     """Four clients for `seconds` against a worker of its own that holds at
-    most SOAK_LIVE sandboxes: half the calls warm (a few hot functions),
-    half cold starts of SOAK_FUNCTIONS others in turn, each evicting an idle
-    sandbox, and every 100th an edit of a hot function's code.  The worker's
+    most SOAK_LIVE sandboxes: half the calls warm (a hot function per
+    client), half cold starts of SOAK_FUNCTIONS others in turn, each evicting
+    an idle sandbox; every 100th warm call follows an edit of its function's
+    code, and is a cold start too.  The worker's
     RSS is sampled throughout: it must not grow once the worker has seen
     every function."""
     cluster = Cluster(tmp, "soak", SOAK_FUNCTIONS // 2, max_sandboxes=SOAK_LIVE, pool_size=16)
@@ -278,21 +279,24 @@ def run_soak(tmp, seconds):
         errors = []
 
         def client_loop(k):
+            # Every other call is warm, to this client's own hot function;
+            # the others go through the cold list, interleaved with the
+            # other clients'.
             counts = tallies[k]
             client = Client(cluster.port)
-            i = k
+            j = 0
             while time.monotonic() < end:
-                i += 4
-                if i % 2:
-                    name = cold[(i // 2) % len(cold)]
+                j += 1
+                if j % 2:
+                    name = cold[(j // 2 * 4 + k) % len(cold)]
                     counts["cold"] += 1
                 else:
-                    name = hot[(i // 2) % len(hot)]
+                    name = hot[k]
                     counts["warm"] += 1
-                    if i % 100 == 0:  # a new version: the next call is a cold start
+                    if j % 200 == 0:  # a new version: this call is a cold start
                         with open(os.path.join(cluster.path, "registry", name,
                                                "lambda_func.py"), "w") as f:
-                            f.write("def handler(event):\n    return %d\n" % i)
+                            f.write("def handler(event):\n    return %d\n" % j)
                         counts["edits"] += 1
                 try:
                     call(client, name)
