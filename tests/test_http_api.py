@@ -4,6 +4,7 @@ in this process."""
 import asyncio
 import concurrent.futures
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -281,9 +282,6 @@ def test_keep_alive_serves_many_requests_on_one_connection(worker):
 
 
 def test_concurrent_calls_to_one_function_scale_out(worker):
-    import concurrent.futures
-    import http.client
-
     def call(_):
         c = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=30)
         c.request("POST", "/run/probe", json.dumps({"op": "sleep", "seconds": 0.3}))
@@ -544,7 +542,11 @@ def test_expect_100_continue_is_honoured_and_others_are_417(worker):
 class StubApp:
     """Answers at once with the method and path, except /slow, after SLOW s."""
     max_body = 1024
+    max_connections = 3
     SLOW = 1.2
+
+    def __init__(self):
+        self.connections = 0
 
     def handle_now(self, request):
         if request.path == "/slow":
@@ -564,9 +566,10 @@ def local_server():
     thread: deadlines of 1 s idle, 0.5 s for a head and for a body."""
     loop = uvloop.new_event_loop()
     protocols = []
+    app = StubApp()
 
     def protocol():
-        protocols.append(HttpProtocol(StubApp(), idle_timeout=1, header_timeout=0.5,
+        protocols.append(HttpProtocol(app, idle_timeout=1, header_timeout=0.5,
                                       body_timeout=0.5))
         return protocols[-1]
     server = loop.run_until_complete(loop.create_server(protocol, "127.0.0.1", 0))
@@ -607,6 +610,52 @@ def test_a_client_that_does_not_read_does_not_make_the_server_buffer(local_serve
             chunk = s.recv(1 << 20)
             assert chunk
             got += chunk.count(b"x")
+
+
+def test_a_connection_over_the_cap_is_answered_503_and_a_closed_one_frees_its_place(
+        local_port):
+    def served(s):
+        s.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        return s.recv(4096).endswith(b"\r\n\r\nGET /a")
+
+    held = [socket.create_connection(("127.0.0.1", local_port), timeout=5)
+            for _ in range(StubApp.max_connections)]
+    try:
+        assert all(served(s) for s in held)
+        with socket.create_connection(("127.0.0.1", local_port), timeout=5) as extra:
+            status, headers, rest = parse_answer(read_to_close(extra))
+        assert status == 503 and headers["retry-after"] == "1"
+        assert json.loads(rest)["errorType"] == "Http.TooManyConnections"
+        held.pop().close()
+        deadline = time.monotonic() + 5
+        while True:  # the server notices the close soon after
+            with socket.create_connection(("127.0.0.1", local_port), timeout=5) as s:
+                try:
+                    if served(s):
+                        break
+                except ConnectionError:
+                    pass
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_worker_keeps_fds_for_its_sandboxes_whatever_its_connections(own_worker):
+    w = own_worker(max_connections=2)
+    first = http.client.HTTPConnection("127.0.0.1", w.port, timeout=30)
+    try:
+        first.request("GET", "/status")
+        assert first.getresponse().read() == b"ready"
+        w.request("GET", "/status")  # the second, kept open by the test's client
+        with socket.create_connection(("127.0.0.1", w.port), timeout=5) as third:
+            status, _, rest = parse_answer(read_to_close(third))
+        assert status == 503 and json.loads(rest)["errorType"] == "Http.TooManyConnections"
+        status, _, body = w.call("hello", {"name": "still"})  # a cold start
+        assert status == 200
+    finally:
+        first.close()
 
 
 def test_idle_keep_alive_connection_is_closed_quietly(local_port):

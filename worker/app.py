@@ -21,9 +21,11 @@ STRICT_JSON = json.JSONDecoder(parse_constant=_not_json)
 
 
 class App:
-    def __init__(self, table, max_body):
+    def __init__(self, table, max_body, max_connections):
         self.table = table
         self.max_body = max_body
+        self.max_connections = max_connections
+        self.connections = 0  # open now: counted by the HTTP layer
         self.ready = False
 
     def handle_now(self, request):

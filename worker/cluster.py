@@ -25,6 +25,7 @@ def template_defaults():
         "host": "127.0.0.1",
         "max_sandboxes": 128,
         "pool_size": 8,
+        "max_connections": None,
         "zygote": True,
         "favor_cgroup_moves": True,
         "network_isolation": True,

@@ -49,6 +49,7 @@ class WorkerConfig:
     rootfs: str
     max_sandboxes: int
     pool_size: int
+    max_connections: int  # None: as many as the open-file limit leaves (worker.server)
     zygote: bool
     favor_cgroup_moves: bool
     network_isolation: bool
@@ -168,6 +169,9 @@ def from_dict(raw, source):
     if max_sandboxes + 2 * pool_size >= UID_SLOTS:
         raise ConfigError("%s: max_sandboxes + 2 * pool_size must be below %d"
                           % (source, UID_SLOTS))
+    max_connections = raw["max_connections"]
+    if max_connections is not None:
+        _positive_int("%s: max_connections" % source, max_connections)
     uid_base = raw.get("uid_base")
     if uid_base is None:
         uid_base = default_base(port)
@@ -183,6 +187,7 @@ def from_dict(raw, source):
         rootfs=os.path.abspath(raw["rootfs"]),
         max_sandboxes=max_sandboxes,
         pool_size=pool_size,
+        max_connections=max_connections,
         zygote=_flag("%s: zygote" % source, raw["zygote"]),
         favor_cgroup_moves=_flag("%s: favor_cgroup_moves" % source, raw["favor_cgroup_moves"]),
         network_isolation=_flag("%s: network_isolation" % source, raw["network_isolation"]),

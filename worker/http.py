@@ -62,12 +62,12 @@ def json_response(status, obj, headers=()):
     return Response(status, json.dumps(obj).encode(), headers=headers)
 
 
-def early_error(status, error_type, message):
+def early_error(status, error_type, message, headers=()):
     """An error answered by the HTTP layer itself, before any route."""
     request_id = uuid.uuid4().hex
     return json_response(status, {"errorType": error_type, "errorMessage": message,
                                   "requestId": request_id},
-                         ((b"X-Request-Id", request_id.encode()),))
+                         ((b"X-Request-Id", request_id.encode()),) + headers)
 
 
 class Refused(httptools.HttpParserError):
@@ -76,7 +76,9 @@ class Refused(httptools.HttpParserError):
 
 class HttpProtocol(asyncio.Protocol):
     """`app` has `max_body` and `handle(request) -> Response` (a coroutine),
-    and may answer some requests at once with `handle_now(request)`.
+    and may answer some requests at once with `handle_now(request)`.  It
+    also has `max_connections`, and `connections`, which this class counts:
+    a connection over the limit is answered 503 at once and closed.
 
     Requests on one connection are answered one at a time, in order: a
     client that pipelines them gets its answers in the order it asked, and
@@ -120,11 +122,23 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         self.loop = asyncio.get_running_loop()
+        self.app.connections += 1
+        if self.app.connections > self.app.max_connections:
+            # Its fd is one a sandbox may need: answered without reading it.
+            # A request it has sent already may make the close a reset.
+            self._send(early_error(503, "Http.TooManyConnections",
+                                   "the worker has its most connections open (%d): "
+                                   "close some, or try again" % self.app.max_connections,
+                                   ((b"Retry-After", b"1"),)), False, True)
+            transport.close()
+            return
         self.since = self.loop.time()
         self.timer = self.loop.call_later(self.tick, self._check_deadline)
 
     def connection_lost(self, exc):
-        self.timer.cancel()
+        self.app.connections -= 1
+        if self.timer is not None:
+            self.timer.cancel()
 
     def pause_writing(self):
         # Answers pile up unread (a client pipelining and never reading):

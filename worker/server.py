@@ -26,13 +26,29 @@ class StartError(Exception):
     pass
 
 
+# fds the worker holds besides its sandboxes': its log, the registry's
+# watch, the zygote's channel, egress's sockets, a code tree being handed
+# over, and the like.
+OWN_FDS = 64
+
+
+def fds_for_sandboxes(config):
+    """The most fds sandboxes can hold at once in this worker: a channel, an
+    output pipe and a network namespace for each live one, ready shells and
+    the dying included; the pool of network namespaces; with egress, a
+    namespace for each of the worker's 253 addresses (its /24)."""
+    return (3 * (config.max_sandboxes + 2 * config.pool_size) + 2 * config.pool_size
+            + (253 if config.egress.enabled else 0) + OWN_FDS)
+
+
 def reserve_fds(count):
     """Raise the soft limit on open files to the hard one, and grow this
     process's fd table to `count` entries now, while it has one thread.
     The kernel grows the table by doubling as fds are opened, and in a
     process with threads (asyncio's resolver, the egress thread) each
     growth waits for an RCU grace period: 10-20 ms here, with the event
-    loop stalled.  A table never shrinks, so this is paid once."""
+    loop stalled.  A table never shrinks, so this is paid once.  Returns
+    the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -44,13 +60,25 @@ def reserve_fds(count):
             os.close(top)
     finally:
         os.close(fd)
+    return hard
+
+
+def connection_cap(config, open_files):
+    """How many client connections may be open at once: what the open-file
+    limit leaves once every sandbox can have its fds, so that idle
+    connections can never make a cold start fail for want of one; lower if
+    the config says so."""
+    left = open_files - fds_for_sandboxes(config)
+    if left < 1:
+        raise StartError("the open-file limit (%d) leaves no fd for connections next to "
+                         "max_sandboxes %d and pool_size %d: raise it (ulimit -n) or lower "
+                         "them" % (open_files, config.max_sandboxes, config.pool_size))
+    return min(left, config.max_connections or left)
 
 
 async def run(config):
     loop = asyncio.get_running_loop()
-    # Two per sandbox (its channel and its output pipe), ready shells
-    # included, and room for connections.
-    reserve_fds(2 * (config.max_sandboxes + 2 * config.pool_size) + 256)
+    max_connections = connection_cap(config, reserve_fds(fds_for_sandboxes(config) + 256))
     try:
         rootfs = prepare(config.rootfs, cache_dir=Cluster(config.cluster).path + "/rootfs")
     except RootfsError as e:
@@ -78,7 +106,7 @@ async def run(config):
     # Changes are applied as they come too, not only at the next lookup: a
     # deleted or edited function's idle sandboxes go at once.
     loop.add_reader(registry.inotify.fileno(), registry.drain_changes)
-    app = App(table, limits.request_kb * 1024)
+    app = App(table, limits.request_kb * 1024, max_connections)
     try:
         server = await loop.create_server(lambda: HttpProtocol(app), config.host, config.port,
                                           reuse_address=True, backlog=1024, start_serving=False)
@@ -102,8 +130,8 @@ async def run(config):
         gc.freeze()
         gc.set_threshold(50_000, 50, 1000)
         app.ready = True
-        log.info("ready on http://%s:%d (rootfs %s, cgroups %s)", config.host, config.port,
-                 rootfs, manager.root.mode.name)
+        log.info("ready on http://%s:%d (rootfs %s, cgroups %s, at most %d connections)",
+                 config.host, config.port, rootfs, manager.root.mode.name, max_connections)
         await stop.wait()
         log.info("stopping")
     except SandboxError as e:

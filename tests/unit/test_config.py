@@ -4,6 +4,7 @@ import pytest
 
 from worker.cluster import Cluster, merge
 from worker.config import ConfigError, from_dict, load
+from worker.server import StartError, connection_cap, fds_for_sandboxes
 
 
 def test_defaults_fill_in():
@@ -26,6 +27,8 @@ def test_defaults_fill_in():
     ({"cluster": "/c", "uid_base": 1000}, "uid_base"),
     ({"cluster": "/c", "uid_base": 1 << 32}, "uid_base"),
     ({"cluster": "/c", "max_sandboxes": 20000}, "below 16384"),
+    ({"cluster": "/c", "max_connections": 0}, "max_connections must be a positive integer"),
+    ({"cluster": "/c", "max_connections": "many"}, "max_connections"),
     ({"cluster": "/c", "egress": {"enabled": "yes"}}, "egress.enabled"),
     ({"cluster": "/c", "egress": {"subnet": "8.8.8.0/24"}}, "egress.subnet"),
     ({"cluster": "/c", "egress": {"subnet": "10.1.2.0/25"}}, "egress.subnet"),
@@ -83,3 +86,15 @@ def test_each_port_gets_its_own_uid_range():
 def test_egress_defaults_off_with_a_private_range():
     egress = from_dict({"cluster": "/c"}, "test").egress
     assert egress.enabled is False and egress.subnet == "10.213.0.0/16" and egress.spare == 2
+
+
+def test_connections_get_what_the_open_file_limit_leaves_after_sandboxes():
+    config = from_dict({"cluster": "/c", "max_sandboxes": 100, "pool_size": 8}, "test")
+    assert config.max_connections is None
+    for_sandboxes = fds_for_sandboxes(config)
+    assert for_sandboxes >= 3 * (100 + 2 * 8)  # channel, output, namespace: ready and dying too
+    assert connection_cap(config, for_sandboxes + 500) == 500
+    capped = from_dict({"cluster": "/c", "max_sandboxes": 100, "max_connections": 50}, "test")
+    assert connection_cap(capped, 20000) == 50
+    with pytest.raises(StartError, match="open-file limit .1024. leaves no fd for connections"):
+        connection_cap(from_dict({"cluster": "/c", "max_sandboxes": 1000}, "test"), 1024)

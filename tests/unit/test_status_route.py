@@ -17,7 +17,7 @@ def status(app):
 
 
 def test_status_is_ready_only_when_sandboxes_can_be_made():
-    app = App(Table(), max_body=1024)
+    app = App(Table(), max_body=1024, max_connections=10)
     assert status(app).status == 503  # starting
     app.ready = True
     assert (status(app).status, status(app).body) == (200, b"ready")
