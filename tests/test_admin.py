@@ -97,12 +97,34 @@ def test_missing_or_invalid_cluster_is_one_line_and_status_1(tmp_path, command):
         assert "Traceback" not in done.stderr
 
 
-def test_invalid_template_is_one_line(tmp_path):
+def test_invalid_template_is_one_line_and_does_not_stop_kill_or_status(own_worker):
+    w = own_worker()
+    template = os.path.join(w.path, "config", "template.json")
+    with open(template, "w") as f:
+        f.write("{not json")
+    done = admin("workers", "-cluster", w.path, "-p", free_port(), check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "template.json" in done.stderr
+    assert "=> ready [200 OK]" in admin("status", "-cluster", w.path).stdout
+    admin("kill", "-cluster", w.path)  # the running worker goes, and all it made
+    assert cluster_leftovers(w.path) == []
+
+
+def test_a_template_needs_only_the_keys_it_changes(tmp_path):
     d = tmp_path / "c"
     admin("new", "-cluster", d)
-    (d / "config" / "template.json").write_text("{not json")
-    done = admin("workers", "-cluster", d, check=False)
-    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "template.json" in done.stderr
+    (d / "config" / "template.json").write_text("{}")
+    try:
+        admin("workers", "-cluster", d, "-p", free_port())
+    finally:
+        admin("kill", "-cluster", d)
+    assert cluster_leftovers(d) == []
+
+
+def test_new_refuses_a_rootfs_that_is_not_there(tmp_path):
+    for rootfs in (tmp_path / "no-such-rootfs", tmp_path / "rootfs.zip"):
+        done = admin("new", "-cluster", tmp_path / "c", "-rootfs", rootfs, check=False)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert str(rootfs) in done.stderr and not os.path.exists(tmp_path / "c")
 
 
 def test_help_on_each_command():
@@ -121,7 +143,8 @@ def test_setconf_merges_and_validates(tmp_path):
     assert template["limits"]["mem_mb"] == 512 and template["limits"]["procs"] == 64
     assert template["max_sandboxes"] == 7
     for bad in ('{"limits": {"mem_mb": -1}}', '{"nonsense": 1}', "[1]", "{oops",
-                '{"host": "nonsense host"}', '{"rootfs": "/nonexistent"}'):
+                '{"host": "nonsense host"}', '{"rootfs": "/nonexistent"}', '{"port": 70000}',
+                '{"port": null}', '{"cluster": "/etc"}'):
         done = admin("setconf", "-cluster", d, bad, check=False)
         assert done.returncode == 1 and done.stderr.count("\n") == 1, bad
     assert json.loads((d / "config" / "template.json").read_text()) == template
@@ -169,7 +192,10 @@ def test_several_workers(tmp_path):
 
 def test_worker_failing_to_start_is_reported(tmp_path):
     d = tmp_path / "c"
-    admin("new", "-cluster", d, "-rootfs", tmp_path / "no-such-rootfs")
+    admin("new", "-cluster", d)
+    template = json.loads((d / "config" / "template.json").read_text())
+    template["rootfs"] = str(tmp_path / "no-such-rootfs")  # by hand: setconf would refuse it
+    (d / "config" / "template.json").write_text(json.dumps(template))
     done = admin("workers", "-cluster", d, "-p", free_port(), check=False)
     assert done.returncode == 1
     assert "no-such-rootfs" in done.stderr and "does not exist" in done.stderr
@@ -217,12 +243,61 @@ def test_worker_exec_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
             time.sleep(0.05)
         assert curl("-X", "POST", "localhost:%d/run/hello" % port, "-d", "{}").stdout == \
             '"Hello, world!"'
+        # Recorded as a background worker is: `status` lists it.
+        assert "localhost:%d/status => ready [200 OK]" % port in admin("status", "-cluster", d).stdout
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=15)
     assert proc.returncode == 0, out
     assert "stopped" in out and "Traceback" not in out
     assert cluster_leftovers(d) == []
+    assert os.listdir(d / "workers") == []  # it took its record with it
+
+
+def test_kill_stops_a_foreground_worker_before_it_removes_the_cgroups(tmp_path):
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    port = free_port()
+    admin("setconf", "-cluster", d, json.dumps({"port": port}))
+    proc = subprocess.Popen([ADMIN, "worker-exec", "-c", str(d / "config" / "template.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while curl("-f", "localhost:%d/status" % port).stdout != "ready":
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        # A second one on its port is refused: the first is recorded.
+        again = admin("worker-exec", "-c", d / "config" / "template.json", check=False)
+        assert again.returncode == 1 and "already runs on port %d" % port in again.stderr
+        assert "stopped worker on port %d" % port in admin("kill", "-cluster", d).stdout
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert cluster_leftovers(d) == []
+
+
+def test_a_worker_stopped_from_outside_admin_takes_its_record_with_it(own_worker):
+    w = own_worker()
+    pid = int(open(os.path.join(w.path, "workers", str(w.port), "pid")).read())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while os.path.exists("/proc/%d" % pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    done = admin("status", "-cluster", w.path)  # exit 0: nothing is missing
+    assert "(no workers)" in done.stdout
+    assert cluster_leftovers(w.path) == []
+
+
+def test_status_says_when_a_worker_cannot_list_its_sandboxes(own_worker):
+    w = own_worker(max_connections=1)
+    assert w.call("hello", {"name": "x"})[0] == 200  # its keep-alive connection is the one
+    done = admin("status", "-cluster", w.path, check=False)
+    assert done.returncode == 1 and "(none)" not in done.stdout, done.stdout
+    assert "the worker has its most connections open" in done.stdout
+    assert done.stderr == "admin: 1 of 1 not listing their sandboxes\n"
 
 
 def test_without_zygote_each_sandbox_gets_a_fresh_interpreter(own_worker):

@@ -1,10 +1,12 @@
 """Run one worker in the foreground: python -m worker -c CONFIG.json"""
 import argparse
 import logging
+import os
 import sys
 
 import uvloop
 
+from .cluster import Cluster
 from .config import ConfigError, load
 from .server import StartError, run
 
@@ -17,12 +19,18 @@ def main(argv=None):
                         format="%(asctime)s worker[%(process)d] %(message)s")
     try:
         config = load(args.config)
+    except ConfigError as e:
+        print("worker: %s" % e, file=sys.stderr)
+        return 1
+    try:
         uvloop.run(run(config))
-    except (ConfigError, StartError) as e:
+    except StartError as e:
         print("worker: %s" % e, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
+    finally:
+        Cluster(config.cluster).forget_worker(config.port, os.getpid())
     return 0
 
 

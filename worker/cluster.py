@@ -9,6 +9,7 @@
 import hashlib
 import json
 import os
+import shutil
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ROOTFS = os.path.join(REPO_ROOT, "build", "rootfs")
@@ -71,6 +72,18 @@ class Cluster:
             return []
         return sorted(int(n) for n in names if n.isdigit())
 
+    def forget_worker(self, port, pid):
+        """Remove the record of the worker on `port` (bin/admin's), if it is
+        `pid`'s: a worker that stops takes its record with it."""
+        wdir = self.worker_dir(port)
+        try:
+            with open(os.path.join(wdir, "pid")) as f:
+                if int(f.read()) != pid:
+                    return
+        except (OSError, ValueError):
+            return
+        shutil.rmtree(wdir, ignore_errors=True)
+
     @property
     def cgroup(self):
         """The cluster's cgroup, relative to each hierarchy's root.  The hash
@@ -96,13 +109,13 @@ class Cluster:
             raise ClusterError("create cluster %s: %s" % (self.path, e.strerror)) from None
 
     def check(self):
-        """Raise ClusterError unless this looks like a cluster directory."""
+        """Raise ClusterError unless this looks like a cluster directory.  Its
+        template is not read: a broken one must not stop `kill` or `status`."""
         if not os.path.isdir(self.path):
             raise ClusterError("no cluster at %s (create one with: admin new -cluster %s)"
                                % (self.path, self.path))
         if not os.path.isfile(self.template):
             raise ClusterError("%s is not a cluster: it has no %s" % (self.path, MARKER))
-        self.read_template()
 
     def read_template(self):
         try:
