@@ -79,9 +79,16 @@ def test_unknown_function_is_404(worker):
     assert body["requestId"] == headers["x-request-id"]
 
 
-@pytest.mark.parametrize("name", ["..", ".hidden", "a%2Fb", "%2e%2e", "%2E%2E%2Fetc"])
-def test_bad_function_names_are_404(worker, name):
-    assert worker.call(name, {})[0] == 404
+@pytest.mark.parametrize("name", ["..", ".hidden", "-dash", "a%2Fb", "%2e%2e", "%2E%2E%2Fetc",
+                                  "x" * 129])
+def test_bad_function_names_are_404_saying_so(worker, name):
+    there = os.path.join(worker.registry, "-dash")  # a directory, but not a name
+    os.makedirs(there)
+    try:
+        status, _, body = worker.call(name, {})
+    finally:
+        os.rmdir(there)
+    assert status == 404 and "is not a function name" in body["errorMessage"]
 
 
 def test_a_percent_encoded_name_is_decoded(worker):

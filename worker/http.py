@@ -258,7 +258,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _refuse_too_large(self):
         self._refuse(413, "Http.RequestTooLarge",
-                     "request body over the limit of %d bytes" % self.app.max_body)
+                     "request body over the limit of %d bytes (limits.request_kb)" % self.app.max_body)
 
     def _refuse(self, status, error_type, message):
         self._fail(early_error(status, error_type, message))

@@ -68,7 +68,8 @@ class Registry:
         if fn is not None:
             return fn
         if not NAME.match(name) or name.startswith(".."):
-            raise NotFound("no function named %r" % name)
+            raise NotFound("%r is not a function name: at most 128 letters, digits, '_', '.' "
+                           "and '-', not starting with '.' or '-'" % name[:200])
         path = os.path.join(self.root, name)
         try:
             with os.scandir(path) as it:  # one directory read answers all we ask

@@ -439,8 +439,8 @@ def main():
     step(total - 1, total, "sandbox churn: create + call + destroy, concurrency 8")
     results["churn"] = run_churn(2 if args.quick else 5, 8)
 
-    step(total, total, "peers: chroot, bwrap, crun, runc (n=%d, and %d after idle)"
-         % (n_peer, n_idle // 2))
+    step(total, total, "peers: skipped (--no-peers)" if args.no_peers else
+         "peers: chroot, bwrap, crun, runc (n=%d, and %d after idle)" % (n_peer, n_idle // 2))
     if not args.no_peers:
         jobs = []
         for handler in ("hello", "heavy"):
