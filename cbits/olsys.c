@@ -79,12 +79,13 @@ static void spawn_child(const char *path, char *const argv[], char *const envp[]
     int i, e;
 
     /* Move every kept fd (and the error pipe) out of the way first, so that
-     * placing fd i never clobbers a source still to be placed. */
-    err_fd = (int)syscall(SYS_fcntl, err_fd, F_DUPFD_CLOEXEC, 1000);
+     * placing fd i never clobbers a source still to be placed: above the
+     * places, and no higher (a low open-file limit must still do). */
+    err_fd = (int)syscall(SYS_fcntl, err_fd, F_DUPFD_CLOEXEC, OL_SPAWN_MAX_FDS);
     if (err_fd < 0)
         syscall(SYS_exit_group, 127);
     for (i = 0; i < nfds; i++) {
-        high[i] = (int)syscall(SYS_fcntl, fds[i], F_DUPFD_CLOEXEC, 1000);
+        high[i] = (int)syscall(SYS_fcntl, fds[i], F_DUPFD_CLOEXEC, OL_SPAWN_MAX_FDS);
         if (high[i] < 0)
             goto fail;
     }

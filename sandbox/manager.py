@@ -164,6 +164,12 @@ class CgroupPool:
     def acquire(self):
         return self.free.pop() if self.free else self._new()
 
+    def put_back_unused(self, cgroup):
+        """One no process was ever put in (its shell was not forked): it is
+        as it was made.  Unlike release(), this reads nothing, so it works
+        even when the worker is out of fds."""
+        self.free.append(cgroup)
+
     def _new(self):
         if self.spare_numbers:
             number = self.spare_numbers.pop()
@@ -372,7 +378,7 @@ class SandboxManager:
                 os.close(output)
             if netns_fd is not None:
                 self.loopback.give_back(netns_fd)
-            self.cgroups.release(cgroup)
+            self.cgroups.put_back_unused(cgroup)
             raise SandboxError("fork shell", sandbox_id, str(e)) from None
         uid = self.config.uid_base + self.cgroups.number[cgroup.path]
         sandbox = Sandbox(sandbox_id, cgroup, ours, uid)

@@ -4,6 +4,7 @@ import concurrent.futures
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -408,6 +409,10 @@ def test_ol_yaml_is_read_only_as_a_file_of_its_own(worker, tmp_path):
     ("flavour: mint\n", "expected only `limits:` and `egress:`"),
     ("limits: [1\n", "not valid YAML: expected ',' or ']'"),
     ("just a string\n", "expected a mapping"),
+    # Above the worker's own open-file limit (which it inherits from us, at
+    # most fs.nr_open): no sandbox could set it.
+    ("limits:\n  nofile: %d\n" % min(resource.getrlimit(resource.RLIMIT_NOFILE)[1] + 1, 1 << 20),
+     "above the worker's open-file limit"),
 ])
 def test_bad_ol_yaml_is_500_saying_what_is_wrong(worker, text, words):
     d = worker.add_function("badyaml", "def handler(event):\n    return 1\n")

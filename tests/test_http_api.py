@@ -560,6 +560,8 @@ class StubApp:
             return None
         if request.path == "/big":
             return Response(200, b"x" * (256 << 10), b"text/plain")
+        if request.path == "/huge":
+            return Response(200, b"x" * (16 << 20), b"text/plain")
         return Response(200, ("%s %s" % (request.method, request.path)).encode(), b"text/plain")
 
     async def handle(self, request):
@@ -663,6 +665,23 @@ def test_a_worker_keeps_fds_for_its_sandboxes_whatever_its_connections(own_worke
         assert status == 200
     finally:
         first.close()
+
+
+@pytest.mark.parametrize("ask", [b"GET /huge HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                                 b"GET /huge HTTP/1.0\r\n\r\n"])
+def test_a_client_that_does_not_read_its_last_answer_loses_its_connection(local_server, ask):
+    # The answer ends the connection, but cannot all be sent: the
+    # connection, and its place among max_connections, would be held for
+    # as long as the client likes.  It is cut off after the idle timeout.
+    port, protocols = local_server
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", port))
+        s.sendall(ask)
+        deadline = time.monotonic() + 10
+        while not protocols or protocols[0].app.connections:
+            assert time.monotonic() < deadline, "still open"
+            time.sleep(0.05)
 
 
 def test_idle_keep_alive_connection_is_closed_quietly(local_port):

@@ -209,6 +209,36 @@ def test_a_shell_never_ready_is_killed_and_its_caller_told(tmp_path, manager_con
     asyncio.run(scenario())
 
 
+def test_a_shell_that_cannot_get_fds_says_so_and_gives_its_cgroup_back(tmp_path, manager_config):
+    """Out of fds (EMFILE), a shell cannot be made: the caller is told in a
+    SandboxError, and the cgroup it had taken goes back to the pool, not
+    lost with its uid slot."""
+    import resource
+    from sandbox.errors import SandboxError
+
+    async def scenario():
+        manager = SandboxManager(dataclasses.replace(manager_config(), pool_size=0))
+        await manager.start()
+        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fillers = []
+        try:
+            free = len(manager.cgroups.free)
+            # Every fd number taken.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, open_fds())) + 1, limits[1]))
+            with pytest.raises(OSError):
+                while True:
+                    fillers.append(os.open(os.devnull, os.O_RDONLY))
+            with pytest.raises(SandboxError, match="fork shell sb-.*Too many open files"):
+                manager._new_shell(pooled=False)
+            assert len(manager.cgroups.free) == free
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            await manager.shutdown()
+    asyncio.run(scenario())
+
+
 def test_a_zygote_restart_that_fails_is_retried_and_said(tmp_path, manager_config, monkeypatch):
     """A zygote that dies is restarted; if the new one cannot boot (here:
     twice), the manager says why on every create() meanwhile, and tries

@@ -271,10 +271,12 @@ class HttpProtocol(asyncio.Protocol):
     # only notes the time instead of rescheduling a timer.
     def _check_deadline(self):
         left = self.tick
-        if self.write_paused:
+        if self.write_paused or self.transport.is_closing():
             # Its own deadlines wait while we do not read it; but a client
             # that stops reading its answers for good is cut off, or its
-            # unsent answers would be held until it goes away.
+            # unsent answers would be held until it goes away, and with them
+            # its place among max_connections.  A transport closed with
+            # answers still unsent stays open until they are.
             left = min(left, self.since + self.idle_timeout - self.loop.time())
             if left <= 0:
                 self.transport.abort()
@@ -289,8 +291,7 @@ class HttpProtocol(asyncio.Protocol):
             if left <= 0:
                 self._expired()
                 left = self.tick
-        if not self.transport.is_closing():
-            self.timer = self.loop.call_later(left, self._check_deadline)
+        self.timer = self.loop.call_later(left, self._check_deadline)  # until connection_lost
 
     def _expired(self):
         if self.closing or self.phase == "idle":  # nothing to answer

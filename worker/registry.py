@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import re
+import resource
 import stat
 
 import yaml
@@ -132,6 +133,10 @@ class Registry:
             check_limits(where, limits)
         except ConfigError as e:
             raise InitFailed(str(e), "Runtime.ConfigError") from None
+        worker_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if limits.get("nofile", 0) > worker_nofile:  # no sandbox can go above its worker
+            raise InitFailed("%s: limits.nofile is %d, above the worker's open-file limit (%d)"
+                             % (where, limits["nofile"], worker_nofile), "Runtime.ConfigError")
         return dataclasses.replace(self.limits, **limits), egress
 
     def _watch(self, name, path):

@@ -130,17 +130,20 @@ def targets(results):
         rows.append(("PSS per idle warm handler, %d alive" % mem["alive"], "≤ 3 MB",
                      "%.2f MB median" % median, median <= 3))
     soak = results.get("soak")
-    if soak and len(soak["rss_kb"]) > 2:
+    if soak:
         # From a fifth of the way in: by then the worker has seen every
         # function and filled its pools.
-        first = next(kb for t, kb in soak["rss_kb"] if t >= soak["seconds"] / 5)
-        last = soak["rss_kb"][-1][1]
-        errors = soak.get("error_count", 0)
-        rows.append(("worker RSS over a %d s soak (%d calls, %d cold)" % (
-                        soak["seconds"], soak["calls"], soak.get("cold_calls", 0)),
-                     "flat, zero errors",
-                     "%.1f → %.1f MB, %d errors" % (first / 1024, last / 1024, errors),
-                     last <= first * 1.1 and not errors))
+        first = next((kb for t, kb in soak["rss_kb"] if t >= soak["seconds"] / 5), None)
+        measure = "worker RSS over a %d s soak (%d calls, %d cold)" % (
+            soak["seconds"], soak["calls"], soak["cold_calls"])
+        if first is None or len(soak["rss_kb"]) < 3:
+            rows.append((measure, "flat, zero errors", "ended early: %s" % (
+                soak["errors"][-1] if soak["errors"] else "too few samples"), False))
+        else:
+            last = soak["rss_kb"][-1][1]
+            rows.append((measure, "flat, zero errors", "%.1f → %.1f MB, %d errors" % (
+                first / 1024, last / 1024, soak["error_count"]),
+                last <= first * 1.1 and not soak["error_count"]))
     return rows
 
 
@@ -228,8 +231,9 @@ def plot_soak(soak, path):
     ax.set_ylim(bottom=0)
     ax.set_xlabel("seconds into the soak")
     ax.set_ylabel("worker RSS (MB)")
-    ax.set_title("Worker memory over a %d s soak: %d calls, %d of them cold starts, %d edits"
-                 % (soak["seconds"], soak["calls"], soak["cold_calls"], soak["edits"]))
+    ax.set_title("Worker memory over a %d s soak: %d calls, %d of them cold starts "
+                 "(%d after an edit)" % (soak["seconds"], soak["calls"], soak["cold_calls"],
+                                         soak["edits"]))
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -261,20 +261,21 @@ def run_churn(seconds, concurrency):
 
 def run_soak(tmp, seconds):
     """Four clients for `seconds` against a worker of its own that holds at
-    most SOAK_LIVE sandboxes: half the calls warm (a hot function per
-    client), half cold starts of SOAK_FUNCTIONS others in turn, each evicting
-    an idle sandbox; every 100th warm call follows an edit of its function's
-    code, and is a cold start too.  The worker's
-    RSS is sampled throughout: it must not grow once the worker has seen
-    every function."""
+    most SOAK_LIVE sandboxes of SOAK_FUNCTIONS functions: half the calls
+    warm (one function per client), half cold starts of the others in
+    turn, each evicting an idle sandbox; every 100th warm call follows an
+    edit of its function's code, and is a cold start too.  The worker's RSS
+    is sampled throughout: it must not grow once the worker has seen every
+    function.  A worker that dies ends the soak, as an error."""
     cluster = Cluster(tmp, "soak", SOAK_FUNCTIONS // 2, max_sandboxes=SOAK_LIVE, pool_size=16)
     try:
         settle()
         pid = cluster.worker_pid()
         hot = ["hello-%d" % i for i in range(4)]
-        cold = ["%s-%d" % (handler, i) for i in range(4, SOAK_FUNCTIONS // 2)
-                for handler in ("hello", "heavy")]
+        cold = ["%s-%d" % (handler, i) for i in range(SOAK_FUNCTIONS // 2)
+                for handler in ("hello", "heavy") if "%s-%d" % (handler, i) not in hot]
         end = time.monotonic() + seconds
+        stop = threading.Event()
         tallies = [{"warm": 0, "cold": 0, "edits": 0} for _ in range(4)]
         errors = []
 
@@ -285,20 +286,21 @@ def run_soak(tmp, seconds):
             counts = tallies[k]
             client = Client(cluster.port)
             j = 0
-            while time.monotonic() < end:
+            while not stop.is_set() and time.monotonic() < end:
                 j += 1
-                if j % 2:
-                    name = cold[(j // 2 * 4 + k) % len(cold)]
-                    counts["cold"] += 1
-                else:
-                    name = hot[k]
-                    counts["warm"] += 1
-                    if j % 200 == 0:  # a new version: this call is a cold start
+                try:
+                    if j % 2:
+                        name = cold[(j // 2 * 4 + k) % len(cold)]
+                        counts["cold"] += 1
+                    elif j % 200 == 0:  # a new version: this call is a cold start
+                        name = hot[k]
                         with open(os.path.join(cluster.path, "registry", name,
                                                "lambda_func.py"), "w") as f:
                             f.write("def handler(event):\n    return %d\n" % j)
                         counts["edits"] += 1
-                try:
+                    else:
+                        name = hot[k]
+                        counts["warm"] += 1
                     call(client, name)
                 except (RuntimeError, OSError) as e:
                     errors.append(str(e))
@@ -309,21 +311,27 @@ def run_soak(tmp, seconds):
         for t in threads:
             t.start()
         rss, start = [], time.monotonic()
-        while any(t.is_alive() for t in threads):
-            now = time.monotonic() - start
-            rss.append((round(now, 1), rss_kb(pid)))
-            print("  %4.0f s: %d calls, worker RSS %.1f MB" % (
-                now, sum(t["warm"] + t["cold"] for t in tallies), rss[-1][1] / 1024), flush=True)
-            time.sleep(max(1.0, seconds / 60))
-        for t in threads:
-            t.join()
-        rss.append((round(time.monotonic() - start, 1), rss_kb(pid)))
+        try:
+            while any(t.is_alive() for t in threads):
+                now = time.monotonic() - start
+                rss.append((round(now, 1), rss_kb(pid)))
+                print("  %4.0f s: %d calls, worker RSS %.1f MB" % (
+                    now, sum(sum(t.values()) for t in tallies), rss[-1][1] / 1024), flush=True)
+                stop.wait(max(1.0, seconds / 60))
+            rss.append((round(time.monotonic() - start, 1), rss_kb(pid)))
+        except OSError:  # its /proc entry is gone
+            errors.append("the worker (pid %d) died %.0f s into the soak"
+                          % (pid, time.monotonic() - start))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
     finally:
         cluster.kill()
     total = {key: sum(t[key] for t in tallies) for key in tallies[0]}
-    return {"seconds": seconds, "calls": total["warm"] + total["cold"],
-            "cold_calls": total["cold"], "edits": total["edits"], "errors": errors[:20],
-            "error_count": len(errors), "rss_kb": rss}
+    return {"seconds": seconds, "calls": sum(total.values()),
+            "cold_calls": total["cold"] + total["edits"], "edits": total["edits"],
+            "errors": errors[:20], "error_count": len(errors), "rss_kb": rss}
 
 
 def main():

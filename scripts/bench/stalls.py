@@ -14,7 +14,6 @@ does: it sets a floor under the p99 of any short call.
 import argparse
 import json
 import os
-import sys
 import time
 
 # A gap longer than this between two reads of the clock is a stall: the
