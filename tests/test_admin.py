@@ -298,7 +298,7 @@ def test_status_says_when_a_worker_cannot_list_its_sandboxes(own_worker):
     done = admin("status", "-cluster", w.path, check=False)
     assert done.returncode == 1 and "(none)" not in done.stdout, done.stdout
     assert "the worker has its most connections open" in done.stdout
-    assert done.stderr == "admin: 1 of 1 not listing their sandboxes\n"
+    assert done.stderr == "admin: 1 of 1 not ready; 1 of 1 not listing their sandboxes\n"
 
 
 def test_without_zygote_each_sandbox_gets_a_fresh_interpreter(own_worker):
