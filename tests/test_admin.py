@@ -279,6 +279,19 @@ def test_kill_stops_a_foreground_worker_before_it_removes_the_cgroups(tmp_path):
     assert cluster_leftovers(d) == []
 
 
+def test_kill_through_a_symlink_to_the_cluster_stops_its_workers(own_worker, tmp_path):
+    w = own_worker()
+    pid = int(open(os.path.join(w.path, "workers", str(w.port), "pid")).read())
+    link = tmp_path / "link"
+    os.symlink(w.path, link)
+    assert "stopped worker on port %d" % w.port in admin("kill", "-cluster", link).stdout
+    deadline = time.monotonic() + 5
+    while os.path.exists("/proc/%d" % pid):  # gone, once init has reaped it
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert cluster_leftovers(w.path) == []
+
+
 def test_a_worker_stopped_from_outside_admin_takes_its_record_with_it(own_worker):
     w = own_worker()
     pid = int(open(os.path.join(w.path, "workers", str(w.port), "pid")).read())

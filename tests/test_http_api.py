@@ -560,8 +560,9 @@ class StubApp:
             return None
         if request.path == "/big":
             return Response(200, b"x" * (256 << 10), b"text/plain")
-        if request.path == "/huge":
-            return Response(200, b"x" * (16 << 20), b"text/plain")
+        if request.path in ("/large", "/huge"):
+            size = 4 << 20 if request.path == "/large" else 16 << 20
+            return Response(200, b"x" * size, b"text/plain")
         return Response(200, ("%s %s" % (request.method, request.path)).encode(), b"text/plain")
 
     async def handle(self, request):
@@ -682,6 +683,28 @@ def test_a_client_that_does_not_read_its_last_answer_loses_its_connection(local_
         while not protocols or protocols[0].app.connections:
             assert time.monotonic() < deadline, "still open"
             time.sleep(0.05)
+
+
+@pytest.mark.parametrize("ask", [b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n",
+                                 b"GET /large HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"])
+def test_a_client_that_reads_slowly_but_steadily_gets_its_whole_answer(local_port, ask):
+    # Three idle timeouts' worth of slow reading, then the rest at once.
+    # The kernel's send queue takes megabytes: the worker's own buffer of
+    # answers shrinks only long after the client has started reading.
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", local_port))
+        s.settimeout(5)
+        s.sendall(ask)
+        got = b""
+        slow_until = time.monotonic() + 3
+        while time.monotonic() < slow_until:
+            got += s.recv(16 << 10)
+            time.sleep(0.1)
+        while got.count(b"x") < 4 << 20:
+            chunk = s.recv(1 << 20)
+            assert chunk, "cut off after %d bytes" % len(got)
+            got += chunk
 
 
 def test_idle_keep_alive_connection_is_closed_quietly(local_port):

@@ -48,7 +48,9 @@ def template_defaults():
 
 class Cluster:
     def __init__(self, path):
-        self.path = os.path.abspath(path)
+        # Resolved: a worker's record names its cluster by this path, and
+        # the cgroup is named from it, however the cluster was spelled.
+        self.path = os.path.realpath(path)
 
     @property
     def template(self):

@@ -4,9 +4,12 @@ before the body is read, limits on request heads, deadlines for slow or
 idle clients, and one request in flight per connection."""
 import asyncio
 import collections
+import fcntl
 import functools
 import json
 import logging
+import struct
+import termios
 import uuid
 
 import httptools
@@ -99,6 +102,7 @@ class HttpProtocol(asyncio.Protocol):
         self.queue = collections.deque()  # parsed requests waiting their turn
         self.busy = False
         self.write_paused = False  # the client is not reading its answers
+        self.unsent = 0        # bytes of answers not yet sent, at the last deadline check
         self.phase = "idle"    # of the request being read: "idle" (none), "head" or "body"
         self.closing = False   # an error answer ends the queue: nothing more is parsed
         self.dropped = 0       # bytes read since then
@@ -276,7 +280,12 @@ class HttpProtocol(asyncio.Protocol):
             # that stops reading its answers for good is cut off, or its
             # unsent answers would be held until it goes away, and with them
             # its place among max_connections.  A transport closed with
-            # answers still unsent stays open until they are.
+            # answers still unsent stays open until they are.  A client that
+            # reads, however slowly, is not cut off: its clock starts again.
+            unsent = self._unsent()
+            if unsent < self.unsent:
+                self.since = self.loop.time()
+            self.unsent = unsent
             left = min(left, self.since + self.idle_timeout - self.loop.time())
             if left <= 0:
                 self.transport.abort()
@@ -292,6 +301,20 @@ class HttpProtocol(asyncio.Protocol):
                 self._expired()
                 left = self.tick
         self.timer = self.loop.call_later(left, self._check_deadline)  # until connection_lost
+
+    def _unsent(self):
+        """Bytes of answers the client has not taken yet: in our buffer, and
+        in the kernel's send queue, which holds megabytes and is where a
+        slow reader's progress shows first."""
+        queued = 0
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                        bytes(4)))[0]
+            except OSError:
+                pass
+        return self.transport.get_write_buffer_size() + queued
 
     def _expired(self):
         if self.closing or self.phase == "idle":  # nothing to answer

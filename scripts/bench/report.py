@@ -136,9 +136,9 @@ def targets(results):
         first = next((kb for t, kb in soak["rss_kb"] if t >= soak["seconds"] / 5), None)
         measure = "worker RSS over a %d s soak (%d calls, %d cold)" % (
             soak["seconds"], soak["calls"], soak["cold_calls"])
-        if first is None or len(soak["rss_kb"]) < 3:
+        if soak.get("died") or first is None or len(soak["rss_kb"]) < 3:
             rows.append((measure, "flat, zero errors", "ended early: %s" % (
-                soak["errors"][-1] if soak["errors"] else "too few samples"), False))
+                soak.get("died") or "too few samples"), False))
         else:
             last = soak["rss_kb"][-1][1]
             rows.append((measure, "flat, zero errors", "%.1f → %.1f MB, %d errors" % (

@@ -290,18 +290,16 @@ def run_soak(tmp, seconds):
                 j += 1
                 try:
                     if j % 2:
-                        name = cold[(j // 2 * 4 + k) % len(cold)]
-                        counts["cold"] += 1
+                        name, kind = cold[(j // 2 * 4 + k) % len(cold)], "cold"
                     elif j % 200 == 0:  # a new version: this call is a cold start
-                        name = hot[k]
+                        name, kind = hot[k], "edits"
                         with open(os.path.join(cluster.path, "registry", name,
                                                "lambda_func.py"), "w") as f:
                             f.write("def handler(event):\n    return %d\n" % j)
-                        counts["edits"] += 1
                     else:
-                        name = hot[k]
-                        counts["warm"] += 1
+                        name, kind = hot[k], "warm"
                     call(client, name)
+                    counts[kind] += 1
                 except (RuntimeError, OSError) as e:
                     errors.append(str(e))
                     client.close()
@@ -310,18 +308,24 @@ def run_soak(tmp, seconds):
         threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(4)]
         for t in threads:
             t.start()
-        rss, start = [], time.monotonic()
+        rss, start, died = [], time.monotonic(), None
+
+        def sample():
+            kb = rss_kb(pid)
+            if kb is None:  # exiting: no memory left to report
+                raise OSError
+            rss.append((round(time.monotonic() - start, 1), kb))
+
         try:
             while any(t.is_alive() for t in threads):
-                now = time.monotonic() - start
-                rss.append((round(now, 1), rss_kb(pid)))
+                sample()
                 print("  %4.0f s: %d calls, worker RSS %.1f MB" % (
-                    now, sum(sum(t.values()) for t in tallies), rss[-1][1] / 1024), flush=True)
+                    rss[-1][0], sum(sum(t.values()) for t in tallies), rss[-1][1] / 1024),
+                    flush=True)
                 stop.wait(max(1.0, seconds / 60))
-            rss.append((round(time.monotonic() - start, 1), rss_kb(pid)))
+            sample()  # at the end
         except OSError:  # its /proc entry is gone
-            errors.append("the worker (pid %d) died %.0f s into the soak"
-                          % (pid, time.monotonic() - start))
+            died = "the worker (pid %d) died %.0f s into the soak" % (pid, time.monotonic() - start)
         finally:
             stop.set()
             for t in threads:
@@ -331,7 +335,7 @@ def run_soak(tmp, seconds):
     total = {key: sum(t[key] for t in tallies) for key in tallies[0]}
     return {"seconds": seconds, "calls": sum(total.values()),
             "cold_calls": total["cold"] + total["edits"], "edits": total["edits"],
-            "errors": errors[:20], "error_count": len(errors), "rss_kb": rss}
+            "errors": errors[:20], "error_count": len(errors), "died": died, "rss_kb": rss}
 
 
 def main():
