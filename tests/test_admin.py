@@ -252,7 +252,7 @@ def test_worker_exec_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
     assert proc.returncode == 0, out
     assert "stopped" in out and "Traceback" not in out
     assert cluster_leftovers(d) == []
-    assert os.listdir(d / "workers") == []  # it took its record with it
+    assert [n for n in os.listdir(d / "workers") if not n.endswith(".lock")] == []  # its record went
 
 
 def test_kill_stops_a_foreground_worker_before_it_removes_the_cgroups(tmp_path):
@@ -276,6 +276,37 @@ def test_kill_stops_a_foreground_worker_before_it_removes_the_cgroups(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert cluster_leftovers(d) == []
+
+
+def test_of_two_workers_started_at_once_on_one_port_one_runs_recorded(tmp_path):
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    port = free_port()
+    admin("setconf", "-cluster", d, json.dumps({"port": port}))
+    procs = [subprocess.Popen([ADMIN, "worker-exec", "-c", str(d / "config" / "template.json")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 30
+        while curl("-f", "localhost:%d/status" % port).stdout != "ready":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        status = admin("status", "-cluster", d).stdout
+        assert "localhost:%d/status => ready [200 OK]" % port in status
+        pid = int(open(d / "workers" / str(port) / "pid").read())
+        assert pid in [p.pid for p in procs if p.poll() is None]
+        admin("kill", "-cluster", d)
+        for p in procs:
+            p.wait(timeout=15)
+        out = "".join(p.stdout.read() for p in procs)
+        # Refused by admin's checks or, if it got past them, by the worker.
+        assert "already runs on port %d" % port in out or "is in use" in out, out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert cluster_leftovers(d) == []
 
 

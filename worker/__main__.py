@@ -22,6 +22,11 @@ def main(argv=None):
     except ConfigError as e:
         print("worker: %s" % e, file=sys.stderr)
         return 1
+    cluster = Cluster(config.cluster)
+    if cluster.claim_port(config.port) is None:
+        print("worker: a worker of cluster %s already runs on port %d"
+              % (cluster.path, config.port), file=sys.stderr)
+        return 1
     try:
         uvloop.run(run(config))
     except StartError as e:
@@ -30,7 +35,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         pass
     finally:
-        Cluster(config.cluster).forget_worker(config.port, os.getpid())
+        cluster.forget_worker(config.port, os.getpid())
     return 0
 
 

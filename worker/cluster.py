@@ -5,7 +5,9 @@
     DIR/registry/<name>/       one directory per function
     DIR/logs/worker-<port>.log
     DIR/workers/<port>/        a running worker's config.json and pid
+    DIR/workers/<port>.lock    held by the worker on that port
 """
+import fcntl
 import hashlib
 import json
 import os
@@ -73,6 +75,28 @@ class Cluster:
         except FileNotFoundError:
             return []
         return sorted(int(n) for n in names if n.isdigit())
+
+    def claim_port(self, port):
+        """An fd holding the lock on this cluster's `port`, or None if
+        another worker holds it.  Two workers of one cluster on one port
+        would share a cgroup (and the second, failing to listen, would
+        remove it under the first): the lock is taken before anything
+        else, and the holder alone writes the record's pid, and removes
+        the record when it stops.  Held until the process exits."""
+        workers = os.path.join(self.path, "workers")
+        os.makedirs(workers, exist_ok=True)
+        fd = os.open(os.path.join(workers, "%d.lock" % port), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        wdir = self.worker_dir(port)
+        os.makedirs(wdir, exist_ok=True)
+        with open(os.path.join(wdir, "pid"), "w") as f:
+            f.write("%d\n" % os.getpid())
+        return fd
 
     def forget_worker(self, port, pid):
         """Remove the record of the worker on `port` (bin/admin's), if it is
