@@ -6,7 +6,7 @@ import sys
 
 import uvloop
 
-from .cluster import Cluster
+from .cluster import Cluster, ClusterError
 from .config import ConfigError, load
 from .server import StartError, run
 
@@ -23,7 +23,12 @@ def main(argv=None):
         print("worker: %s" % e, file=sys.stderr)
         return 1
     cluster = Cluster(config.cluster)
-    if cluster.claim_port(config.port) is None:
+    try:
+        claimed = cluster.claim_port(config.port)
+    except ClusterError as e:
+        print("worker: %s" % e, file=sys.stderr)
+        return 1
+    if claimed is None:
         print("worker: a worker of cluster %s already runs on port %d"
               % (cluster.path, config.port), file=sys.stderr)
         return 1

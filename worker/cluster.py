@@ -83,6 +83,7 @@ class Cluster:
         remove it under the first): the lock is taken before anything
         else, and the holder alone writes the record's pid, and removes
         the record when it stops.  Held until the process exits."""
+        self.check()
         workers = os.path.join(self.path, "workers")
         os.makedirs(workers, exist_ok=True)
         fd = os.open(os.path.join(workers, "%d.lock" % port), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
