@@ -77,15 +77,22 @@ def _positive_int(where, value):
 # channel ever buffers); RLIMIT_NOFILE cannot exceed fs.nr_open; a file
 # size in bytes must fit the kernel's rlimit.
 LIMIT_MAX = {"response_kb": 63 << 10, "nofile": 1 << 20, "fsize_mb": 1 << 30}
+# Lower bounds, where less cannot work: a handler process has its standard
+# streams and its channel open, and its set-up needs a few more.
+LIMIT_MIN = {"nofile": 16}
 
 
 def check_limits(source, limits):
-    """Each given limit must be a positive integer, within LIMIT_MAX."""
+    """Each given limit must be a positive integer, within LIMIT_MIN and
+    LIMIT_MAX."""
     for name, value in limits.items():
         _positive_int("%s: limits.%s" % (source, name), value)
         if value > LIMIT_MAX.get(name, value):
             raise ConfigError("%s: limits.%s must be at most %d, not %d"
                               % (source, name, LIMIT_MAX[name], value))
+        if value < LIMIT_MIN.get(name, value):
+            raise ConfigError("%s: limits.%s must be at least %d, not %d"
+                              % (source, name, LIMIT_MIN[name], value))
 
 
 def _count(where, value):

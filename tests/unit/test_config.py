@@ -39,6 +39,7 @@ def test_defaults_fill_in():
     ({"cluster": "/c", "egress": {"nat": "nft"}}, "unknown egress key"),
     ({"cluster": "/c", "egress": []}, "egress must be an object"),
     ({"cluster": "/c", "limits": {"nofile": 0}}, "limits.nofile"),
+    ({"cluster": "/c", "limits": {"nofile": 3}}, "limits.nofile must be at least 16"),
     ({"cluster": "/c", "limits": {"nofile": 1 << 21}}, "limits.nofile must be at most"),
     ({"cluster": "/c", "limits": {"response_kb": 1 << 20}}, "limits.response_kb must be at most"),
 ])
