@@ -228,20 +228,34 @@ def test_worker_restart_after_sigkill_takes_over(own_worker):
     assert w.call("hello", {"name": "b"})[2] == "Hello, b!"
 
 
-def test_worker_exec_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
+def cluster_on_a_free_port(tmp_path):
+    """(a new cluster's directory, the free port its template names)."""
     d = tmp_path / "c"
     admin("new", "-cluster", d)
-    shutil.copytree(os.path.join(REPO, "quickstart/handlers/hello"), d / "registry" / "hello")
     port = free_port()
     admin("setconf", "-cluster", d, json.dumps({"port": port}))
-    proc = subprocess.Popen([ADMIN, "worker-exec", "-c", str(d / "config" / "template.json")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return d, port
+
+
+def worker_exec(d, **popen):
+    """`admin worker-exec` on the cluster's template, its output piped."""
+    return subprocess.Popen([ADMIN, "worker-exec", "-c", str(d / "config" / "template.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def wait_until_ready(port, proc=None):
+    deadline = time.monotonic() + 30
+    while curl("-f", "localhost:%d/status" % port).stdout != "ready":
+        assert time.monotonic() < deadline and (proc is None or proc.poll() is None)
+        time.sleep(0.05)
+
+
+def test_worker_exec_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
+    d, port = cluster_on_a_free_port(tmp_path)
+    shutil.copytree(os.path.join(REPO, "quickstart/handlers/hello"), d / "registry" / "hello")
+    proc = worker_exec(d)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if curl("-f", "localhost:%d/status" % port).stdout == "ready":
-                break
-            time.sleep(0.05)
+        wait_until_ready(port, proc)
         assert curl("-X", "POST", "localhost:%d/run/hello" % port, "-d", "{}").stdout == \
             '"Hello, world!"'
         # Recorded as a background worker is: `status` lists it.
@@ -256,17 +270,10 @@ def test_worker_exec_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
 
 
 def test_kill_stops_a_foreground_worker_before_it_removes_the_cgroups(tmp_path):
-    d = tmp_path / "c"
-    admin("new", "-cluster", d)
-    port = free_port()
-    admin("setconf", "-cluster", d, json.dumps({"port": port}))
-    proc = subprocess.Popen([ADMIN, "worker-exec", "-c", str(d / "config" / "template.json")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    d, port = cluster_on_a_free_port(tmp_path)
+    proc = worker_exec(d)
     try:
-        deadline = time.monotonic() + 30
-        while curl("-f", "localhost:%d/status" % port).stdout != "ready":
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        wait_until_ready(port, proc)
         # A second one on its port is refused: the first is recorded.
         again = admin("worker-exec", "-c", d / "config" / "template.json", check=False)
         assert again.returncode == 1 and "already runs on port %d" % port in again.stderr
@@ -280,18 +287,10 @@ def test_kill_stops_a_foreground_worker_before_it_removes_the_cgroups(tmp_path):
 
 
 def test_of_two_workers_started_at_once_on_one_port_one_runs_recorded(tmp_path):
-    d = tmp_path / "c"
-    admin("new", "-cluster", d)
-    port = free_port()
-    admin("setconf", "-cluster", d, json.dumps({"port": port}))
-    procs = [subprocess.Popen([ADMIN, "worker-exec", "-c", str(d / "config" / "template.json")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for _ in range(2)]
+    d, port = cluster_on_a_free_port(tmp_path)
+    procs = [worker_exec(d, start_new_session=True) for _ in range(2)]
     try:
-        deadline = time.monotonic() + 30
-        while curl("-f", "localhost:%d/status" % port).stdout != "ready":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until_ready(port)
         status = admin("status", "-cluster", d).stdout
         assert "localhost:%d/status => ready [200 OK]" % port in status
         pid = int(open(d / "workers" / str(port) / "pid").read())

@@ -1,7 +1,6 @@
 """Run one worker in the foreground: python -m worker -c CONFIG.json"""
 import argparse
 import logging
-import os
 import sys
 
 import uvloop
@@ -40,7 +39,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         pass
     finally:
-        cluster.forget_worker(config.port, os.getpid())
+        cluster.forget_worker(config.port)
     return 0
 
 
