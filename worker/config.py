@@ -95,6 +95,16 @@ def check_limits(source, limits):
                               % (source, name, LIMIT_MIN[name], value))
 
 
+def check_nofile_within(source, nofile, open_files):
+    """A sandbox cannot raise its open-file limit above its worker's own
+    (`open_files`, the worker's hard limit): every call would fail in its
+    set-up."""
+    if nofile > open_files:
+        raise ConfigError("%s: limits.nofile is %d, above the worker's open-file limit (%d): "
+                          "lower it, or raise the worker's (ulimit -Hn)"
+                          % (source, nofile, open_files))
+
+
 def _count(where, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError("%s must be a whole number, not %r" % (where, value))

@@ -20,7 +20,7 @@ import stat
 import yaml
 from inotify_simple import INotify, flags
 
-from .config import ConfigError, check_limits
+from .config import ConfigError, check_limits, check_nofile_within
 from .errors import InitFailed, NotFound
 
 log = logging.getLogger("worker")
@@ -131,12 +131,10 @@ class Registry:
                 "Runtime.ConfigError")
         try:
             check_limits(where, limits)
+            check_nofile_within(where, limits.get("nofile", 0),
+                                resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         except ConfigError as e:
             raise InitFailed(str(e), "Runtime.ConfigError") from None
-        worker_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        if limits.get("nofile", 0) > worker_nofile:  # no sandbox can go above its worker
-            raise InitFailed("%s: limits.nofile is %d, above the worker's open-file limit (%d)"
-                             % (where, limits["nofile"], worker_nofile), "Runtime.ConfigError")
         return dataclasses.replace(self.limits, **limits), egress
 
     def _watch(self, name, path):

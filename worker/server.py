@@ -15,6 +15,7 @@ from rootfs.prepare import RootfsError, prepare
 
 from .app import App
 from .cluster import Cluster
+from .config import ConfigError, check_nofile_within
 from .functions import FunctionTable
 from .http import HttpProtocol
 from .registry import Registry
@@ -70,15 +71,6 @@ def reserve_fds(count):
     return hard
 
 
-def check_nofile(config, open_files):
-    """A sandbox cannot raise its open-file limit above the worker's: every
-    call would fail in its set-up."""
-    if config.limits.nofile > open_files:
-        raise StartError("limits.nofile is %d, above this worker's open-file limit (%d): "
-                         "lower it, or raise the limit (ulimit -Hn)"
-                         % (config.limits.nofile, open_files))
-
-
 def connection_cap(config, open_files):
     """How many client connections may be open at once: what the open-file
     limit leaves once every sandbox can have its fds, so that idle
@@ -95,7 +87,10 @@ def connection_cap(config, open_files):
 async def run(config):
     loop = asyncio.get_running_loop()
     open_files = reserve_fds(fds_for_sandboxes(config) + 256)
-    check_nofile(config, open_files)
+    try:
+        check_nofile_within("the worker's config", config.limits.nofile, open_files)
+    except ConfigError as e:
+        raise StartError(str(e)) from None
     max_connections = connection_cap(config, open_files)
     try:
         rootfs = prepare(config.rootfs, cache_dir=Cluster(config.cluster).path + "/rootfs")

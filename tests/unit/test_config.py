@@ -3,8 +3,8 @@ import json
 import pytest
 
 from worker.cluster import Cluster, merge
-from worker.config import ConfigError, from_dict, load
-from worker.server import StartError, check_nofile, connection_cap, fds_for_sandboxes
+from worker.config import ConfigError, check_nofile_within, from_dict, load
+from worker.server import StartError, connection_cap, fds_for_sandboxes
 
 
 def test_defaults_fill_in():
@@ -101,9 +101,8 @@ def test_connections_get_what_the_open_file_limit_leaves_after_sandboxes():
         connection_cap(from_dict({"cluster": "/c", "max_sandboxes": 1000}, "test"), 1024)
 
 
-def test_a_handler_nofile_above_the_workers_own_limit_is_refused_at_start():
-    config = from_dict({"cluster": "/c", "limits": {"nofile": 4096}}, "test")
-    check_nofile(config, 4096)
-    with pytest.raises(StartError, match="limits.nofile is 4096, above this worker's open-file "
-                                         "limit .1024."):
-        check_nofile(config, 1024)
+def test_a_handler_nofile_above_the_workers_own_limit_is_refused():
+    check_nofile_within("test", 4096, 4096)
+    with pytest.raises(ConfigError, match="test: limits.nofile is 4096, above the worker's "
+                                          "open-file limit .1024."):
+        check_nofile_within("test", 4096, 1024)
