@@ -3,6 +3,7 @@ down even when a test fails, checking that nothing was left behind."""
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -85,17 +86,25 @@ class Worker:
 
 
 def cluster_leftovers(path):
-    """Cgroups and processes a cluster left behind: should be empty."""
-    cgroup = Cgroup(Cluster(str(path)).cgroup)
+    """Cgroups and processes a cluster left behind: should be empty.  A
+    process in another root is the cluster's if it is in its cgroups, and
+    anyone's leak if it is in no cluster's; those of other clusters running
+    on this machine are theirs."""
+    name = Cluster(str(path)).cgroup
+    cgroup = Cgroup(name)
     found = [d for d in cgroup.dirs() if os.path.exists(d)]
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            if os.readlink("/proc/%s/root" % pid) != "/":
-                found.append("process %s in another root" % pid)
+            if os.readlink("/proc/%s/root" % pid) == "/":
+                continue
+            with open("/proc/%s/cgroup" % pid) as f:
+                cgroups = f.read()
         except OSError:
-            pass
+            continue  # gone meanwhile
+        if re.search("/%s(/|$)" % re.escape(name), cgroups, re.M) or "/openlambda/" not in cgroups:
+            found.append("process %s in another root" % pid)
     return found
 
 

@@ -68,6 +68,9 @@ class Cluster:
     def worker_dir(self, port):
         return os.path.join(self.path, "workers", str(port))
 
+    def lock_file(self, port):
+        return os.path.join(self.path, "workers", "%d.lock" % port)
+
     def worker_ports(self):
         """Ports of the workers this cluster has state for."""
         try:
@@ -84,15 +87,23 @@ class Cluster:
         else, and the holder alone writes the record's pid, and removes
         the record when it stops.  Held until the process exits."""
         self.check()
-        workers = os.path.join(self.path, "workers")
-        os.makedirs(workers, exist_ok=True)
-        fd = os.open(os.path.join(workers, "%d.lock" % port), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        os.makedirs(os.path.join(self.path, "workers"), exist_ok=True)
+        lock = self.lock_file(port)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            # Its holder removes the file as it stops (forget_worker): a
+            # lock taken on a file no longer there guards nothing.
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            return None
         wdir = self.worker_dir(port)
         os.makedirs(wdir, exist_ok=True)
         with open(os.path.join(wdir, "pid"), "w") as f:
@@ -101,8 +112,35 @@ class Cluster:
 
     def forget_worker(self, port):
         """Remove the record of the worker on `port`: called by the worker
-        that claimed the port, as it stops, so the record is its own."""
+        that claimed the port, as it stops, so the record is its own; its
+        lock file last, while it still holds the lock."""
         shutil.rmtree(self.worker_dir(port), ignore_errors=True)
+        try:
+            os.unlink(self.lock_file(port))
+        except FileNotFoundError:
+            pass
+
+    def remove_stale_locks(self):
+        """Remove the lock files no worker holds (a SIGKILLed worker's)."""
+        workers = os.path.join(self.path, "workers")
+        try:
+            names = os.listdir(workers)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if not name.endswith(".lock"):
+                continue
+            try:
+                fd = os.open(os.path.join(workers, name), os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(os.path.join(workers, name))  # under the lock: claim_port says why
+            except (BlockingIOError, FileNotFoundError):
+                pass  # held by a running worker, or gone meanwhile
+            finally:
+                os.close(fd)
 
     @property
     def cgroup(self):

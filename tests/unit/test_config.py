@@ -1,4 +1,6 @@
+import fcntl
 import json
+import os
 
 import pytest
 
@@ -106,3 +108,44 @@ def test_a_handler_nofile_above_the_workers_own_limit_is_refused():
     with pytest.raises(ConfigError, match="test: limits.nofile is 4096, above the worker's "
                                           "open-file limit .1024."):
         check_nofile_within("test", 4096, 1024)
+
+
+def test_a_port_lock_is_held_by_one_worker_and_goes_with_it(tmp_path):
+    cluster = Cluster(str(tmp_path / "c"))
+    cluster.create()
+    first = cluster.claim_port(9000)
+    assert first is not None and cluster.claim_port(9000) is None
+    cluster.remove_stale_locks()  # held: it stays
+    assert os.path.exists(cluster.lock_file(9000))
+    cluster.forget_worker(9000)
+    os.close(first)
+    assert not os.path.exists(cluster.lock_file(9000))
+    second = cluster.claim_port(9000)
+    assert second is not None and cluster.claim_port(9000) is None
+    os.close(second)  # as if SIGKILLed: the file stays, and admin kill removes it
+    cluster.remove_stale_locks()
+    assert os.listdir(tmp_path / "c" / "workers") == [str(9000)]  # only its record, which kill removes
+
+
+def test_a_lock_taken_on_a_removed_file_is_taken_again_on_the_new_one(tmp_path, monkeypatch):
+    cluster = Cluster(str(tmp_path / "c"))
+    cluster.create()
+    holders = [cluster.claim_port(9000)]
+    flock = fcntl.flock
+
+    def holder_stops_first(fd, op):
+        # The second worker has opened the file; the holder stops (removing
+        # it) before the second one's flock, which then locks a removed file.
+        if holders:
+            cluster.forget_worker(9000)
+            os.close(holders.pop())
+        return flock(fd, op)
+
+    monkeypatch.setattr("worker.cluster.fcntl.flock", holder_stops_first)
+    second = cluster.claim_port(9000)
+    monkeypatch.setattr("worker.cluster.fcntl.flock", flock)
+    try:
+        assert os.path.samestat(os.fstat(second), os.stat(cluster.lock_file(9000)))
+        assert cluster.claim_port(9000) is None
+    finally:
+        os.close(second)
