@@ -270,6 +270,27 @@ def test_worker_exec_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
     assert os.listdir(d / "workers") == []  # its record and its lock went
 
 
+def test_ctrl_c_before_the_worker_has_loaded_stops_it_quietly(tmp_path):
+    """`admin worker-exec` execs the worker with SIGINT blocked: one pressed
+    while the interpreter starts and the worker's modules load ends it with
+    130 and no traceback, as one pressed later does with 0."""
+    d, _ = cluster_on_a_free_port(tmp_path)
+    proc = subprocess.Popen(
+        [os.path.join(REPO, ".venv", "bin", "python"), "-m", "worker", "-c",
+         str(d / "config" / "template.json")], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}))
+    try:
+        proc.send_signal(signal.SIGINT)  # pending from its first instruction
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+    assert proc.returncode == 130 and out == ""
+    assert cluster_leftovers(d) == []
+
+
 def test_kill_stops_a_foreground_worker_before_it_removes_the_cgroups(tmp_path):
     d, port = cluster_on_a_free_port(tmp_path)
     proc = worker_exec(d)
