@@ -9,15 +9,17 @@ else
     ./bin/admin new -cluster my-cluster
 fi
 ./bin/admin workers -cluster=my-cluster
+# The port its template names (8080 unless `admin setconf` changed it).
+port=$(python3 -c 'import json; print(json.load(open("my-cluster/config/template.json")).get("port", 8080))')
 mkdir -p my-cluster/registry/hello
 cp -r quickstart/handlers/hello/. my-cluster/registry/hello/
-echo "\$ curl -X POST localhost:8080/runLambda/hello -d '{\"name\": \"Alice\"}'"
-curl -sS -X POST localhost:8080/runLambda/hello -d '{"name": "Alice"}'
+echo "\$ curl -X POST localhost:$port/runLambda/hello -d '{\"name\": \"Alice\"}'"
+curl -sS -X POST "localhost:$port/runLambda/hello" -d '{"name": "Alice"}'
 echo
-cat <<'MSG'
+cat <<MSG
 
-The worker is still running on port 8080.
-  call it:     curl -X POST localhost:8080/run/hello -d '{"name": "Bob"}'
+The worker is still running on port $port.
+  call it:     curl -X POST localhost:$port/run/hello -d '{"name": "Bob"}'
   see it:      ./bin/admin status -cluster=my-cluster
   stop it:     ./bin/admin kill -cluster=my-cluster
 MSG

@@ -179,8 +179,9 @@ def test_several_workers(tmp_path):
     port = free_port()
     while not port_free(port + 1):
         port = free_port()
+    admin("setconf", "-cluster", d, json.dumps({"port": port}))
     try:
-        admin("workers", "-cluster", d, "-n", 2, "-p", port)
+        admin("workers", "-cluster", d, "-n", 2)  # from the template's port
         for p in (port, port + 1):
             assert curl("-X", "POST", "localhost:%d/run/hello" % p, "-d", '{"name": "N"}'
                         ).stdout == '"Hello, N!"'
@@ -189,6 +190,9 @@ def test_several_workers(tmp_path):
     finally:
         admin("kill", "-cluster", d)
     assert cluster_leftovers(d) == []
+    admin("setconf", "-cluster", d, json.dumps({"port": 65535}))
+    done = admin("workers", "-cluster", d, "-n", 2, check=False)
+    assert done.returncode == 1 and "past port 65535" in done.stderr
 
 
 def test_worker_failing_to_start_is_reported(tmp_path):
