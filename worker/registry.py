@@ -54,7 +54,8 @@ class Registry:
         self.inotify = INotify(nonblocking=True)
         self.inotify.add_watch(root, flags.CREATE | flags.DELETE | flags.MOVED_FROM
                                | flags.MOVED_TO | flags.ATTRIB)
-        self.watches = {}   # watch descriptor -> function name
+        self.watches = {}   # watch descriptor -> (function name, directory)
+        self.watched = {}   # function name -> its watch descriptors, once its tree is watched
         self.cache = {}     # name -> Function
         self.versions = {}  # name -> version counter
         self.unwatched = set()  # names said once to be beyond inotify's watch limit
@@ -81,10 +82,9 @@ class Registry:
             raise InitFailed("function %r has no entry file: expected lambda_func.py with "
                              "handler(event) or f.py with f(event)" % name,
                              "Runtime.HandlerNotFound")
-        watched = self._watch(name, path)
-        for e in entries:
-            if e.is_dir(follow_symlinks=False) and e.name != "__pycache__":
-                watched = self._watch_tree(name, e.path) and watched
+        # Its tree is walked once: its watches stay through edits, and a
+        # directory made in it later is watched as it appears (drain_changes).
+        watched = name in self.watched or self._watch_tree(name, path)
         limits, egress = self.limits, False
         if any(e.name == CONFIG_FILE for e in entries):
             limits, egress = self._read_config(name, os.path.join(path, CONFIG_FILE))
@@ -140,7 +140,9 @@ class Registry:
     def _watch(self, name, path):
         """Watch one directory of a function's; False if it cannot be."""
         try:
-            self.watches[self.inotify.add_watch(path, WATCH)] = name
+            wd = self.inotify.add_watch(path, WATCH)
+            self.watches[wd] = (name, path)
+            self.watched.setdefault(name, set()).add(wd)
         except (FileNotFoundError, NotADirectoryError):
             pass  # vanished meanwhile; the parent's watch saw it
         except OSError as e:  # ENOSPC: fs.inotify.max_user_watches reached
@@ -153,11 +155,30 @@ class Registry:
         return True
 
     def _watch_tree(self, name, path):
+        """Watch a directory of a function's and every one below it but
+        __pycache__; False if one cannot be.  If one cannot be, the next
+        lookup walks the whole tree again."""
         watched = True
         for root, dirs, _files in os.walk(path):
             dirs[:] = [d for d in dirs if d != "__pycache__"]
             watched = self._watch(name, root) and watched
+        if not watched:
+            self._unwatch(name)
         return watched
+
+    def _unwatch(self, name, under=None):
+        """Stop watching a function's directories (those at or below `under`)."""
+        for wd in list(self.watched.get(name, ())):
+            path = self.watches[wd][1]
+            if under is None or path == under or path.startswith(under + os.sep):
+                del self.watches[wd]
+                self.watched[name].discard(wd)
+                try:
+                    self.inotify.rm_watch(wd)
+                except OSError:
+                    pass
+        if under is None:
+            self.watched.pop(name, None)
 
     def drain_changes(self):
         try:
@@ -166,28 +187,38 @@ class Registry:
             return
         for event in events:
             if event.mask & flags.Q_OVERFLOW:
+                # Events were lost, a new directory's among them maybe:
+                # every tree is walked again.
+                for name in list(self.watched):
+                    self._unwatch(name)
                 for name in list(self.cache):
                     self._changed(name)
                 continue
-            if event.mask & flags.IGNORED:
-                self.watches.pop(event.wd, None)
+            if event.mask & flags.IGNORED:  # its directory is gone
+                name, _ = self.watches.pop(event.wd, (None, None))
+                if name is not None:
+                    self.watched[name].discard(event.wd)
                 continue
-            name = self.watches.get(event.wd)
-            if name is None:  # an event on the registry root itself
-                name = event.name
             if event.name.endswith((".pyc", ".swp")) or "__pycache__" == event.name:
                 continue
+            if event.wd not in self.watches:
+                # On the registry root: a function's directory came, went
+                # or changed hands; its tree is walked at its next lookup.
+                self._unwatch(event.name)
+                self._changed(event.name)
+                continue
+            name, directory = self.watches[event.wd]
+            if event.mask & flags.ISDIR and event.name:
+                path = os.path.join(directory, event.name)
+                if event.mask & (flags.CREATE | flags.MOVED_TO) and name in self.watched:
+                    self._watch_tree(name, path)
+                elif event.mask & flags.MOVED_FROM:  # its watches would follow it out
+                    self._unwatch(name, under=path)
             self._changed(name)
 
     def _changed(self, name):
         if self.cache.pop(name, None) is not None or name in self.versions:
             self.versions[name] = self.versions.get(name, 0) + 1
-            for wd in [wd for wd, n in self.watches.items() if n == name]:
-                del self.watches[wd]
-                try:
-                    self.inotify.rm_watch(wd)
-                except OSError:
-                    pass
             self.on_change(name)
 
 

@@ -1,0 +1,109 @@
+"""The registry sees every edit of a function's tree with inotify, walking
+the tree once, not at each edit.  A function it cannot watch (inotify's
+per-user limit reached) is never served from a sandbox that may hold old
+code: each lookup is a new version, and the operator is told once."""
+import errno
+import logging
+
+from worker.config import Limits
+from worker.registry import Registry
+
+LIMITS = Limits(mem_mb=64, procs=16, cpu_percent=100, scratch_mb=8, request_kb=64,
+                runtime_sec=1, response_kb=64, nofile=64, fsize_mb=8)
+
+
+def test_an_unwatchable_function_gets_a_new_version_each_lookup(tmp_path, caplog):
+    (tmp_path / "fn" / "lib").mkdir(parents=True)
+    (tmp_path / "fn" / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+    registry = Registry(str(tmp_path), LIMITS)
+    try:
+        def no_watches_left(path, mask):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        registry.inotify.add_watch = no_watches_left
+        with caplog.at_level(logging.WARNING, logger="worker"):
+            versions = {registry.lookup("fn").version for _ in range(3)}
+        assert len(versions) == 3 and "fn" not in registry.cache
+        warnings = [r.getMessage() for r in caplog.records if "cannot watch" in r.getMessage()]
+        assert len(warnings) == 1 and "max_user_watches" in warnings[0]
+    finally:
+        registry.close()
+
+
+def test_a_watched_function_keeps_its_version(tmp_path):
+    (tmp_path / "fn").mkdir()
+    (tmp_path / "fn" / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+    registry = Registry(str(tmp_path), LIMITS)
+    try:
+        assert registry.lookup("fn") is registry.lookup("fn")
+    finally:
+        registry.close()
+
+
+def counting_walks(registry):
+    """A list that grows by one for each directory the registry starts watching."""
+    added = []
+    add_watch = registry.inotify.add_watch
+
+    def counted(path, mask):
+        added.append(path)
+        return add_watch(path, mask)
+    registry.inotify.add_watch = counted
+    return added
+
+
+def test_an_edit_is_seen_without_walking_the_tree_again(tmp_path):
+    for i in range(20):
+        (tmp_path / "fn" / "lib" / ("pkg%d" % i)).mkdir(parents=True)
+    entry = tmp_path / "fn" / "lambda_func.py"
+    entry.write_text("def handler(event):\n    return 1\n")
+    registry = Registry(str(tmp_path), LIMITS)
+    try:
+        added = counting_walks(registry)
+        first = registry.lookup("fn").version
+        assert len(added) == 22  # fn, lib and its 20
+        entry.write_text("def handler(event):\n    return 2\n")
+        (tmp_path / "fn" / "lib" / "pkg7" / "mod.py").write_text("x = 1\n")
+        assert registry.lookup("fn").version > first and len(added) == 22
+    finally:
+        registry.close()
+
+
+def test_a_directory_made_or_moved_in_later_is_watched_and_one_moved_out_is_not(tmp_path):
+    (tmp_path / "fn").mkdir()
+    (tmp_path / "fn" / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+    (tmp_path / "elsewhere" / "pkg").mkdir(parents=True)
+    registry = Registry(str(tmp_path), LIMITS)
+    try:
+        registry.lookup("fn")
+        (tmp_path / "fn" / "new" / "deep").mkdir(parents=True)
+        version = registry.lookup("fn").version
+        (tmp_path / "fn" / "new" / "deep" / "mod.py").write_text("x = 1\n")
+        assert registry.lookup("fn").version > version  # seen though made after the walk
+        (tmp_path / "elsewhere" / "pkg").rename(tmp_path / "fn" / "pkg")
+        version = registry.lookup("fn").version
+        (tmp_path / "fn" / "pkg" / "mod.py").write_text("x = 1\n")
+        assert registry.lookup("fn").version > version  # moved in: watched too
+        (tmp_path / "fn" / "new").rename(tmp_path / "elsewhere" / "new")
+        version = registry.lookup("fn").version
+        (tmp_path / "elsewhere" / "new" / "deep" / "mod.py").write_text("x = 2\n")
+        assert registry.lookup("fn").version == version  # moved out: no longer its code
+    finally:
+        registry.close()
+
+
+def test_a_function_directory_replaced_is_walked_again(tmp_path):
+    (tmp_path / "reg" / "fn").mkdir(parents=True)
+    (tmp_path / "reg" / "fn" / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+    registry = Registry(str(tmp_path / "reg"), LIMITS)
+    try:
+        registry.lookup("fn")
+        (tmp_path / "reg" / "fn").rename(tmp_path / "old")
+        (tmp_path / "reg" / "fn" / "lib").mkdir(parents=True)
+        (tmp_path / "reg" / "fn" / "lambda_func.py").write_text("def handler(event):\n    return 2\n")
+        version = registry.lookup("fn").version
+        (tmp_path / "old" / "lambda_func.py").write_text("# not its code any more\n")
+        assert registry.lookup("fn").version == version
+        (tmp_path / "reg" / "fn" / "lib" / "mod.py").write_text("x = 1\n")
+        assert registry.lookup("fn").version > version
+    finally:
+        registry.close()
