@@ -185,13 +185,114 @@ def test_a_forged_reply_gets_502_and_frees_the_sandbox(worker, raw):
     assert worker.call("hello", {})[0] == 200  # the worker is fine
 
 
-def test_a_second_reply_is_not_given_to_the_next_call(worker):
-    # A well-formed forged reply is just the function's answer; the
-    # runtime's own reply after it breaks the protocol and ends the sandbox.
-    worker.add_function("double", FORGER)
-    raw = b"\x83\xa6status\xa2ok\xa4body\xc4\x04\"hi\"\xa3run\x00"
-    status, _, body = worker.call("double", {"raw": base64.b64encode(raw).decode()})
-    assert status == 200 and body == "hi"
-    time.sleep(0.2)
+# Forges a reply of the runtime's in answer to its call (naming the call's
+# request id, as the runtime does), then, after `then_sleep`, returns 'late'.
+ID_FORGER = """import msgpack, os, socket, stat, time
+def channel():
+    for fd in [int(fd) for fd in os.listdir('/proc/self/fd')]:
+        if fd > 2 and os.path.exists('/proc/self/fd/%d' % fd) \\
+                and stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return socket.socket(fileno=os.dup(fd))
+def handler(event, context):
+    if 'msg' in event:
+        msg = dict(event['msg'])
+        if not event.get('no_id'):
+            msg['id'] = context.request_id
+        if 'body' in msg:
+            msg['body'] = msg['body'].encode()
+        for key in ('run', 'received'):
+            if key in msg:
+                msg[key] = float(msg[key])
+        channel().sendall(msgpack.packb(msg, use_bin_type=True))
+    time.sleep(event.get('then_sleep', 0))
+    return 'late'
+"""
+
+
+def test_a_forged_reply_answers_its_own_call_but_never_the_next(worker):
+    # The function's own reply is its answer; the runtime's after it, held
+    # back while the idle sandbox is frozen, must not answer the next call.
+    worker.add_function("double", ID_FORGER)
+    forged = {"msg": {"status": "ok", "body": '"forged"', "run": 0}, "then_sleep": 0.3}
+    assert worker.call("double", forged)[::2] == (200, "forged")
+    time.sleep(0.5)
+    status, _, body = worker.call("double", {})
+    assert (status, body["errorType"]) == (502, "Runtime.ProtocolError"), body
+    assert worker.call("double", {})[::2] == (200, "late")  # a new sandbox
+
+
+@pytest.mark.parametrize("msg,no_id", [
+    ({"status": "setup_error", "errorMessage": "disk on fire, call the admins"}, True),
+    ({"status": "init_error", "errorType": "Platform.SandboxError", "errorMessage": "x",
+      "stackTrace": []}, True),
+    ({"status": "ok", "body": "1", "run": "nan"}, False),
+    ({"status": "ok", "body": "1", "run": "-inf"}, False),
+    ({"status": "ok", "body": "1", "run": "-1"}, False),
+    ({"status": "too_large", "size": -5}, False),
+], ids=["setup_error", "init_error", "nan", "-inf", "negative", "negative-size"])
+def test_a_warm_handler_cannot_blame_the_platform_or_forge_timings(worker, msg, no_id):
+    name = "blamer-%s" % msg["status"]
+    worker.add_function(name, ID_FORGER)
+    assert worker.call(name, {})[::2] == (200, "late")
+    status, headers, body = worker.call(name, {"msg": msg, "no_id": no_id})
+    assert (status, body["errorType"]) == (502, "Runtime.ProtocolError"), body
+    assert headers["x-function-error"] == "Unhandled"
+
+
+def test_a_forged_answer_over_response_kb_is_502(worker):
+    with_config(worker, "bigforger", ID_FORGER, "limits:\n  response_kb: 1\n")
+    status, _, body = worker.call("bigforger", {"msg": {"status": "ok",
+                                                        "body": '"%s"' % ("x" * 2000)}})
+    assert (status, body["errorType"]) == (502, "Runtime.ResponseTooLarge"), body
+    assert "2002 bytes" in body["errorMessage"]
+
+
+def test_server_timing_holds_only_finite_times_within_the_call(worker):
+    worker.add_function("timer", ID_FORGER)
+    worker.call("timer", {})
+    forged = {"msg": {"status": "ok", "body": "1", "run": "1e300"}}
+    status, headers, _ = worker.call("timer", forged)
+    assert status == 200
+    total = None
+    for part in headers["server-timing"].split(", "):
+        name, duration = part.split(";")[:2]
+        value = float(duration[len("dur="):])
+        assert 0 <= value < 1e6, part
+        total = value if name == "total" else total
+    assert "handler;dur=" in headers["server-timing"]
+    assert all(float(p.split(";")[1][4:]) <= total + 1 for p in headers["server-timing"].split(", "))
+
+
+def test_json_nested_as_deep_as_the_worker_accepts_never_kills_the_sandbox(worker):
+    worker.add_function("deep", "def handler(event):\n    return 'parsed'\n")
+    for depth in range(950, 1001):
+        body = ("[" * depth + "]" * depth).encode()
+        status, _, reply = worker.call("deep", body=body)
+        assert (status, reply) == (200, "parsed") or \
+            (status, reply["errorType"]) == (400, "Runtime.UnmarshalError"), (depth, reply)
     listed = json.loads(worker.request("GET", "/sandboxes")[2])
-    assert not [s for s in listed if s["function"] == "double"]
+    assert len([s for s in listed if s["function"] == "deep"]) == 1  # one, never lost
+
+
+def test_an_exception_that_cannot_be_printed_is_still_reported(worker):
+    worker.add_function("unprintable", "class Odd(Exception):\n"
+                                       "    def __str__(self):\n"
+                                       "        raise RuntimeError('no')\n"
+                                       "def handler(event):\n"
+                                       "    raise Odd()\n")
+    for _ in range(2):  # the same sandbox answers again
+        status, _, body = worker.call("unprintable", {})
+        assert (status, body["errorType"]) == (500, "Odd"), body
+        assert "could not be made" in body["errorMessage"]
+    listed = json.loads(worker.request("GET", "/sandboxes")[2])
+    assert len([s for s in listed if s["function"] == "unprintable"]) == 1
+
+
+def test_a_huge_error_is_clipped_to_under_a_mib(worker):
+    worker.add_function("bigerror", "def handler(event):\n"
+                                    "    raise ValueError('\\x01' * 6_900_000)\n")
+    status, _, data = worker.request("POST", "/run/bigerror", b"{}")
+    assert status == 500 and len(data) < 1 << 20, len(data)
+    body = json.loads(data)
+    assert body["errorMessage"].endswith("more characters)")
+    assert body["errorMessage"].startswith("\x01" * 100)

@@ -8,6 +8,7 @@ idle ones are evicted, least recently used first, to make room.
 """
 import asyncio
 import collections
+import math
 import os
 import time
 
@@ -16,8 +17,8 @@ from sandbox.errors import CapacityError, SandboxError
 from sandbox.manager import FIRST_MESSAGE_MAX
 from sandbox.runtime import proto
 
-from .errors import (Busy, HandlerDied, HandlerRaised, InitFailed, NotFound, ResponseTooLarge,
-                     SandboxFailed, TimedOut, Unavailable)
+from .errors import (BadRequest, Busy, HandlerDied, HandlerRaised, InitFailed, NotFound,
+                     ResponseTooLarge, SandboxFailed, TimedOut, Unavailable)
 
 # An instance idle this long is frozen (its cgroup), and thawed when a call
 # takes it: a thread or child a handler leaves behind cannot keep running
@@ -55,12 +56,20 @@ REPLY_FIELDS = {
     "too_large": {"size": int},
 }
 TIMINGS = ("received", "attach", "drop", "load", "run")
+# Exception class names are short; one sent as a long one is cut.
+ERROR_TYPE_MAX = 256
 
 
-def well_formed(reply):
-    """Whether a handler's reply is one the runtime could have sent."""
+def well_formed(reply, request_id, first_call):
+    """Whether a handler's reply is one the runtime could have sent, in
+    answer to request `request_id`: a reply to a request names it; only a
+    failure to build the sandbox or load the code, said before its first
+    call was read, names none."""
     if not isinstance(reply, dict) or not isinstance(reply.get("status"), str) \
             or reply["status"] not in REPLY_FIELDS:
+        return False
+    if reply.get("id", None) != request_id and not (
+            "id" not in reply and first_call and reply["status"] in ("init_error", "setup_error")):
         return False
     fields = REPLY_FIELDS[reply["status"]]
     if not all(isinstance(reply.get(key), kind) for key, kind in fields.items()):
@@ -68,7 +77,10 @@ def well_formed(reply):
     stack = reply.get("stackTrace", [])
     if not isinstance(stack, list) or not all(isinstance(line, str) for line in stack):
         return False
+    if reply.get("size", 0) < 0:
+        return False
     return all(isinstance(reply[key], (int, float)) and not isinstance(reply[key], bool)
+               and math.isfinite(reply[key]) and (key == "received" or reply[key] >= 0)
                for key in TIMINGS if key in reply)
 
 
@@ -267,39 +279,61 @@ class FunctionTable:
             raise HandlerDied("the handler of %r %s" % (name, reason)) from None
         finally:
             timer.cancel()
-        if not well_formed(reply):
+        if not well_formed(reply, request_id, instance.calls == 1):
             # Handler code can write to its channel itself: nothing in a
             # reply is trusted until checked, or a forged one could leave
-            # the sandbox busy for good, out of reach of any timeout.
+            # the sandbox busy for good, out of reach of any timeout, or
+            # answer another call than its own.
             await self._destroy(instance)
             raise HandlerDied("the handler of %r sent a malformed reply" % name,
                               "Runtime.ProtocolError")
-        inside = 0.0
-        timings = [(phase, reply[key]) for phase, key in (
-            ("attach", "attach"), ("drop", "drop"), ("load", "load"), ("handler", "run"))
-            if key in reply]
-        if "received" in reply:  # a cold start: how long the shell took to wake up
-            timings.insert(0, ("wake", reply["received"] - sent))
-        for phase, seconds in timings:
-            phases.append((phase, seconds, ""))
-            inside += seconds
-        phases.append(("ipc", time.monotonic() - sent - inside, ""))
+        self._add_timings(phases, reply, sent)
         status = reply.get("status")
+        if status == "ok" and len(reply["body"]) > function.limits.response_kb << 10:
+            # The runtime would have said too_large: its code wrote this itself.
+            await self._destroy(instance)
+            raise ResponseTooLarge("the response of %r is %d bytes, over limits.response_kb "
+                                   "(%d KiB)" % (name, len(reply["body"]),
+                                                 function.limits.response_kb))
+        message = proto.clip_message(reply.get("errorMessage", ""))
+        error_type = reply.get("errorType", "")[:ERROR_TYPE_MAX]
+        stack = proto.clip_stack(reply.get("stackTrace", []))
         if status == "setup_error":
             await self._destroy(instance)
-            raise _gone(function) or SandboxFailed("%s: %s" % (name, reply["errorMessage"]))
+            raise _gone(function) or SandboxFailed("%s: %s" % (name, message))
         if status == "too_large":
             self._release(instance)
             raise ResponseTooLarge("the response of %r is %d bytes, over limits.response_kb (%d KiB)"
                                    % (name, reply["size"], function.limits.response_kb))
         if status == "init_error":
             await self._destroy(instance)
-            raise InitFailed("function %r: %s" % (name, reply["errorMessage"]), reply["errorType"],
-                             reply["stackTrace"])
+            raise InitFailed("function %r: %s" % (name, message), error_type, stack)
         self._release(instance)
         if status == "ok":
             return reply["body"]
-        raise HandlerRaised(reply["errorMessage"], reply["errorType"], reply["stackTrace"])
+        if error_type == "Runtime.UnmarshalError":
+            # JSON the worker's check let through but the handler could not
+            # parse (nested nearly as deep as Python goes): still the request's fault.
+            raise BadRequest("the request body is not valid JSON: %s" % message)
+        raise HandlerRaised(message, error_type, stack)
+
+    @staticmethod
+    def _add_timings(phases, reply, sent):
+        """The sandbox's phases, as its reply gives them, to `phases`; each
+        within the time since the request was sent, for a forged reply can
+        say anything."""
+        elapsed = time.monotonic() - sent
+        timings = [(phase, reply[key]) for phase, key in (
+            ("attach", "attach"), ("drop", "drop"), ("load", "load"), ("handler", "run"))
+            if key in reply]
+        if "received" in reply:  # a cold start: how long the shell took to wake up
+            timings.insert(0, ("wake", reply["received"] - sent))
+        inside = 0.0
+        for phase, seconds in timings:
+            seconds = min(max(seconds, 0.0), elapsed - inside)
+            phases.append((phase, seconds, ""))
+            inside += seconds
+        phases.append(("ipc", elapsed - inside, ""))
 
     def _time_out(self, instance):
         instance.timed_out = True

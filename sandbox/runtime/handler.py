@@ -78,7 +78,8 @@ def load(code_dir=CODE_DIR):
                             "syntax error in %s, line %s: %s" % (filename, e.lineno, e.msg)) from None
         except Exception as e:
             raise LoadError("Runtime.ImportModuleError",
-                            "importing %s raised %s: %s" % (filename, type(e).__name__, e),
+                            "importing %s raised %s: %s" % (filename, type(e).__name__,
+                                                            _describe(e)),
                             _stack(e, skip=2)) from None
         fn = getattr(mod, attr, None)
         if not callable(fn):
@@ -134,7 +135,17 @@ def _stack(exc, skip=1):
 
 def _error(exc, error_type=None):
     return {"status": "error", "errorType": error_type or type(exc).__name__,
-            "errorMessage": str(exc), "stackTrace": _stack(exc)}
+            "errorMessage": proto.clip_message(_describe(exc)),
+            "stackTrace": proto.clip_stack(_stack(exc))}
+
+
+def _describe(exc):
+    """str(exc), which is the function's code, and may itself raise."""
+    try:
+        return str(exc)
+    except Exception as e:
+        return "(its message could not be made: %s raised %s)" % (
+            type(exc).__name__ + ".__str__", type(e).__name__)
 
 
 # NaN and the infinities are not JSON: a reply holding one is refused, as
@@ -146,7 +157,7 @@ def invoke(fn, wants_context, function_name, request, max_response=None, runtime
     received = time.monotonic()
     try:
         event = json.loads(request["body"]) if request["body"] else {}
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # not JSON, or nested deeper than Python goes
         return _error(e, "Runtime.UnmarshalError")
     start = time.monotonic()
     try:
@@ -162,8 +173,9 @@ def invoke(fn, wants_context, function_name, request, max_response=None, runtime
         body = JSON_ENCODER.encode(result).encode()
     except Exception as e:  # not JSON, too deep (RecursionError), a broken __str__...
         return {"status": "error", "errorType": "Runtime.MarshalError",
-                "errorMessage": "the return value is not JSON: %s" % e, "stackTrace": [],
-                "run": run}
+                "errorMessage": proto.clip_message("the return value is not JSON: %s"
+                                                   % _describe(e)),
+                "stackTrace": [], "run": run}
     if max_response is not None and len(body) > max_response:
         return {"status": "too_large", "size": len(body), "run": run}
     return {"status": "ok", "body": body, "run": run}
@@ -220,7 +232,8 @@ def serve(channel_fd, setup_times, host_uid, rehearse, ready_fds=()):
         fn, wants_context = load()
     except LoadError as e:
         channel.sendall(proto.pack({"status": "init_error", "errorType": e.error_type,
-                                    "errorMessage": str(e), "stackTrace": e.stack}))
+                                    "errorMessage": proto.clip_message(str(e)),
+                                    "stackTrace": proto.clip_stack(e.stack)}))
         return
     startup = {"received": assigned, "attach": mounted - assigned, "drop": attached - mounted,
                "load": time.monotonic() - attached}
@@ -229,6 +242,9 @@ def serve(channel_fd, setup_times, host_uid, rehearse, ready_fds=()):
         for request in unpacker:
             reply = invoke(fn, wants_context, name, request, limits.get("response"),
                            limits.get("runtime"))
+            # Whose reply it is: one the function's code wrote itself on the
+            # channel would otherwise answer the next call.
+            reply["id"] = request["id"]
             if startup:
                 reply.update(startup)
                 startup = None

@@ -41,6 +41,30 @@ def unpacker(max_message=MAX_MESSAGE):
                            read_size=min(READ_SIZE, max_message))
 
 
+# How much of a function's error reaches its caller: a message of up to
+# this many characters, and the last lines of its stack that fit in as many.
+# The runtime clips what it sends, and the worker what it gets (handler code
+# can write its own replies).  JSON may then write a character as six
+# ("\u0001"): an error's body stays under 1 MiB.
+ERROR_TEXT_MAX = 64 << 10
+
+
+def clip_message(text):
+    if len(text) <= ERROR_TEXT_MAX:
+        return text
+    return text[:ERROR_TEXT_MAX] + " ... (%d more characters)" % (len(text) - ERROR_TEXT_MAX)
+
+
+def clip_stack(lines):
+    kept, size = [], 0
+    for line in reversed(lines):
+        size += len(line)
+        if size > ERROR_TEXT_MAX:
+            return ["... (%d earlier lines)\n" % (len(lines) - len(kept))] + kept[::-1]
+        kept.append(line)
+    return lines
+
+
 def send_packet(sock, msg, fds=()):
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     sock.sendmsg([pack(msg)], anc)
