@@ -58,12 +58,21 @@ OUTPUT_LINE = 16 << 10
 FIRST_MESSAGE_MAX = 32 << 10
 # Control characters a handler writes reach the log escaped: a carriage
 # return or a terminal's escape sequence could otherwise forge or hide the
-# worker's own lines for whoever reads the log in a terminal.
-CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# worker's own lines for whoever reads the log in a terminal.  So do the
+# 8-bit controls (U+009B is CSI to some terminals), the marks that reorder
+# text on screen (bidirectional overrides and isolates), and bytes that are
+# not UTF-8 (0x9b is CSI to a terminal in an 8-bit mode).
+CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _escape(match):
-    return b"\\x%02x" % match.group()[0]
+    code = ord(match.group())
+    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
+
+
+def escape_line(line):
+    """A line of a handler's output as it may be written to the log."""
+    return CONTROL.sub(_escape, line.decode("utf-8", "backslashreplace")).encode()
 
 
 # A shell builds its sandbox in milliseconds.  One still not ready after
@@ -456,7 +465,7 @@ class SandboxManager:
         sandbox.output_partial = partial
         if lines:
             prefix = ("[%s %s] " % (sandbox.label or "-", sandbox.id)).encode()
-            os.write(self.config.log_fd, b"".join(prefix + CONTROL.sub(_escape, line) + b"\n"
+            os.write(self.config.log_fd, b"".join(prefix + escape_line(line) + b"\n"
                                                   for line in lines))
 
     def _on_shell_ready(self, sandbox):

@@ -364,17 +364,25 @@ def test_handler_output_cannot_forge_log_lines(worker):
     worker.add_function("forger", "import sys\n"
                                   "def handler(event):\n"
                                   "    print('plugh\\rworker: all good\\x1b[2K\\x1b[31m', flush=True)\n"
+                                  "    print('xyzzy\\u009b2K \\u202eexe.txt \\u2603', flush=True)\n"
+                                  "    sys.stdout.buffer.write(b'frotz\\x9b2K\\n')\n"
+                                  "    sys.stdout.flush()\n"
                                   "    return 1\n")
     worker.call("forger", {})
     log = os.path.join(worker.path, "logs", "worker-%d.log" % worker.port)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        lines = [line for line in open(log, newline="").read().split("\n") if "plugh" in line]
-        if lines:
+        with open(log, "rb") as f:
+            lines = [line for line in f.read().split(b"\n")
+                     if any(word in line for word in (b"plugh", b"xyzzy", b"frotz"))]
+        if len(lines) == 3:
             break
         time.sleep(0.02)
-    assert lines == [lines[0]] and lines[0].startswith("[forger sb-"), lines
-    assert lines[0].endswith("plugh\\x0dworker: all good\\x1b[2K\\x1b[31m"), lines
+    assert len(lines) == 3 and all(line.startswith(b"[forger sb-") for line in lines), lines
+    assert lines[0].endswith(b"plugh\\x0dworker: all good\\x1b[2K\\x1b[31m"), lines
+    # 8-bit controls, text reordering, and bytes that are not UTF-8 too.
+    assert lines[1].endswith("xyzzy\\x9b2K \\u202eexe.txt \u2603".encode()), lines
+    assert lines[2].endswith(b"frotz\\x9b2K"), lines
 
 
 def test_handler_cannot_read_the_worker_log_or_other_fds(worker):
