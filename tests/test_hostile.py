@@ -115,6 +115,32 @@ def test_a_response_over_its_limit_gets_502_and_the_function_still_works(worker)
     assert worker.call("big-reply", {"n": 100})[2] == "x" * 100
 
 
+def test_socket_buffers_count_against_the_memory_limit(worker):
+    """Data queued on sockets it never reads is kernel memory a sandbox
+    holds: it stays within mem_mb (on cgroup v1, which leaves it out of the
+    memory limit, under a limit of its own as large)."""
+    with_config(worker, "sockhog",
+                "import socket\n"
+                "def handler(event):\n"
+                "    server = socket.create_server(('127.0.0.1', 0), backlog=200)\n"
+                "    queued, kept = 0, []\n"
+                "    for _ in range(event['pairs']):\n"
+                "        a = socket.create_connection(server.getsockname())\n"
+                "        b, _ = server.accept()\n"
+                "        kept += [a, b]\n"
+                "        a.setblocking(False)\n"
+                "        try:\n"
+                "            while True:\n"
+                "                queued += a.send(b'x' * 65536)\n"
+                "        except BlockingIOError:\n"
+                "            pass\n"
+                "    return queued\n",
+                "limits: {mem_mb: 64}\n")
+    status, _, queued = worker.call("sockhog", {"pairs": 60})
+    assert status == 200 and queued < 80 << 20, queued  # ~300 MB without a limit
+    assert worker.call("hello", {"name": "after"})[2] == "Hello, after!"
+
+
 def test_a_handler_flooding_its_channel_gets_502(worker):
     # Past the runtime's own check: it writes straight to its socket.
     with_config(worker, "raw-flood",
