@@ -59,6 +59,57 @@ def test_f_py_layout_and_context_argument(worker):
     assert 29_000 < before <= 30_000 and 190 <= slept < 1000, body  # runtime_sec is 30
 
 
+def test_remaining_time_on_a_cold_start_counts_the_loading(worker):
+    """The worker's clock for a cold start's call starts when it gives the
+    code, so the function's loading is in it: so is the context's."""
+    worker.add_function("slowload", "import time\n"
+                                    "time.sleep(0.5)\n"
+                                    "def handler(event, context):\n"
+                                    "    return context.get_remaining_time_in_millis()\n")
+    status, _, left = worker.call("slowload", {})
+    assert status == 200 and 28_000 < left <= 29_500, left  # runtime_sec is 30
+    status, _, left = worker.call("slowload", {})  # warm: the whole of it
+    assert status == 200 and left > 29_800, left
+
+
+def test_a_functions_own_module_wins_over_a_preimported_one(worker):
+    """In plain Python a uuid.py next to the script is what `import uuid`
+    gets; the zygote has the standard uuid imported, and must not get in
+    the way.  Modules a plain interpreter imports at start (os) stay."""
+    d = worker.add_function("shadow", "import email.mine, os, sys, uuid\n"
+                                      "def handler(event):\n"
+                                      "    return [uuid.WHO, email.mine.WHO, hasattr(os, 'getpid'),\n"
+                                      "            sys.path[0], '/' in sys.path]\n")
+    with open(os.path.join(d, "uuid.py"), "w") as f:
+        f.write("WHO = 'my uuid'\n")
+    os.makedirs(os.path.join(d, "email"))
+    with open(os.path.join(d, "email", "__init__.py"), "w") as f:
+        f.write("")
+    with open(os.path.join(d, "email", "mine.py"), "w") as f:
+        f.write("WHO = 'my email'\n")
+    assert worker.call("shadow", {})[::2] == (200, ["my uuid", "my email", True, "/handler",
+                                                    False])
+
+
+def test_an_async_handler_is_run_to_its_end(worker):
+    worker.add_function("asyncfn", "import asyncio\n"
+                                   "async def handler(event):\n"
+                                   "    await asyncio.sleep(0.01)\n"
+                                   "    return 'awaited'\n")
+    assert worker.call("asyncfn", {})[::2] == (200, "awaited")
+
+
+def test_a_keyboard_interrupt_raised_by_the_function_is_its_error(worker):
+    worker.add_function("kbd", "def handler(event):\n"
+                               "    raise KeyboardInterrupt('from the function')\n")
+    for _ in range(2):  # the same sandbox answers again
+        status, headers, body = worker.call("kbd", {})
+        assert (status, body["errorType"]) == (500, "KeyboardInterrupt"), body
+        assert body["errorMessage"] == "from the function"
+    listed = json.loads(worker.request("GET", "/sandboxes")[2])
+    assert len([s for s in listed if s["function"] == "kbd"]) == 1
+
+
 def test_empty_body_is_an_empty_event(worker):
     status, _, data = worker.request("POST", "/run/probe", b"")
     assert status == 500  # probe needs event["op"]: the handler saw {}
@@ -364,7 +415,7 @@ def test_handler_output_cannot_forge_log_lines(worker):
     worker.add_function("forger", "import sys\n"
                                   "def handler(event):\n"
                                   "    print('plugh\\rworker: all good\\x1b[2K\\x1b[31m', flush=True)\n"
-                                  "    print('xyzzy\\u009b2K \\u202eexe.txt \\u2603', flush=True)\n"
+                                  "    print('grault\\u009b2K \\u202eexe.txt \\u2603', flush=True)\n"
                                   "    sys.stdout.buffer.write(b'frotz\\x9b2K\\n')\n"
                                   "    sys.stdout.flush()\n"
                                   "    return 1\n")
@@ -374,14 +425,14 @@ def test_handler_output_cannot_forge_log_lines(worker):
     while time.monotonic() < deadline:
         with open(log, "rb") as f:
             lines = [line for line in f.read().split(b"\n")
-                     if any(word in line for word in (b"plugh", b"xyzzy", b"frotz"))]
+                     if any(word in line for word in (b"plugh", b"grault", b"frotz"))]
         if len(lines) == 3:
             break
         time.sleep(0.02)
     assert len(lines) == 3 and all(line.startswith(b"[forger sb-") for line in lines), lines
     assert lines[0].endswith(b"plugh\\x0dworker: all good\\x1b[2K\\x1b[31m"), lines
     # 8-bit controls, text reordering, and bytes that are not UTF-8 too.
-    assert lines[1].endswith("xyzzy\\x9b2K \\u202eexe.txt \u2603".encode()), lines
+    assert lines[1].endswith("grault\\x9b2K \\u202eexe.txt \u2603".encode()), lines
     assert lines[2].endswith(b"frotz\\x9b2K"), lines
 
 

@@ -22,7 +22,7 @@ import time
 import traceback
 import types
 
-from . import mounts, privileges, proto
+from . import STARTUP_MODULES, mounts, privileges, proto
 from . import syscalls as sc
 
 CODE_DIR = "/handler"
@@ -71,6 +71,7 @@ def load(code_dir=CODE_DIR):
                             "directory" % os.getuid()) from None
         if code_dir not in sys.path:
             sys.path.insert(0, code_dir)  # for the modules next to it
+        _unshadow(code_dir)
         try:
             mod = _import_source(module, path, source)
         except SyntaxError as e:
@@ -88,6 +89,22 @@ def load(code_dir=CODE_DIR):
         return fn, _wants_context(fn)
     raise LoadError("Runtime.HandlerNotFound",
                     "no entry file: expected lambda_func.py with handler(event) or f.py with f(event)")
+
+
+def _unshadow(code_dir):
+    """Modules of the function's own (files and packages in its directory)
+    named like one the zygote has imported: forgotten, so that its
+    `import uuid` gets its uuid.py, as it would in a plain `python3`
+    running it, not the zygote's.  Those a plain interpreter imports at
+    start (os, sys...) stay, as they do there.  What the zygote's modules
+    hold of the forgotten ones is theirs, and stays."""
+    with os.scandir(code_dir) as entries:
+        for entry in entries:
+            name, dot, rest = entry.name.partition(".")
+            is_module = rest == "py" or rest.endswith("so") or (not dot and entry.is_dir())
+            if is_module and name in sys.modules and name not in STARTUP_MODULES:
+                for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+                    del sys.modules[module]
 
 
 def _import_source(name, path, source):
@@ -153,8 +170,11 @@ def _describe(exc):
 JSON_ENCODER = json.JSONEncoder(allow_nan=False)
 
 
-def invoke(fn, wants_context, function_name, request, max_response=None, runtime=None):
-    received = time.monotonic()
+def invoke(fn, wants_context, function_name, request, max_response=None, runtime=None,
+           received=None):
+    """One call.  `received`: when its time began, if before now (a cold
+    start's: the worker's clock runs from when it gave the code)."""
+    received = received or time.monotonic()
     try:
         event = json.loads(request["body"]) if request["body"] else {}
     except (ValueError, RecursionError) as e:  # not JSON, or nested deeper than Python goes
@@ -166,7 +186,12 @@ def invoke(fn, wants_context, function_name, request, max_response=None, runtime
             result = fn(event, Context(function_name, request["id"], deadline))
         else:
             result = fn(event)
-    except Exception as e:
+        if inspect.iscoroutine(result):  # an `async def handler`: run on a loop of its own
+            import asyncio  # the zygote's: imported before the fork
+            result = asyncio.run(result)
+    except SystemExit:
+        raise  # sys.exit() in the function: the process exits with its status
+    except BaseException as e:  # KeyboardInterrupt and others are the function's errors too
         return dict(_error(e), run=time.monotonic() - start)
     run = time.monotonic() - start
     try:
@@ -241,7 +266,7 @@ def serve(channel_fd, setup_times, host_uid, rehearse, ready_fds=()):
     while True:
         for request in unpacker:
             reply = invoke(fn, wants_context, name, request, limits.get("response"),
-                           limits.get("runtime"))
+                           limits.get("runtime"), received=startup and assigned)
             # Whose reply it is: one the function's code wrote itself on the
             # channel would otherwise answer the next call.
             reply["id"] = request["id"]

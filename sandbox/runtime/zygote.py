@@ -380,6 +380,10 @@ def cannot_boot(error, status):
 
 
 def main():
+    # `python3 -m` put its working directory, /, first on sys.path: the
+    # rootfs's top directories are no modules of a function's.
+    if sys.path and sys.path[0] == "/":
+        del sys.path[0]
     try:
         control = socket.socket(fileno=CONTROL_FD)
         warm_up()
