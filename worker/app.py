@@ -26,6 +26,7 @@ class App:
         self.max_body = max_body
         self.max_connections = max_connections
         self.connections = 0  # open now: counted by the HTTP layer
+        self.unread = set()   # connections with answers their clients do not read: the same
         self.ready = False
 
     def handle_now(self, request):

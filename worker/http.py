@@ -33,6 +33,12 @@ BODY_TIMEOUT = 60    # for the whole body, from the end of the head: then 408
 # data makes the kernel reset the connection, and the client may lose the
 # answer; then we hang up.
 DISCARD_LIMIT = 64 << 20
+# Bytes of answers the worker may hold for clients that do not read them
+# (whose connections' writing is paused): past this, calls are refused
+# with 503 until they read or are cut off (IDLE_TIMEOUT without progress).
+# Else 120 connections asking for 6 MiB answers and reading none held a
+# GB of the worker's memory, which no limit covers.
+UNREAD_MAX = 256 << 20
 
 log = logging.getLogger("worker")
 
@@ -73,6 +79,10 @@ def early_error(status, error_type, message, headers=()):
                          ((b"X-Request-Id", request_id.encode()),) + headers)
 
 
+def _unread_bytes(app):
+    return sum(p.transport.get_write_buffer_size() for p in app.unread)
+
+
 class Refused(httptools.HttpParserError):
     """Stops the parser at a request we refuse; its answer is already queued."""
 
@@ -81,7 +91,9 @@ class HttpProtocol(asyncio.Protocol):
     """`app` has `max_body` and `handle(request) -> Response` (a coroutine),
     and may answer some requests at once with `handle_now(request)`.  It
     also has `max_connections`, and `connections`, which this class counts:
-    a connection over the limit is answered 503 at once and closed.
+    a connection over the limit is answered 503 at once and closed; and
+    `unread`, the set of connections whose answers wait for their client
+    to read them, which this class keeps (see UNREAD_MAX).
 
     Requests on one connection are answered one at a time, in order: a
     client that pipelines them gets its answers in the order it asked, and
@@ -141,6 +153,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.app.connections -= 1
+        self.app.unread.discard(self)
         if self.timer is not None:
             self.timer.cancel()
 
@@ -149,11 +162,13 @@ class HttpProtocol(asyncio.Protocol):
         # neither read nor answer more until they drain, or the worker
         # would buffer without bound.
         self.write_paused = True
+        self.app.unread.add(self)
         self.since = self.loop.time()
         self.transport.pause_reading()
 
     def resume_writing(self):
         self.write_paused = False
+        self.app.unread.discard(self)
         self.since = self.loop.time()  # the client's deadlines start again
         if not self.busy:
             self.transport.resume_reading()
@@ -355,6 +370,11 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             log.exception("answering %s %s failed", request.method, request.path)
             response = early_error(500, "Platform.Error", "internal worker error")
+        if response is None and self.app.unread and _unread_bytes(self.app) > UNREAD_MAX:
+            response = early_error(503, "Worker.Unavailable",
+                                   "the worker holds %d MiB of answers that their clients do not "
+                                   "read: try again" % (_unread_bytes(self.app) >> 20),
+                                   ((b"Retry-After", b"1"),))
         if response is not None:
             self._answer(request, response)
             return
