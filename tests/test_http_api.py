@@ -153,6 +153,13 @@ def test_unknown_route_is_404_and_get_on_run_is_405(worker):
     assert status == 405 and headers["allow"] == "POST"
 
 
+def test_an_absolute_form_target_is_routed_by_its_path(worker):
+    assert worker.request("GET", "http://localhost:%d/status" % worker.port)[::2] == (
+        200, b"ready")
+    assert worker.call("hello", {"name": "abs"}, prefix="http://x/run/")[::2] == (
+        200, "Hello, abs!")
+
+
 @pytest.mark.parametrize("body", [b'{"name": ', b'{"name": NaN}', b'[-Infinity]',
                                   b'"\xff"', b"[" * 100_000 + b"]" * 100_000])
 def test_malformed_json_is_400_unmarshal_error(worker, body):

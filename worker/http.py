@@ -79,6 +79,18 @@ def early_error(status, error_type, message, headers=()):
                          ((b"X-Request-Id", request_id.encode()),) + headers)
 
 
+def _path(target):
+    """The path of a request target: of its usual form (/run/hello?x), or
+    of the absolute form (http://host/run/hello) that a server must accept
+    too (RFC 9112, 3.2.2)."""
+    if not target.startswith(b"/"):
+        try:
+            target = httptools.parse_url(target).path or b"/"
+        except httptools.HttpParserInvalidURLError:
+            pass  # no route has that name: 404
+    return target.split(b"?", 1)[0].decode("latin-1")
+
+
 def _unread_bytes(app):
     return sum(p.transport.get_write_buffer_size() for p in app.unread)
 
@@ -246,7 +258,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_complete(self):
         self.phase = "idle"
         request = Request("GET" if self.head else self.parser.get_method().decode(),
-                          self.url.split(b"?", 1)[0].decode("latin-1"), self.headers,
+                          _path(self.url), self.headers,
                           b"".join(self.body), self.parser.should_keep_alive(), self.head)
         if "upgrade" in self.headers and self.length:
             self.held = request  # its body is still to come, after the upgrade point
