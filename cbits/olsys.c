@@ -16,6 +16,7 @@
 #include <linux/audit.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
+#include <linux/netlink.h>
 #include <linux/seccomp.h>
 #include <stddef.h>
 #include <linux/close_range.h>
@@ -149,7 +150,8 @@ int ol_spawn(uint64_t flags, int cgroup_fd, const char *path, char *const argv[]
  * exposes to them.  It refuses (EPERM) the syscalls that Docker's default
  * profile blocks for the same reasons, namespace creation through clone()
  * flags, sockets of families other than unix, inet, inet6 and netlink
- * (EAFNOSUPPORT), and every other syscall ABI (32-bit int 0x80 and x32 calls use
+ * (EAFNOSUPPORT), netlink sockets for the kernel's uevents
+ * (EPROTONOSUPPORT), and every other syscall ABI (32-bit int 0x80 and x32 calls use
  * other numbers and would walk around the list).  clone3 answers ENOSYS:
  * its flags sit in memory where a filter cannot read them, and glibc falls
  * back to clone(), whose flags can be checked.
@@ -254,7 +256,7 @@ static void jump(struct program *p, unsigned short op, unsigned int k, int jt, i
 
 static int action_length(enum action action)
 {
-    return action == CHECK_CLONE_FLAGS ? 4 : action == CHECK_SOCKET_FAMILY ? 7 : 1;
+    return action == CHECK_CLONE_FLAGS ? 4 : action == CHECK_SOCKET_FAMILY ? 10 : 1;
 }
 
 /* What a matched syscall gets; each ends in a return. */
@@ -275,11 +277,17 @@ static void emit_action(struct program *p, enum action action)
         break;
     case CHECK_SOCKET_FAMILY:
         load(p, offsetof(struct seccomp_data, args[0]));
-        jump(p, BPF_JEQ, AF_UNIX, 4, 0);
-        jump(p, BPF_JEQ, AF_INET, 3, 0);
-        jump(p, BPF_JEQ, AF_INET6, 2, 0);
+        jump(p, BPF_JEQ, AF_UNIX, 7, 0);
+        jump(p, BPF_JEQ, AF_INET, 6, 0);
+        jump(p, BPF_JEQ, AF_INET6, 5, 0);
         jump(p, BPF_JEQ, AF_NETLINK, 1, 0);
         ret(p, SECCOMP_RET_ERRNO | EAFNOSUPPORT);
+        /* Netlink but its uevents: a network namespace made by the host's
+         * user namespace hears the host's device events, and listening
+         * takes no privilege. */
+        load(p, offsetof(struct seccomp_data, args[2]));
+        jump(p, BPF_JEQ, NETLINK_KOBJECT_UEVENT, 0, 1);
+        ret(p, SECCOMP_RET_ERRNO | EPROTONOSUPPORT);
         ret(p, SECCOMP_RET_ALLOW);
         break;
     }

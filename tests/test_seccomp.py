@@ -35,6 +35,7 @@ ALLOWED = {"sched_yield": 24, "getpid": 39, "uname": 63, "getuid": 102, "getgid"
 CLONE3, CLONE = 435, 56
 CLONE_NEWUSER, SIGCHLD = 0x10000000, 17
 AF_VSOCK, AF_PACKET = 40, 17
+NETLINK_ROUTE, NETLINK_KOBJECT_UEVENT = 0, 15
 
 
 def errno_of(libc, nr, *args):
@@ -126,3 +127,19 @@ def test_socket_families():
     assert results["unix"] == results["inet"] == 0
     assert results["inet6"] in (0, errno.EADDRNOTAVAIL)  # a host without IPv6
     assert results["vsock"] == results["packet"] == errno.EAFNOSUPPORT
+
+
+def test_netlink_but_the_hosts_device_events():
+    """Routing netlink is how getaddrinfo learns the addresses; uevents
+    would tell the host's device events to any listener in a network
+    namespace the host made."""
+    def check(libc):
+        out = {}
+        for name, protocol in (("route", NETLINK_ROUTE), ("uevent", NETLINK_KOBJECT_UEVENT)):
+            try:
+                socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol).close()
+                out[name] = 0
+            except OSError as e:
+                out[name] = e.errno
+        return out
+    assert in_filtered_child(check) == {"route": 0, "uevent": errno.EPROTONOSUPPORT}
