@@ -13,6 +13,9 @@ import time
 MOUNT_POINTS = ("ol", "ol/olrt", "handler", "proc", "dev", "tmp")
 TARBALL_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar.zst")
 STAMP = ".ol-extracted"
+# What tar says after the cause, whatever it was: no help on its own.
+TAR_EPILOGUES = ("tar: Child returned status", "tar: Error is not recoverable",
+                 "tar: Exiting with failure status")
 
 log = logging.getLogger("rootfs")
 
@@ -68,12 +71,24 @@ def extract(tarball, cache_dir):
         log.info("extracting rootfs %s into %s", tarball, dest)
         start = time.monotonic()
         done = subprocess.run(["tar", "-xf", tarball, "-C", tmp, "--numeric-owner"],
-                              stderr=subprocess.PIPE, text=True)
+                              stderr=subprocess.PIPE, text=True, errors="replace")
         if done.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise RootfsError("extract %s: %s" % (tarball, done.stderr.strip().splitlines()[-1:]))
+            raise RootfsError("extract %s: %s" % (tarball, tar_error(done)))
         open(os.path.join(tmp, STAMP), "w").close()
         shutil.rmtree(dest, ignore_errors=True)
         os.rename(tmp, dest)
         log.info("extracted rootfs in %.1f s", time.monotonic() - start)
     return dest
+
+
+def tar_error(done):
+    """A failed tar's cause on one line: the first few lines of its stderr
+    (and of its decompressor's, like "gzip: stdin: not in gzip format"),
+    without the lines that only say it failed."""
+    lines = []
+    for line in done.stderr.splitlines():
+        line = line.strip()
+        if line and not line.startswith(TAR_EPILOGUES) and line not in lines:
+            lines.append(line)
+    return "; ".join(lines[:3]) or "tar exited with status %d" % done.returncode

@@ -145,10 +145,82 @@ def test_setconf_merges_and_validates(tmp_path):
     assert template["max_sandboxes"] == 7
     for bad in ('{"limits": {"mem_mb": -1}}', '{"nonsense": 1}', "[1]", "{oops",
                 '{"host": "nonsense host"}', '{"rootfs": "/nonexistent"}', '{"port": 70000}',
-                '{"port": null}', '{"cluster": "/etc"}'):
+                '{"cluster": "/etc"}', '{"limits": {"mem_mb": 1}}', '{"egress": {"spare": 1000}}',
+                '{"limits": {"request_kb": 10000000}}'):
         done = admin("setconf", "-cluster", d, bad, check=False)
         assert done.returncode == 1 and done.stderr.count("\n") == 1, bad
     assert json.loads((d / "config" / "template.json").read_text()) == template
+
+
+def test_setconf_null_puts_a_key_back_to_its_default(tmp_path):
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    admin("setconf", "-cluster", d, '{"port": 9123, "max_connections": 9, "uid_base": 200000, '
+                                    '"limits": {"mem_mb": 512, "procs": 8}}')
+    admin("setconf", "-cluster", d, '{"port": null, "max_connections": null, "uid_base": null, '
+                                    '"limits": {"mem_mb": null}}')
+    template = json.loads((d / "config" / "template.json").read_text())
+    assert not {"port", "max_connections", "uid_base"} & set(template), template
+    assert template["limits"]["procs"] == 8 and "mem_mb" not in template["limits"]
+    assert "null" in admin("setconf", "--help").stdout
+
+
+def test_setconf_json_nested_too_deeply_is_one_line(tmp_path):
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    for depth in (40, 5000):  # refused by admin, and by the JSON decoder itself
+        done = admin("setconf", "-cluster", d, '{"limits": ' * depth + "1" + "}" * depth,
+                     check=False)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == "admin: setconf: not valid JSON: nested too deeply\n"
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    done = admin("worker-exec", "-c", deep, check=False)
+    assert done.returncode == 1
+    assert done.stderr == "admin: config %s is not valid JSON: nested too deeply\n" % deep
+    (d / "config" / "template.json").write_text("[" * 5000 + "]" * 5000)
+    done = admin("workers", "-cluster", d, check=False)
+    assert done.returncode == 1 and done.stderr.endswith("nested too deeply\n"), done.stderr
+
+
+def test_too_many_workers_is_a_usage_error_about_n(tmp_path):
+    done = admin("workers", "-cluster", tmp_path, "-n", 100000, "-p", 8090, check=False)
+    assert done.returncode == 2
+    assert done.stderr == "admin: -n must be a number of workers from 1 to 65535, not 100000\n"
+
+
+def test_a_cluster_path_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    bad = os.fsencode(str(tmp_path)) + b"/bad\xffname"
+    shown = str(tmp_path) + "/bad\\xffname"
+    run = lambda *args: subprocess.run([ADMIN, *args], capture_output=True, text=True,
+                                       timeout=30)
+    done = run("new", "-cluster", bad)
+    assert done.returncode == 1 and done.stderr == (
+        "admin: create cluster %s: a cluster path must be valid UTF-8 (it goes into JSON "
+        "configs and cgroup names)\n" % shown)
+    assert not os.path.lexists(bad)
+    os.makedirs(bad + b"/config")  # as `new` made one before
+    with open(bad + b"/config/template.json", "w") as f:
+        f.write("{}")
+    for args in (["workers", "-p", str(free_port())], ["status"], ["kill"], ["setconf", "{}"]):
+        done = run(args[0], "-cluster", bad, *args[1:])
+        assert done.returncode == 1 and done.stderr.startswith(
+            "admin: open cluster %s: a cluster path must be valid UTF-8" % shown), done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_worker_exec_on_a_port_in_use_says_to_set_another_port(tmp_path):
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        admin("setconf", "-cluster", d, json.dumps({"port": taken.getsockname()[1]}))
+        done = admin("worker-exec", "-c", d / "config" / "template.json", check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.endswith("is in use by another process (another cluster's worker?); "
+                                "set another `port` in %s\n" % (d / "config" / "template.json"))
+    assert not os.listdir(d / "workers")
 
 
 def test_workers_on_a_port_in_use_is_refused_in_one_line(tmp_path):
@@ -161,6 +233,7 @@ def test_workers_on_a_port_in_use_is_refused_in_one_line(tmp_path):
         taken.listen()
         done = admin("workers", "-cluster", d, "-p", taken.getsockname()[1], check=False)
     assert done.returncode == 1 and "is in use" in done.stderr, done.stderr
+    assert done.stderr.endswith("; pick another with -p\n"), done.stderr
     assert done.stderr.count("\n") == 1 and not os.listdir(d / "workers")
 
 
@@ -473,6 +546,8 @@ def test_ol_yaml_is_read_only_as_a_file_of_its_own(worker, tmp_path):
 
 @pytest.mark.parametrize("text,words", [
     ("limits:\n  mem_mb: -1\n", "limits.mem_mb"),
+    # Below what the shell holds: not a platform error naming host cgroups.
+    ("limits:\n  mem_mb: 1\n", "limits.mem_mb must be at least 16, not 1"),
     ("limits:\n  memory: 5\n", "unknown limits"),
     ("limits:\n  request_kb: 5\n", "unknown limits"),
     ("flavour: mint\n", "expected only `limits:` and `egress:`"),

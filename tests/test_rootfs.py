@@ -34,6 +34,17 @@ def test_prepare_errors_name_the_path(tmp_path):
         prepare(str(tmp_path / "bad.tar"), str(tmp_path / "cache"))
 
 
+def test_a_corrupt_tarball_is_one_line_with_tars_cause(tmp_path):
+    (tmp_path / "bad.tar.gz").write_text("not a tarball")
+    with pytest.raises(RootfsError) as raised:
+        prepare(str(tmp_path / "bad.tar.gz"), str(tmp_path / "cache"))
+    message = str(raised.value)
+    # Not a Python list of tar's last line, which only says that it gave up.
+    assert message.startswith("extract %s: tar: " % (tmp_path / "bad.tar.gz")), message
+    assert message.endswith("; gzip: stdin: not in gzip format"), message
+    assert "\n" not in message and "not recoverable" not in message
+
+
 def test_rootfs_build_is_cached():
     done = subprocess.run([os.path.join(REPO, ".venv/bin/python"), "-m", "rootfs.build"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)

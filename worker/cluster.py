@@ -147,13 +147,17 @@ class Cluster:
         """The cluster's cgroup, relative to each hierarchy's root.  The hash
         keeps two clusters with the same basename apart."""
         real = os.path.realpath(self.path)
-        digest = hashlib.sha1(real.encode()).hexdigest()[:8]
+        # fsencode: check() refuses a path that is not UTF-8, but what names
+        # the cgroup of any path (a cluster made before that check, the
+        # tests' look for leftovers) must not crash on one.
+        digest = hashlib.sha1(os.fsencode(real)).hexdigest()[:8]
         return "openlambda/%s-%s" % (os.path.basename(real)[:32], digest)
 
     def worker_cgroup(self, port):
         return "%s/w%d" % (self.cgroup, port)
 
     def create(self, rootfs=None):
+        self.check_utf8("create")
         if os.path.lexists(self.path):
             raise ClusterError("cluster %s already exists; nothing was changed" % self.path)
         template = template_defaults()
@@ -169,11 +173,24 @@ class Cluster:
     def check(self):
         """Raise ClusterError unless this looks like a cluster directory.  Its
         template is not read: a broken one must not stop `kill` or `status`."""
+        self.check_utf8("open")
         if not os.path.isdir(self.path):
             raise ClusterError("no cluster at %s (create one with: admin new -cluster %s)"
                                % (self.path, self.path))
         if not os.path.isfile(self.template):
             raise ClusterError("%s is not a cluster: it has no %s" % (self.path, MARKER))
+
+    def check_utf8(self, operation):
+        """Refuse a path that is not valid UTF-8: it goes into the workers'
+        JSON configs and into cgroup names, where it cannot be written."""
+        try:
+            self.path.encode()
+        except UnicodeEncodeError:
+            # Its bad bytes as \xff, the rest as it is: printable, and no
+            # surrogates for whatever prints the message.
+            shown = self.path.encode(errors="surrogateescape").decode(errors="backslashreplace")
+            raise ClusterError("%s cluster %s: a cluster path must be valid UTF-8 (it goes into "
+                               "JSON configs and cgroup names)" % (operation, shown)) from None
 
     def read_template(self):
         try:
@@ -183,6 +200,9 @@ class Cluster:
             raise ClusterError("read %s: %s" % (self.template, e.strerror)) from None
         except ValueError as e:
             raise ClusterError("%s is not valid JSON: %s" % (self.template, e)) from None
+        except RecursionError:  # the decoder's own limit, about 1000 levels
+            raise ClusterError("%s is not valid JSON: nested too deeply" % self.template
+                               ) from None
         if not isinstance(template, dict):
             raise ClusterError("%s must hold a JSON object" % self.template)
         return template
@@ -201,6 +221,23 @@ def merge(base, update):
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def merge_unsetting(base, update):
+    """`merge` for setconf: a null in `update`, at any depth, removes its
+    key, so that the key's default applies again (for max_connections and
+    uid_base, whose default is null, too).  No null is ever written, not
+    even inside an object `base` has no object for."""
+    out = dict(base)
+    for key, value in update.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict):
+            below = out.get(key)
+            out[key] = merge_unsetting(below if isinstance(below, dict) else {}, value)
         else:
             out[key] = value
     return out

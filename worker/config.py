@@ -32,6 +32,8 @@ class Limits:
 # shared address space carriers use for NAT (RFC 6598).  Not loopback,
 # link-local (metadata services live there) or documentation ranges.
 PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+# A worker's /24 gives sandboxes .2 to .254 (.1 is its bridge's).
+EGRESS_ADDRESSES = 253
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,18 @@ def _positive_int(where, value):
 
 # Upper bounds, where the kernel or the worker has one: a reply is buffered
 # by the worker whole (plus up to 1 MiB of error text, below the 64 MiB a
-# channel ever buffers); RLIMIT_NOFILE cannot exceed fs.nr_open; a file
-# size in bytes must fit the kernel's rlimit.
-LIMIT_MAX = {"response_kb": 63 << 10, "nofile": 1 << 20, "fsize_mb": 1 << 30}
+# channel ever buffers); a request goes to the handler as one message, and
+# its runtime unpacks at most 64 MiB of one (sandbox/runtime/proto.py
+# MAX_MESSAGE), so a bigger body could never reach a handler; RLIMIT_NOFILE
+# cannot exceed fs.nr_open; a file size in bytes must fit the kernel's rlimit.
+LIMIT_MAX = {"response_kb": 63 << 10, "request_kb": 63 << 10, "nofile": 1 << 20,
+             "fsize_mb": 1 << 30}
 # Lower bounds, where less cannot work: a handler process has its standard
-# streams and its channel open, and its set-up needs a few more.
-LIMIT_MIN = {"nofile": 16}
+# streams and its channel open, and its set-up needs a few more; a shell
+# already holds a few MB of memory when it is given its function, and below
+# what it holds cgroup v1 refuses the limit (EBUSY): every call would fail
+# with a platform error.
+LIMIT_MIN = {"nofile": 16, "mem_mb": 16}
 
 
 def check_limits(source, limits):
@@ -136,6 +144,12 @@ def _egress(source, raw):
         raise ConfigError("%s: egress.subnet must be a /24 or larger inside %s, not %s"
                           % (source, " or ".join(PRIVATE_RANGES), subnet))
     spare = _count("%s: egress.spare" % source, raw["spare"])
+    # Each spare holds one of the worker's addresses: more can never be
+    # ready, and asking for them only has the worker build a veth and a
+    # namespace for every address it has.
+    if spare > EGRESS_ADDRESSES:
+        raise ConfigError("%s: egress.spare must be at most %d (a worker's egress addresses), "
+                          "not %d" % (source, EGRESS_ADDRESSES, spare))
     return Egress(_flag("%s: egress.enabled" % source, raw["enabled"]), str(net), spare)
 
 
@@ -222,6 +236,8 @@ def load(path):
         raise ConfigError("read config %s: %s" % (path, e.strerror)) from None
     except ValueError as e:
         raise ConfigError("config %s is not valid JSON: %s" % (path, e)) from None
+    except RecursionError:  # the decoder's own limit, about 1000 levels
+        raise ConfigError("config %s is not valid JSON: nested too deeply" % path) from None
     if not isinstance(raw, dict):
         raise ConfigError("config %s must hold a JSON object" % path)
     return from_dict(raw, path)

@@ -15,7 +15,7 @@ from rootfs.prepare import RootfsError, prepare
 
 from .app import App
 from .cluster import Cluster
-from .config import ConfigError, check_nofile_within
+from .config import EGRESS_ADDRESSES, ConfigError, check_nofile_within
 from .functions import FunctionTable
 from .http import HttpProtocol
 from .registry import Registry
@@ -44,9 +44,9 @@ FDS_PER_SLOT = 5
 def fds_for_sandboxes(config):
     """The most fds sandboxes can hold at once in this worker: FDS_PER_SLOT
     for each of its slots; the pool of used network namespaces; with
-    egress, a namespace for each of the worker's 253 addresses (its /24)."""
+    egress, a namespace for each of the worker's addresses (its /24)."""
     return (FDS_PER_SLOT * (config.max_sandboxes + 2 * config.pool_size) + 2 * config.pool_size
-            + (253 if config.egress.enabled else 0) + OWN_FDS)
+            + (EGRESS_ADDRESSES if config.egress.enabled else 0) + OWN_FDS)
 
 
 def reserve_fds(count):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from worker.cluster import Cluster, merge
+from worker.cluster import Cluster, ClusterError, merge, merge_unsetting
 from worker.config import ConfigError, check_nofile_within, from_dict, load
 from worker.server import StartError, connection_cap, fds_for_sandboxes
 
@@ -44,10 +44,23 @@ def test_defaults_fill_in():
     ({"cluster": "/c", "limits": {"nofile": 3}}, "limits.nofile must be at least 16"),
     ({"cluster": "/c", "limits": {"nofile": 1 << 21}}, "limits.nofile must be at most"),
     ({"cluster": "/c", "limits": {"response_kb": 1 << 20}}, "limits.response_kb must be at most"),
+    # Below what a shell already holds, cgroup v1 refuses the memory limit.
+    ({"cluster": "/c", "limits": {"mem_mb": 1}}, "limits.mem_mb must be at least 16, not 1"),
+    # The runtime unpacks at most 64 MiB of one message.
+    ({"cluster": "/c", "limits": {"request_kb": 10000000}},
+     "limits.request_kb must be at most 64512, not 10000000"),
+    ({"cluster": "/c", "egress": {"spare": 1000}}, "egress.spare must be at most 253"),
 ])
 def test_bad_configs_name_the_key(raw, words):
     with pytest.raises(ConfigError, match=words):
         from_dict(raw, "test")
+
+
+def test_limits_at_their_bounds_are_taken():
+    config = from_dict({"cluster": "/c", "limits": {"mem_mb": 16, "request_kb": 63 << 10},
+                        "egress": {"spare": 253}}, "test")
+    assert config.limits.mem_mb == 16 and config.limits.request_kb == 64512
+    assert config.egress.spare == 253
 
 
 def test_a_cluster_template_names_its_cluster(tmp_path):
@@ -65,11 +78,40 @@ def test_load_errors(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([1]))
     with pytest.raises(ConfigError, match="object"):
         load(str(tmp_path / "list.json"))
+    (tmp_path / "deep.json").write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(ConfigError, match="deep.json is not valid JSON: nested too deeply"):
+        load(str(tmp_path / "deep.json"))
 
 
 def test_merge_is_deep():
     assert merge({"a": {"b": 1, "c": 2}, "d": 1}, {"a": {"b": 3}, "d": {"x": 1}}) == {
         "a": {"b": 3, "c": 2}, "d": {"x": 1}}
+
+
+def test_merge_unsetting_removes_the_keys_set_to_null():
+    template = {"port": 9000, "max_connections": 5, "limits": {"mem_mb": 512, "procs": 8}}
+    assert merge_unsetting(template, {"port": None, "max_connections": None,
+                                      "limits": {"mem_mb": None}, "absent": None}) == {
+        "limits": {"procs": 8}}
+    assert merge_unsetting(template, {"limits": None}) == {"port": 9000, "max_connections": 5}
+    # Nulls in an object the template lacks are not written either.
+    assert merge_unsetting({}, {"egress": {"spare": None, "enabled": True}}) == {
+        "egress": {"enabled": True}}
+    assert merge({"a": 1}, {"a": None}) == {"a": None}  # merge keeps a null
+
+
+def test_a_cluster_path_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    path = os.fsdecode(os.fsencode(str(tmp_path)) + b"/bad\xffname")
+    cluster = Cluster(path)
+    assert cluster.cgroup.startswith("openlambda/bad")  # no UnicodeEncodeError
+    with pytest.raises(ClusterError, match=r"^create cluster .*/bad\\xffname: a cluster path "
+                                           r"must be valid UTF-8"):
+        cluster.create()
+    assert not os.path.lexists(path)
+    os.makedirs(os.path.join(path, "config"))
+    open(os.path.join(path, "config", "template.json"), "w").write("{}")
+    with pytest.raises(ClusterError, match=r"^open cluster .*/bad\\xffname: a cluster path"):
+        cluster.check()
 
 
 def test_clusters_with_the_same_name_get_distinct_cgroups(tmp_path):
