@@ -472,6 +472,12 @@ def test_timeout_is_504_kills_the_sandbox_and_the_next_call_works(own_worker):
     # Nothing of the timed-out sandbox survives: not its grandchild either.
     survivors = subprocess.run(["pgrep", "-f", "sleep 61.5"], capture_output=True, text=True)
     assert survivors.stdout == ""
+    # The operator reads of it in the worker's log, once for a burst of them.
+    for _ in range(3):
+        assert w.call("slow", {"seconds": 30})[0] == 504
+    with open(os.path.join(w.path, "logs", "worker-%d.log" % w.port)) as f:
+        said = [line for line in f if "to 'slow': 504 Sandbox.Timedout" in line]
+    assert len(said) == 1 and "Task timed out after 1.00 seconds" in said[0], said
 
 
 def test_network_isolation_off_shares_the_host_network(own_worker):

@@ -5,11 +5,46 @@ import time
 import urllib.parse
 import uuid
 
-from .errors import BadRequest, MethodNotAllowed, NotFound, Unavailable, WorkerError
+from sandbox.manager import escape_line
+
+from .errors import (BadRequest, Busy, HandlerRaised, MethodNotAllowed, NotFound, Unavailable,
+                     WorkerError)
 from .http import Response, json_response
 
 log = logging.getLogger("worker")
 RUN_PREFIXES = ("/run/", "/runLambda/")
+
+
+class FailureLog:
+    """Calls that failed for other reasons than the function's own
+    exceptions (its sandbox died, timed out or broke the protocol, no
+    sandbox could be had or built), in the worker's log for its operator:
+    one line per function and kind of failure every EVERY seconds at most,
+    saying how many more there were, so that a function failing in a loop
+    cannot flood the log."""
+    EVERY = 10.0
+
+    def __init__(self):
+        self.last = {}  # (function, error type) -> [when last logged, failures since]
+
+    def note(self, name, request_id, error):
+        if isinstance(error, HandlerRaised) or (error.status < 500 and not isinstance(error, Busy)):
+            return
+        key = (name, error.error_type)
+        now = time.monotonic()
+        seen = self.last.get(key)
+        if seen is not None and now - seen[0] < self.EVERY:
+            seen[1] += 1
+            return
+        more = " (and %d more like it in the last %.0f s)" % (seen[1], now - seen[0]) \
+            if seen and seen[1] else ""
+        self.last[key] = [now, 0]
+        if len(self.last) > 10_000:  # names are the callers' to choose: forget the oldest
+            del self.last[next(iter(self.last))]
+        # Escaped as handler output is: the message may quote the function's code.
+        text = escape_line(str(error)[:500].encode()).decode()
+        log.warning("call %s to %r: %d %s: %s%s", request_id, name[:200], error.status,
+                    error.error_type, text, more)
 
 
 def _not_json(constant):
@@ -25,6 +60,7 @@ class App:
         self.table = table
         self.max_body = max_body
         self.max_connections = max_connections
+        self.failures = FailureLog()
         self.connections = 0  # open now: counted by the HTTP layer
         self.unread = set()   # connections with answers their clients do not read: the same
         self.ready = False
@@ -83,6 +119,7 @@ class App:
                 raise Unavailable("the worker is starting or draining")
             result = await self.table.invoke(name, request_id, body, phases)
         except WorkerError as e:
+            self.failures.note(name, request_id, e)
             return _error(e, request_id)
         except Exception:
             log.exception("request %s to %s failed inside the worker", request_id, request.path)
