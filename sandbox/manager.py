@@ -65,6 +65,42 @@ FIRST_MESSAGE_MAX = 32 << 10
 CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
+class OutputBudget:
+    """How much of its sandboxes' output each function may put in the log:
+    OUTPUT_CAP per sandbox is not enough, for a function that fails at each
+    call gets a new sandbox each time (one wrote 75 MB/s into the log).  A
+    token bucket per function: bursts of up to BURST bytes, RATE bytes a
+    second on average; what is over is dropped, and the log says how much."""
+    RATE = 256 << 10
+    BURST = 4 << 20
+
+    def __init__(self):
+        self.buckets = {}  # label -> [bytes it may write, when that was, bytes dropped]
+
+    def take(self, label, size):
+        """(whether `size` bytes of the function's may be written now, a line
+        to write first about what was or is dropped, or None)."""
+        now = time.monotonic()
+        bucket = self.buckets.get(label)
+        if bucket is None:
+            if len(self.buckets) >= 10_000:  # forget the oldest
+                del self.buckets[next(iter(self.buckets))]
+            bucket = self.buckets[label] = [self.BURST, now, 0]
+        bucket[0] = min(self.BURST, bucket[0] + (now - bucket[1]) * self.RATE)
+        bucket[1] = now
+        if size > bucket[0]:
+            bucket[2] += size
+            if bucket[2] == size:  # the first of a run
+                return False, b"[output of this function over %d KiB/s: dropped from here]" \
+                    % (self.RATE >> 10)
+            return False, None
+        bucket[0] -= size
+        dropped, bucket[2] = bucket[2], 0
+        if dropped:
+            return True, b"[%d bytes of output were dropped]" % dropped
+        return True, None
+
+
 def _escape(match):
     code = ord(match.group())
     return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
@@ -234,6 +270,7 @@ class SandboxManager:
         self.refill_later = Refill(self._refill)
         # Recycled loopback-only namespaces, for the shells to join.
         self.loopback = LoopbackPool(2 * config.pool_size) if config.netns else None
+        self.output_budget = OutputBudget()
         self.zygote = None
         self.closing = False
         self._serial = 0
@@ -464,9 +501,13 @@ class SandboxManager:
             partial = partial[OUTPUT_LINE:]
         sandbox.output_partial = partial
         if lines:
-            prefix = ("[%s %s] " % (sandbox.label or "-", sandbox.id)).encode()
-            os.write(self.config.log_fd, b"".join(prefix + escape_line(line) + b"\n"
-                                                  for line in lines))
+            label = sandbox.label or "-"
+            allowed, notice = self.output_budget.take(label, sum(map(len, lines)))
+            lines = ([notice] if notice else []) + (lines if allowed else [])
+            prefix = ("[%s %s] " % (label, sandbox.id)).encode()
+            if lines:
+                os.write(self.config.log_fd, b"".join(prefix + escape_line(line) + b"\n"
+                                                      for line in lines))
 
     def _on_shell_ready(self, sandbox):
         try:

@@ -66,6 +66,26 @@ def test_output_flood_is_capped_and_never_blocks(worker):
     assert "the rest is dropped" in open(log, errors="replace").read()
 
 
+def test_a_function_that_floods_from_a_new_sandbox_each_call_is_held_to_a_rate(worker):
+    """The 1 MiB per sandbox does not hold a function that crashes at each
+    call (a new sandbox each time): its output has a budget of its own."""
+    worker.add_function("crasher", "import os\n"
+                                   "def handler(event):\n"
+                                   "    os.write(1, (b'z' * 1023 + b'\\n') * 1024)\n"
+                                   "    os._exit(1)\n")
+    start = time.monotonic()
+    for _ in range(16):  # 16 MiB of output
+        assert worker.call("crasher", {})[0] == 502
+    elapsed = time.monotonic() - start
+    time.sleep(0.5)
+    log = os.path.join(worker.path, "logs", "worker-%d.log" % worker.port)
+    with open(log, "rb") as f:
+        mine = [line for line in f if line.startswith(b"[crasher sb-")]
+    written = sum(len(line) for line in mine)
+    assert written < (4 << 20) + (256 << 10) * (elapsed + 1) + (1 << 20), (written, elapsed)
+    assert any(b"over 256 KiB/s: dropped from here" in line for line in mine)
+
+
 def test_cpu_spinner_is_held_to_its_share(worker):
     worker.add_function("spin", "import time\n"
                                 "def handler(event):\n"
