@@ -280,6 +280,17 @@ def test_worker_failing_to_start_is_reported(tmp_path):
     assert cluster_leftovers(d) == []
 
 
+def test_a_registry_that_is_no_directory_stops_the_worker_at_start(tmp_path):
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    (d / "registry").rmdir()
+    (d / "registry").write_text("not a directory\n")
+    done = admin("workers", "-cluster", d, "-p", free_port(), check=False)
+    assert done.returncode == 1 and "registry %s is not a directory" % (d / "registry") \
+        in done.stderr, done.stderr
+    assert cluster_leftovers(d) == []
+
+
 def test_kill_cleans_up_after_a_sigkilled_worker(own_worker):
     w = own_worker()
     for name in ("hello", "probe"):

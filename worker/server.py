@@ -92,6 +92,9 @@ async def run(config):
     except ConfigError as e:
         raise StartError(str(e)) from None
     max_connections = connection_cap(config, open_files)
+    if not os.path.isdir(config.registry):
+        # Every call would be a 404 from a worker that says it is ready.
+        raise StartError("registry %s is not a directory" % config.registry)
     try:
         rootfs = prepare(config.rootfs, cache_dir=Cluster(config.cluster).path + "/rootfs")
     except RootfsError as e:
