@@ -52,8 +52,9 @@ class Registry:
         self.limits = limits  # the cluster's defaults
         self.egress = egress  # whether functions may ask for egress
         self.inotify = INotify(nonblocking=True)
-        self.inotify.add_watch(root, flags.CREATE | flags.DELETE | flags.MOVED_FROM
-                               | flags.MOVED_TO | flags.ATTRIB)
+        self.root_watch = self.inotify.add_watch(root, flags.CREATE | flags.DELETE
+                                                 | flags.MOVED_FROM | flags.MOVED_TO
+                                                 | flags.ATTRIB)
         self.watches = {}   # watch descriptor -> (function name, directory)
         self.watched = {}   # function name -> its watch descriptors, once its tree is watched
         self.cache = {}     # name -> Function
@@ -201,12 +202,14 @@ class Registry:
                 continue
             if event.name.endswith((".pyc", ".swp")) or "__pycache__" == event.name:
                 continue
-            if event.wd not in self.watches:
-                # On the registry root: a function's directory came, went
-                # or changed hands; its tree is walked at its next lookup.
+            if event.wd == self.root_watch:
+                # A function's directory came, went or changed hands; its
+                # tree is walked at its next lookup.
                 self._unwatch(event.name)
                 self._changed(event.name)
                 continue
+            if event.wd not in self.watches:
+                continue  # queued before its watch was removed: its function was told then
             name, directory = self.watches[event.wd]
             if event.mask & flags.ISDIR and event.name:
                 path = os.path.join(directory, event.name)

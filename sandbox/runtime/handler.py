@@ -101,7 +101,7 @@ def _unshadow(code_dir):
     with os.scandir(code_dir) as entries:
         for entry in entries:
             name, dot, rest = entry.name.partition(".")
-            is_module = rest == "py" or rest.endswith("so") or (not dot and entry.is_dir())
+            is_module = rest in ("py", "so") or rest.endswith(".so") or (not dot and entry.is_dir())
             if is_module and name in sys.modules and name not in STARTUP_MODULES:
                 for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
                     del sys.modules[module]

@@ -107,3 +107,23 @@ def test_a_function_directory_replaced_is_walked_again(tmp_path):
         assert registry.lookup("fn").version > version
     finally:
         registry.close()
+
+
+def test_events_queued_for_a_tree_no_longer_watched_touch_no_other_function(tmp_path):
+    # "fn" has a directory named like the function "lib": once fn's watches
+    # are gone, what is still queued for them must not be read as news of lib.
+    for name in ("fn", "lib"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+    (tmp_path / "fn" / "lib").mkdir()
+    registry = Registry(str(tmp_path), LIMITS)
+    try:
+        registry.lookup("fn")
+        lib = registry.lookup("lib")
+        (tmp_path / "fn").rename(tmp_path / "gone")  # fn's watches go as this is read...
+        (tmp_path / "gone" / "lib").chmod(0o700)     # ...with this queued behind it
+        assert registry.lookup("lib") is lib
+        (tmp_path / "lib" / "lambda_func.py").write_text("def handler(event):\n    return 2\n")
+        assert registry.lookup("lib").version > lib.version  # still watched
+    finally:
+        registry.close()
