@@ -275,7 +275,11 @@ def test_a_forged_reply_answers_its_own_call_but_never_the_next(worker):
     ({"status": "ok", "body": "1", "run": "-inf"}, False),
     ({"status": "ok", "body": "1", "run": "-1"}, False),
     ({"status": "too_large", "size": -5}, False),
-], ids=["setup_error", "init_error", "nan", "-inf", "negative", "negative-size"])
+    ({"status": "ok", "body": "1", "size": "x"}, False),
+    ({"status": "ok", "body": "1", "errorType": 5}, False),
+    ({"status": "ok", "body": "1", "errorMessage": 7}, False),
+], ids=["setup_error", "init_error", "nan", "-inf", "negative", "negative-size", "size-text",
+        "type-number", "message-number"])
 def test_a_warm_handler_cannot_blame_the_platform_or_forge_timings(worker, msg, no_id):
     name = "blamer-%s" % msg["status"]
     worker.add_function(name, ID_FORGER)
@@ -283,6 +287,8 @@ def test_a_warm_handler_cannot_blame_the_platform_or_forge_timings(worker, msg, 
     status, headers, body = worker.call(name, {"msg": msg, "no_id": no_id})
     assert (status, body["errorType"]) == (502, "Runtime.ProtocolError"), body
     assert headers["x-function-error"] == "Unhandled"
+    listed = json.loads(worker.request("GET", "/sandboxes")[2])
+    assert not [s for s in listed if s["function"] == name]  # destroyed, not left busy
 
 
 def test_a_forged_answer_over_response_kb_is_502(worker):

@@ -47,14 +47,17 @@ def process_limits(limits):
             "response": limits.response_kb << 10, "runtime": limits.runtime_sec}
 
 
-# What each kind of reply must hold, and of which type.
+# What each kind of reply must hold.
 REPLY_FIELDS = {
-    "ok": {"body": bytes},
-    "error": {"errorType": str, "errorMessage": str, "stackTrace": list},
-    "init_error": {"errorType": str, "errorMessage": str, "stackTrace": list},
-    "setup_error": {"errorMessage": str},
-    "too_large": {"size": int},
+    "ok": ("body",),
+    "error": ("errorType", "errorMessage", "stackTrace"),
+    "init_error": ("errorType", "errorMessage", "stackTrace"),
+    "setup_error": ("errorMessage",),
+    "too_large": ("size",),
 }
+# The type of each field, wherever it comes: a forged reply may carry any.
+FIELD_TYPES = {"id": str, "body": bytes, "errorType": str, "errorMessage": str,
+               "stackTrace": list, "size": int}
 TIMINGS = ("received", "attach", "drop", "load", "run")
 # Exception class names are short; one sent as a long one is cut.
 ERROR_TYPE_MAX = 256
@@ -71,11 +74,12 @@ def well_formed(reply, request_id, first_call):
     if reply.get("id", None) != request_id and not (
             "id" not in reply and first_call and reply["status"] in ("init_error", "setup_error")):
         return False
-    fields = REPLY_FIELDS[reply["status"]]
-    if not all(isinstance(reply.get(key), kind) for key, kind in fields.items()):
+    if not all(key in reply for key in REPLY_FIELDS[reply["status"]]):
         return False
-    stack = reply.get("stackTrace", [])
-    if not isinstance(stack, list) or not all(isinstance(line, str) for line in stack):
+    for key, kind in FIELD_TYPES.items():
+        if key in reply and (not isinstance(reply[key], kind) or isinstance(reply[key], bool)):
+            return False
+    if not all(isinstance(line, str) for line in reply.get("stackTrace", ())):
         return False
     if reply.get("size", 0) < 0:
         return False

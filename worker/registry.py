@@ -55,7 +55,9 @@ class Registry:
         self.root_watch = self.inotify.add_watch(root, flags.CREATE | flags.DELETE
                                                  | flags.MOVED_FROM | flags.MOVED_TO
                                                  | flags.ATTRIB)
-        self.watches = {}   # watch descriptor -> (function name, directory)
+        # A directory has one watch descriptor, which two functions share if
+        # their names lead to the same directory (a symbolic link).
+        self.watches = {}   # watch descriptor -> {function name: directory}
         self.watched = {}   # function name -> its watch descriptors, once its tree is watched
         self.cache = {}     # name -> Function
         self.versions = {}  # name -> version counter
@@ -142,7 +144,7 @@ class Registry:
         """Watch one directory of a function's; False if it cannot be."""
         try:
             wd = self.inotify.add_watch(path, WATCH)
-            self.watches[wd] = (name, path)
+            self.watches.setdefault(wd, {})[name] = path
             self.watched.setdefault(name, set()).add(wd)
         except (FileNotFoundError, NotADirectoryError):
             pass  # vanished meanwhile; the parent's watch saw it
@@ -168,17 +170,21 @@ class Registry:
         return watched
 
     def _unwatch(self, name, under=None):
-        """Stop watching a function's directories (those at or below `under`)."""
+        """Stop watching a function's directories (those at or below `under`);
+        with none left, its tree is walked again at its next lookup."""
         for wd in list(self.watched.get(name, ())):
-            path = self.watches[wd][1]
+            owners = self.watches[wd]
+            path = owners[name]
             if under is None or path == under or path.startswith(under + os.sep):
-                del self.watches[wd]
+                del owners[name]
                 self.watched[name].discard(wd)
-                try:
-                    self.inotify.rm_watch(wd)
-                except OSError:
-                    pass
-        if under is None:
+                if not owners:  # no other function's: the watch goes
+                    del self.watches[wd]
+                    try:
+                        self.inotify.rm_watch(wd)
+                    except OSError:
+                        pass
+        if not self.watched.get(name):
             self.watched.pop(name, None)
 
     def drain_changes(self):
@@ -196,9 +202,10 @@ class Registry:
                     self._changed(name)
                 continue
             if event.mask & flags.IGNORED:  # its directory is gone
-                name, _ = self.watches.pop(event.wd, (None, None))
-                if name is not None:
+                for name in self.watches.pop(event.wd, {}):
                     self.watched[name].discard(event.wd)
+                    if not self.watched[name]:  # its tree is walked again at its next lookup
+                        del self.watched[name]
                 continue
             if event.name.endswith((".pyc", ".swp")) or "__pycache__" == event.name:
                 continue
@@ -208,16 +215,15 @@ class Registry:
                 self._unwatch(event.name)
                 self._changed(event.name)
                 continue
-            if event.wd not in self.watches:
-                continue  # queued before its watch was removed: its function was told then
-            name, directory = self.watches[event.wd]
-            if event.mask & flags.ISDIR and event.name:
-                path = os.path.join(directory, event.name)
-                if event.mask & (flags.CREATE | flags.MOVED_TO) and name in self.watched:
-                    self._watch_tree(name, path)
-                elif event.mask & flags.MOVED_FROM:  # its watches would follow it out
-                    self._unwatch(name, under=path)
-            self._changed(name)
+            for name, directory in list(self.watches.get(event.wd, {}).items()):
+                # (none if its watch went while this was queued: its function was told then)
+                if event.mask & flags.ISDIR and event.name:
+                    path = os.path.join(directory, event.name)
+                    if event.mask & (flags.CREATE | flags.MOVED_TO) and name in self.watched:
+                        self._watch_tree(name, path)
+                    elif event.mask & flags.MOVED_FROM:  # its watches would follow it out
+                        self._unwatch(name, under=path)
+                self._changed(name)
 
     def _changed(self, name):
         if self.cache.pop(name, None) is not None or name in self.versions:

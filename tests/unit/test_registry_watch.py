@@ -4,6 +4,7 @@ per-user limit reached) is never served from a sandbox that may hold old
 code: each lookup is a new version, and the operator is told once."""
 import errno
 import logging
+import shutil
 
 from worker.config import Limits
 from worker.registry import Registry
@@ -125,5 +126,52 @@ def test_events_queued_for_a_tree_no_longer_watched_touch_no_other_function(tmp_
         assert registry.lookup("lib") is lib
         (tmp_path / "lib" / "lambda_func.py").write_text("def handler(event):\n    return 2\n")
         assert registry.lookup("lib").version > lib.version  # still watched
+    finally:
+        registry.close()
+
+
+def write_atomically(path, text):
+    path.with_suffix(".new").write_text(text)
+    path.with_suffix(".new").rename(path)
+
+
+def test_a_linked_functions_tree_made_anew_is_watched_again(tmp_path):
+    (tmp_path / "reg").mkdir()
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+    (tmp_path / "reg" / "linked").symlink_to(tmp_path / "app")
+    registry = Registry(str(tmp_path / "reg"), LIMITS)
+    try:
+        first = registry.lookup("linked").version
+        shutil.rmtree(tmp_path / "app")
+        (tmp_path / "app").mkdir()
+        (tmp_path / "app" / "lambda_func.py").write_text("def handler(event):\n    return 2\n")
+        second = registry.lookup("linked").version
+        assert second > first
+        write_atomically(tmp_path / "app" / "lambda_func.py", "def handler(event):\n    return 3\n")
+        assert registry.lookup("linked").version > second  # its new tree is watched
+    finally:
+        registry.close()
+
+
+def test_two_names_for_one_directory_share_its_watches(tmp_path):
+    (tmp_path / "al").mkdir()
+    (tmp_path / "al" / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+    (tmp_path / "al2").symlink_to(tmp_path / "al")
+    registry = Registry(str(tmp_path), LIMITS)
+    try:
+        al, al2 = registry.lookup("al"), registry.lookup("al2")
+        write_atomically(tmp_path / "al" / "lambda_func.py", "def handler(event):\n    return 2\n")
+        assert registry.lookup("al").version > al.version
+        assert registry.lookup("al2").version > al2.version  # an edit of both
+        (tmp_path / "al2").unlink()
+        (tmp_path / "al2").mkdir()
+        (tmp_path / "al2" / "lambda_func.py").write_text("def handler(event):\n    return 9\n")
+        al, al2 = registry.lookup("al"), registry.lookup("al2")
+        write_atomically(tmp_path / "al" / "lambda_func.py", "def handler(event):\n    return 3\n")
+        assert registry.lookup("al").version > al.version  # al still watched
+        assert registry.lookup("al2") is al2  # no longer the same code
+        write_atomically(tmp_path / "al2" / "lambda_func.py", "def handler(event):\n    return 8\n")
+        assert registry.lookup("al2").version > al2.version  # its own tree is watched
     finally:
         registry.close()
