@@ -8,6 +8,7 @@ import fcntl
 import functools
 import json
 import logging
+import socket
 import struct
 import termios
 import uuid
@@ -34,11 +35,14 @@ BODY_TIMEOUT = 60    # for the whole body, from the end of the head: then 408
 # answer; then we hang up.
 DISCARD_LIMIT = 64 << 20
 # Bytes of answers the worker may hold for clients that do not read them
-# (whose connections' writing is paused): past this, calls are refused
-# with 503 until they read or are cut off (IDLE_TIMEOUT without progress).
-# Else 120 connections asking for 6 MiB answers and reading none held a
-# GB of the worker's memory, which no limit covers.
+# (whose connections' writing is paused), in its buffers and the kernel's:
+# past this, a new call first cuts off those that have taken nothing for
+# UNREAD_GRACE s, largest first, and is refused with 503 if that is not
+# enough.  Else 120 connections asking for 6 MiB answers and reading none
+# held a GB of the worker's memory, which no limit covers; and refusing
+# calls alone let clients that read a little now and then refuse everyone's.
 UNREAD_MAX = 256 << 20
+UNREAD_GRACE = 1.0
 
 log = logging.getLogger("worker")
 
@@ -91,8 +95,20 @@ def _path(target):
     return target.split(b"?", 1)[0].decode("latin-1")
 
 
-def _unread_bytes(app):
-    return sum(p.transport.get_write_buffer_size() for p in app.unread)
+def _shed_unread(app, now):
+    """What is held for clients that do not read, once those that have
+    taken nothing for UNREAD_GRACE s are cut off while it is over
+    UNREAD_MAX, largest first."""
+    held = {p: p._unsent() for p in app.unread}
+    total = sum(held.values())
+    for protocol in sorted(held, key=held.get, reverse=True):
+        if total <= UNREAD_MAX:
+            break
+        if now - protocol.paused_at >= UNREAD_GRACE:
+            protocol.cut_off()
+            app.unread.discard(protocol)
+            total -= held[protocol]
+    return total
 
 
 class Refused(httptools.HttpParserError):
@@ -126,6 +142,7 @@ class HttpProtocol(asyncio.Protocol):
         self.queue = collections.deque()  # parsed requests waiting their turn
         self.busy = False
         self.write_paused = False  # the client is not reading its answers
+        self.paused_at = 0     # since when (loop time)
         self.unsent = 0        # bytes of answers not yet sent, at the last deadline check
         self.phase = "idle"    # of the request being read: "idle" (none), "head" or "body"
         self.closing = False   # an error answer ends the queue: nothing more is parsed
@@ -174,6 +191,7 @@ class HttpProtocol(asyncio.Protocol):
         # neither read nor answer more until they drain, or the worker
         # would buffer without bound.
         self.write_paused = True
+        self.paused_at = self.loop.time()
         self.app.unread.add(self)
         self.since = self.loop.time()
         self.transport.pause_reading()
@@ -315,7 +333,7 @@ class HttpProtocol(asyncio.Protocol):
             self.unsent = unsent
             left = min(left, self.since + self.idle_timeout - self.loop.time())
             if left <= 0:
-                self.transport.abort()
+                self.cut_off()
                 return
         elif not self.busy:  # no deadline while we make an answer
             if self.closing:  # for the client to stop sending, after an error answer
@@ -328,6 +346,18 @@ class HttpProtocol(asyncio.Protocol):
                 self._expired()
                 left = self.tick
         self.timer = self.loop.call_later(left, self._check_deadline)  # until connection_lost
+
+    def cut_off(self):
+        """Close at once, answers unsent: with a reset, for a plain close
+        leaves what the kernel holds to be sent on, for as long as the
+        client takes (megabytes, to one that reads a little at a time)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()
 
     def _unsent(self):
         """Bytes of answers the client has not taken yet: in our buffer, and
@@ -382,11 +412,13 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             log.exception("answering %s %s failed", request.method, request.path)
             response = early_error(500, "Platform.Error", "internal worker error")
-        if response is None and self.app.unread and _unread_bytes(self.app) > UNREAD_MAX:
-            response = early_error(503, "Worker.Unavailable",
-                                   "the worker holds %d MiB of answers that their clients do not "
-                                   "read: try again" % (_unread_bytes(self.app) >> 20),
-                                   ((b"Retry-After", b"1"),))
+        if response is None and self.app.unread:
+            held = _shed_unread(self.app, self.loop.time())
+            if held > UNREAD_MAX:
+                response = early_error(503, "Worker.Unavailable",
+                                       "the worker holds %d MiB of answers that their clients "
+                                       "do not read: try again" % (held >> 20),
+                                       ((b"Retry-After", b"1"),))
         if response is not None:
             self._answer(request, response)
             return
