@@ -517,17 +517,15 @@ class SandboxManager:
             data = b"\n" if sandbox.output_partial else b""
         before = sandbox.output_seen
         sandbox.output_seen += len(data)
-        if before >= OUTPUT_CAP:
-            if not data:
-                return
+        if before < OUTPUT_CAP:
+            data = data[:OUTPUT_CAP - before]
+        elif sandbox.output_fd is not None:  # (else the end: its last line, if any, is written)
             sandbox.output_capped = True
             data = b"\n[output over %d bytes: the rest is dropped]\n" % OUTPUT_CAP
             try:  # fewer, larger drops (_drop_output)
                 fcntl.fcntl(sandbox.output_fd, fcntl.F_SETPIPE_SZ, OUTPUT_DROP_CHUNK)
             except OSError:
                 pass  # over fs.pipe-max-size: drop 64 KiB at a time
-        else:
-            data = data[:OUTPUT_CAP - before]
         lines = (sandbox.output_partial + data).split(b"\n")
         partial = lines.pop()
         while len(partial) >= OUTPUT_LINE:
@@ -536,12 +534,14 @@ class SandboxManager:
         sandbox.output_partial = partial
         if lines:
             label = sandbox.label or "-"
-            allowed, notice = self.output_budget.take(label, sum(map(len, lines)))
-            lines = ([notice] if notice else []) + (lines if allowed else [])
             prefix = ("[%s %s] " % (label, sandbox.id)).encode()
-            if lines:
-                os.write(self.config.log_fd, b"".join(prefix + escape_line(line) + b"\n"
-                                                      for line in lines))
+            out = b"".join(prefix + escape_line(line) + b"\n" for line in lines)
+            # What it costs the log, prefixes and escapes included: empty
+            # lines cost nothing of their own.
+            allowed, notice = self.output_budget.take(label, len(out))
+            out = (prefix + notice + b"\n" if notice else b"") + (out if allowed else b"")
+            if out:
+                os.write(self.config.log_fd, out)
 
     def _on_shell_ready(self, sandbox):
         try:

@@ -86,6 +86,36 @@ def test_a_function_that_floods_from_a_new_sandbox_each_call_is_held_to_a_rate(w
     assert any(b"over 256 KiB/s: dropped from here" in line for line in mine)
 
 
+def test_empty_lines_count_against_the_output_budget_too(worker):
+    worker.add_function("blanks", "import os\n"
+                                  "def handler(event):\n"
+                                  "    os.write(1, b'\\n' * (1 << 20))\n"
+                                  "    os._exit(1)\n")
+    log = os.path.join(worker.path, "logs", "worker-%d.log" % worker.port)
+    size = os.path.getsize(log)
+    start = time.monotonic()
+    for _ in range(8):  # 8 MiB of newlines, each a prefixed line in the log
+        assert worker.call("blanks", {})[0] == 502
+    time.sleep(0.5)
+    grown = os.path.getsize(log) - size
+    assert grown < (4 << 20) + (256 << 10) * (time.monotonic() - start + 1) + (1 << 20), grown
+
+
+def test_output_ending_at_its_cap_in_an_unfinished_line_is_written_whole(worker):
+    worker.add_function("atcap", "import os\n"
+                                 "def handler(event):\n"
+                                 "    os.write(1, b'y\\n' + b'q' * ((1 << 20) - 2))\n"
+                                 "    os._exit(3)\n")
+    assert worker.call("atcap", {})[0] == 502
+    log = os.path.join(worker.path, "logs", "worker-%d.log" % worker.port)
+    time.sleep(0.5)
+    with open(log, "rb") as f:
+        text = f.read()
+    assert b"Exception in callback" not in text
+    tail = [line for line in text.split(b"\n") if line.startswith(b"[atcap sb-")]
+    assert sum(line.count(b"q") for line in tail) == (1 << 20) - 2  # its last line too
+
+
 def test_cpu_spinner_is_held_to_its_share(worker):
     worker.add_function("spin", "import time\n"
                                 "def handler(event):\n"
