@@ -66,8 +66,10 @@ FIRST_MESSAGE_MAX = 32 << 10
 # worker's own lines for whoever reads the log in a terminal.  So do the
 # 8-bit controls (U+009B is CSI to some terminals), the marks that reorder
 # text on screen (bidirectional overrides and isolates), and bytes that are
-# not UTF-8 (0x9b is CSI to a terminal in an 8-bit mode).
-CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# not UTF-8 (0x9b is CSI to a terminal in an 8-bit mode), and Unicode's
+# own line and paragraph separators.
+CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
+                     "\u202a-\u202e\u2066-\u2069]")
 
 
 class OutputBudget:

@@ -91,6 +91,25 @@ def test_a_functions_own_module_wins_over_a_preimported_one(worker):
                                                     False])
 
 
+def test_a_data_directory_named_like_a_package_hides_nothing(worker):
+    """A directory without __init__.py is no package of the function's: as
+    in plain Python, the standard one of that name is imported."""
+    d = worker.add_function("datadir", "import email\n"
+                                       "def handler(event):\n"
+                                       "    return email.__file__\n")
+    os.makedirs(os.path.join(d, "email"))
+    with open(os.path.join(d, "email", "notes.txt"), "w") as f:
+        f.write("data\n")
+    status, _, where = worker.call("datadir", {})
+    assert status == 200 and where.startswith("/usr/lib/python3"), where
+
+
+def test_a_directory_its_user_cannot_list_still_loads(worker):
+    d = worker.add_function("unlisted", "def handler(event):\n    return 'loaded'\n")
+    os.chmod(d, 0o711)
+    assert worker.call("unlisted", {})[::2] == (200, "loaded")
+
+
 def test_an_async_handler_is_run_to_its_end(worker):
     worker.add_function("asyncfn", "import asyncio\n"
                                    "async def handler(event):\n"
@@ -422,7 +441,7 @@ def test_handler_output_cannot_forge_log_lines(worker):
     worker.add_function("forger", "import sys\n"
                                   "def handler(event):\n"
                                   "    print('plugh\\rworker: all good\\x1b[2K\\x1b[31m', flush=True)\n"
-                                  "    print('grault\\u009b2K \\u202eexe.txt \\u2603', flush=True)\n"
+                                  "    print('grault\\u009b2K \\u202eexe.txt \\u2603 \\u2028', flush=True)\n"
                                   "    sys.stdout.buffer.write(b'frotz\\x9b2K\\n')\n"
                                   "    sys.stdout.flush()\n"
                                   "    return 1\n")
@@ -439,7 +458,7 @@ def test_handler_output_cannot_forge_log_lines(worker):
     assert len(lines) == 3 and all(line.startswith(b"[forger sb-") for line in lines), lines
     assert lines[0].endswith(b"plugh\\x0dworker: all good\\x1b[2K\\x1b[31m"), lines
     # 8-bit controls, text reordering, and bytes that are not UTF-8 too.
-    assert lines[1].endswith("grault\\x9b2K \\u202eexe.txt \u2603".encode()), lines
+    assert lines[1].endswith("grault\\x9b2K \\u202eexe.txt \u2603 \\u2028".encode()), lines
     assert lines[2].endswith(b"frotz\\x9b2K"), lines
 
 

@@ -98,13 +98,22 @@ def _unshadow(code_dir):
     running it, not the zygote's.  Those a plain interpreter imports at
     start (os, sys...) stay, as they do there.  What the zygote's modules
     hold of the forgotten ones is theirs, and stays."""
-    with os.scandir(code_dir) as entries:
-        for entry in entries:
-            name, dot, rest = entry.name.partition(".")
-            is_module = rest in ("py", "so") or rest.endswith(".so") or (not dot and entry.is_dir())
-            if is_module and name in sys.modules and name not in STARTUP_MODULES:
-                for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-                    del sys.modules[module]
+    try:
+        with os.scandir(code_dir) as entries:
+            names = [entry.name for entry in entries]
+    except OSError:  # a directory its user may enter but not list: so be it
+        return
+    for entry in names:
+        name, dot, rest = entry.partition(".")
+        if name not in sys.modules or name in STARTUP_MODULES:
+            continue
+        # A directory is a package only with an __init__.py: one without
+        # (data, say) is a namespace portion, which a standard package of
+        # the same name wins over in plain Python too.
+        if rest in ("py", "so") or rest.endswith(".so") or (
+                not dot and os.path.exists(os.path.join(code_dir, entry, "__init__.py"))):
+            for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+                del sys.modules[module]
 
 
 def _import_source(name, path, source):
@@ -160,7 +169,7 @@ def _describe(exc):
     """str(exc), which is the function's code, and may itself raise."""
     try:
         return str(exc)
-    except Exception as e:
+    except BaseException as e:  # KeyboardInterrupt and SystemExit too: only a description
         return "(its message could not be made: %s raised %s)" % (
             type(exc).__name__ + ".__str__", type(e).__name__)
 

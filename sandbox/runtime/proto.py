@@ -45,7 +45,8 @@ def unpacker(max_message=MAX_MESSAGE):
 # this many characters, and the last lines of its stack that fit in as many.
 # The runtime clips what it sends, and the worker what it gets (handler code
 # can write its own replies).  JSON may then write a character as six
-# ("\u0001"): an error's body stays under 1 MiB.
+# bytes, or twelve for one beyond the BMP ("\ud83d\ude00"): an error's
+# body stays under 2 MiB.
 ERROR_TEXT_MAX = 64 << 10
 
 
