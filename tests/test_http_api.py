@@ -110,6 +110,25 @@ def test_a_directory_its_user_cannot_list_still_loads(worker):
     assert worker.call("unlisted", {})[::2] == (200, "loaded")
 
 
+def test_a_function_at_its_concurrency_gets_429_and_others_do_not(worker):
+    d = worker.add_function("single", "import time\n"
+                                      "def handler(event):\n"
+                                      "    time.sleep(event['s'])\n"
+                                      "    return 'slept'\n")
+    with open(os.path.join(d, "ol.yaml"), "w") as f:
+        f.write("limits:\n  concurrency: 1\n")
+    other = Worker(worker.path, worker.port)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(other.call, "single", {"s": 1.5})
+        time.sleep(0.5)
+        status, headers, body = worker.call("single", {"s": 0})
+        assert (status, body["errorType"]) == (429, "Worker.TooManyRequests"), body
+        assert "limits.concurrency" in body["errorMessage"] and headers["retry-after"] == "1"
+        assert worker.call("hello", {"name": "x"})[::2] == (200, "Hello, x!")
+        assert first.result()[::2] == (200, "slept")
+    assert worker.call("single", {"s": 0})[::2] == (200, "slept")  # its one sandbox, free again
+
+
 def test_an_async_handler_is_run_to_its_end(worker):
     worker.add_function("asyncfn", "import asyncio\n"
                                    "async def handler(event):\n"

@@ -44,6 +44,7 @@ def template_defaults():
             "response_kb": 6144,
             "nofile": 1024,
             "fsize_mb": 64,
+            "concurrency": None,
         },
     }
 

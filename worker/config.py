@@ -26,6 +26,7 @@ class Limits:
     response_kb: int
     nofile: int
     fsize_mb: int
+    concurrency: int = None  # most sandboxes of one function at once; None: max_sandboxes
 
 
 # Where sandbox addresses may come from: RFC 1918 private networks, and the
@@ -90,10 +91,16 @@ LIMIT_MAX = {"response_kb": 63 << 10, "request_kb": 63 << 10, "nofile": 1 << 20,
 LIMIT_MIN = {"nofile": 16, "mem_mb": 16}
 
 
+# Limits that may be null: no limit of their own.
+NULLABLE_LIMITS = ("concurrency",)
+
+
 def check_limits(source, limits):
     """Each given limit must be a positive integer, within LIMIT_MIN and
-    LIMIT_MAX."""
+    LIMIT_MAX (or null, for those in NULLABLE_LIMITS)."""
     for name, value in limits.items():
+        if value is None and name in NULLABLE_LIMITS:
+            continue
         _positive_int("%s: limits.%s" % (source, name), value)
         if value > LIMIT_MAX.get(name, value):
             raise ConfigError("%s: limits.%s must be at most %d, not %d"

@@ -211,6 +211,7 @@ class FunctionTable:
         self.idle = collections.defaultdict(list)   # function name -> [Instance]
         self.instances = {}                          # sandbox id -> Instance
         self.pending = 0                             # cold starts under way
+        self.pending_by_name = collections.Counter()  # ...of each function
         self.closing = False
         registry.on_change = self._retire_idle
 
@@ -366,10 +367,17 @@ class FunctionTable:
             raise Unavailable("the worker is shutting down")
         # Cold starts under way count: under a burst they would all pass a
         # check of the live sandboxes alone.
+        limits = function.limits
+        if limits.concurrency is not None:
+            # Called only when none of its sandboxes is idle: all are busy.
+            mine = sum(1 for i in self.instances.values() if i.function.name == function.name)
+            if mine + self.pending_by_name[function.name] >= limits.concurrency:
+                raise Busy("all %d sandboxes function %r may have (limits.concurrency) are "
+                           "busy" % (limits.concurrency, function.name))
         if len(self.instances) + self.pending >= self.max_sandboxes and not self._evict_one():
             raise Busy("all %d sandboxes are busy" % self.max_sandboxes)
         self.pending += 1
-        limits = function.limits
+        self.pending_by_name[function.name] += 1
         try:
             # A deadline on this task, not asyncio.wait_for: that runs
             # create() in a task of its own, which costs every cold start
@@ -389,6 +397,9 @@ class FunctionTable:
             raise _gone(function) or SandboxFailed(str(e)) from None
         finally:
             self.pending -= 1
+            self.pending_by_name[function.name] -= 1
+            if not self.pending_by_name[function.name]:
+                del self.pending_by_name[function.name]
         channel = Channel(sandbox.channel, (limits.response_kb << 10) + REPLY_OVERHEAD)
         instance = Instance(function, sandbox, channel)
         channel.on_close = lambda: self._on_channel_closed(instance)

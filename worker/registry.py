@@ -29,7 +29,7 @@ CONFIG_FILE = "ol.yaml"
 # Limits a function may set for itself.  The request body limit is not one:
 # it is enforced before the request is routed to any function.
 FUNCTION_LIMITS = ("mem_mb", "procs", "cpu_percent", "scratch_mb", "runtime_sec", "response_kb",
-                   "nofile", "fsize_mb")
+                   "nofile", "fsize_mb", "concurrency")
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 WATCH = (flags.MODIFY | flags.ATTRIB | flags.CLOSE_WRITE | flags.CREATE | flags.DELETE
          | flags.MOVED_FROM | flags.MOVED_TO | flags.DELETE_SELF | flags.MOVE_SELF)

@@ -191,3 +191,10 @@ def test_a_lock_taken_on_a_removed_file_is_taken_again_on_the_new_one(tmp_path, 
         assert cluster.claim_port(9000) is None
     finally:
         os.close(second)
+
+
+def test_concurrency_is_null_by_default_or_a_positive_number():
+    assert from_dict({"cluster": "/c"}, "test").limits.concurrency is None
+    assert from_dict({"cluster": "/c", "limits": {"concurrency": 4}}, "test").limits.concurrency == 4
+    with pytest.raises(ConfigError, match="limits.concurrency must be a positive integer"):
+        from_dict({"cluster": "/c", "limits": {"concurrency": 0}}, "test")
