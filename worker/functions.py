@@ -293,29 +293,30 @@ class FunctionTable:
             raise HandlerDied("the handler of %r sent a malformed reply" % name,
                               "Runtime.ProtocolError")
         self._add_timings(phases, reply, sent)
-        status = reply.get("status")
-        if status == "ok" and len(reply["body"]) > function.limits.response_kb << 10:
-            # The runtime would have said too_large: its code wrote this itself.
-            await self._destroy(instance)
-            raise ResponseTooLarge("the response of %r is %d bytes, over limits.response_kb "
-                                   "(%d KiB)" % (name, len(reply["body"]),
-                                                 function.limits.response_kb))
+        status = reply["status"]
+        if status == "ok":
+            if len(reply["body"]) > function.limits.response_kb << 10:
+                # The runtime would have said too_large: its code wrote this itself.
+                await self._destroy(instance)
+                raise ResponseTooLarge("the response of %r is %d bytes, over "
+                                       "limits.response_kb (%d KiB)" % (
+                                           name, len(reply["body"]), function.limits.response_kb))
+            self._release(instance)
+            return reply["body"]
+        if status == "too_large":
+            self._release(instance)
+            raise ResponseTooLarge("the response of %r is %d bytes, over limits.response_kb (%d KiB)"
+                                   % (name, reply["size"], function.limits.response_kb))
         message = proto.clip_message(reply.get("errorMessage", ""))
         error_type = reply.get("errorType", "")[:ERROR_TYPE_MAX]
         stack = proto.clip_stack(reply.get("stackTrace", []))
         if status == "setup_error":
             await self._destroy(instance)
             raise _gone(function) or SandboxFailed("%s: %s" % (name, message))
-        if status == "too_large":
-            self._release(instance)
-            raise ResponseTooLarge("the response of %r is %d bytes, over limits.response_kb (%d KiB)"
-                                   % (name, reply["size"], function.limits.response_kb))
         if status == "init_error":
             await self._destroy(instance)
             raise InitFailed("function %r: %s" % (name, message), error_type, stack)
         self._release(instance)
-        if status == "ok":
-            return reply["body"]
         if error_type == "Runtime.UnmarshalError":
             # JSON the worker's check let through but the handler could not
             # parse (nested nearly as deep as Python goes): still the request's fault.
