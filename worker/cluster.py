@@ -91,11 +91,8 @@ class Cluster:
         os.makedirs(os.path.join(self.path, "workers"), exist_ok=True)
         lock = self.lock_file(port)
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = _try_lock(lock, os.O_CREAT)
+            if fd is None:
                 return None
             # Its holder removes the file as it stops (forget_worker): a
             # lock taken on a file no longer there guards nothing.
@@ -129,17 +126,14 @@ class Cluster:
         except FileNotFoundError:
             return
         for name in names:
-            if not name.endswith(".lock"):
-                continue
+            path = os.path.join(workers, name)
+            fd = _try_lock(path) if name.endswith(".lock") else None
+            if fd is None:
+                continue  # no lock file, or held by a running worker
             try:
-                fd = os.open(os.path.join(workers, name), os.O_RDWR | os.O_CLOEXEC)
+                os.unlink(path)  # under the lock: claim_port says why
             except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.unlink(os.path.join(workers, name))  # under the lock: claim_port says why
-            except (BlockingIOError, FileNotFoundError):
-                pass  # held by a running worker, or gone meanwhile
+                pass
             finally:
                 os.close(fd)
 
@@ -147,12 +141,11 @@ class Cluster:
     def cgroup(self):
         """The cluster's cgroup, relative to each hierarchy's root.  The hash
         keeps two clusters with the same basename apart."""
-        real = os.path.realpath(self.path)
         # fsencode: check() refuses a path that is not UTF-8, but what names
         # the cgroup of any path (a cluster made before that check, the
         # tests' look for leftovers) must not crash on one.
-        digest = hashlib.sha1(os.fsencode(real)).hexdigest()[:8]
-        return "openlambda/%s-%s" % (os.path.basename(real)[:32], digest)
+        digest = hashlib.sha1(os.fsencode(self.path)).hexdigest()[:8]
+        return "openlambda/%s-%s" % (os.path.basename(self.path)[:32], digest)
 
     def worker_cgroup(self, port):
         return "%s/w%d" % (self.cgroup, port)
@@ -214,6 +207,23 @@ class Cluster:
             json.dump(template, f, indent=2, sort_keys=True)
             f.write("\n")
         os.replace(tmp, self.template)
+
+
+def _try_lock(path, create=0):
+    """An fd of `path` holding its exclusive lock, or None if another holds
+    it (or, without O_CREAT in `create`, if there is no such file)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | create, 0o600)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def merge(base, update):
