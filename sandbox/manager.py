@@ -50,8 +50,8 @@ class SandboxConfig:
 
 
 # What the worker copies of one sandbox's stdout and stderr into its log;
-# the rest is read and dropped, so a flood can neither block the handler
-# nor fill the disk.
+# the rest is dropped (_drop_output), so that a flood can fill neither the
+# disk nor the worker's CPU.
 OUTPUT_CAP = 1 << 20
 # Past OUTPUT_CAP, a sandbox's pipe grows to this, and is emptied this much
 # at a time, at most this often (_drop_output): up to 100 MB/s.

@@ -177,15 +177,20 @@ class Registry:
             path = owners[name]
             if under is None or path == under or path.startswith(under + os.sep):
                 del owners[name]
-                self.watched[name].discard(wd)
+                self._forget(name, wd)
                 if not owners:  # no other function's: the watch goes
                     del self.watches[wd]
                     try:
                         self.inotify.rm_watch(wd)
                     except OSError:
                         pass
-        if not self.watched.get(name):
-            self.watched.pop(name, None)
+
+    def _forget(self, name, wd):
+        """`wd` is no longer one of `name`'s; with none left, its tree is
+        walked again at its next lookup."""
+        self.watched[name].discard(wd)
+        if not self.watched[name]:
+            del self.watched[name]
 
     def drain_changes(self):
         try:
@@ -203,9 +208,7 @@ class Registry:
                 continue
             if event.mask & flags.IGNORED:  # its directory is gone
                 for name in self.watches.pop(event.wd, {}):
-                    self.watched[name].discard(event.wd)
-                    if not self.watched[name]:  # its tree is walked again at its next lookup
-                        del self.watched[name]
+                    self._forget(name, event.wd)
                 continue
             if event.name.endswith((".pyc", ".swp")) or "__pycache__" == event.name:
                 continue
