@@ -80,8 +80,7 @@ def test_a_functions_own_module_wins_over_a_preimported_one(worker):
                                       "def handler(event):\n"
                                       "    return [uuid.WHO, email.mine.WHO, hasattr(os, 'getpid'),\n"
                                       "            sys.path[0], '/' in sys.path]\n")
-    with open(os.path.join(d, "uuid.py"), "w") as f:
-        f.write("WHO = 'my uuid'\n")
+    worker.add_function("shadow", "WHO = 'my uuid'\n", entry="uuid.py")
     os.makedirs(os.path.join(d, "email"))
     with open(os.path.join(d, "email", "__init__.py"), "w") as f:
         f.write("")
@@ -111,12 +110,11 @@ def test_a_directory_its_user_cannot_list_still_loads(worker):
 
 
 def test_a_function_at_its_concurrency_gets_429_and_others_do_not(worker):
-    d = worker.add_function("single", "import time\n"
-                                      "def handler(event):\n"
-                                      "    time.sleep(event['s'])\n"
-                                      "    return 'slept'\n")
-    with open(os.path.join(d, "ol.yaml"), "w") as f:
-        f.write("limits:\n  concurrency: 1\n")
+    worker.add_function("single", "import time\n"
+                                  "def handler(event):\n"
+                                  "    time.sleep(event['s'])\n"
+                                  "    return 'slept'\n")
+    worker.add_function("single", "limits:\n  concurrency: 1\n", entry="ol.yaml")
     other = Worker(worker.path, worker.port)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         first = pool.submit(other.call, "single", {"s": 1.5})
