@@ -34,12 +34,23 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import nat
+from . import filelock, nat
 from .errors import CapacityError, SandboxError
 from .pools import Refill, wait_for_item
 from .runtime import syscalls as sc
 
 MAIN_TABLE = 254
+
+# A port's bridge and NAT rules are named by the port alone, host-wide.  The
+# worker that has them holds this lock while they exist, so that nothing
+# else takes them away: not another worker on that port (another cluster's,
+# listening on another address), nor `admin kill` of a cluster whose record
+# of a killed worker names the port.  In /run: gone with a reboot, as they are.
+LOCK_DIR = "/run/openlambda"
+
+
+def network_lock(port):
+    return os.path.join(LOCK_DIR, "egress-%d.lock" % port)
 
 
 def worker_subnet(subnet, port):
@@ -98,6 +109,7 @@ class EgressNetwork:
         self.ipr = None       # the thread's netlink socket, in the host's namespace
         self.host_ns = None   # the host's network namespace, for the thread to return to
         self.backend = None   # the host's NAT tool (sandbox.nat)
+        self.lock = None      # network_lock's fd, while the bridge and rules are ours
 
     def describe(self):
         return "%s on bridge %s" % (self.subnet, self.bridge)
@@ -112,6 +124,12 @@ class EgressNetwork:
 
     def _setup(self):
         """Bridge and rules, or a SandboxError and nothing changed."""
+        os.makedirs(LOCK_DIR, exist_ok=True)
+        self.lock = filelock.claim(network_lock(self.port))
+        if self.lock is None:
+            raise SandboxError("enable egress", self.bridge,
+                               "another running worker on port %d has it (another cluster's,"
+                               " on another address?): give this worker another port" % self.port)
         self.host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.ipr = IPRoute()
         try:
@@ -188,14 +206,18 @@ class EgressNetwork:
         for lease in self.free:
             os.close(lease.fd)  # the kernel deletes the namespace and its veth, in batches
         self.free.clear()
-        if self.ipr is not None:
+        if self.lock is not None:
             await self._in_thread(self._teardown)
         self.thread.shutdown(wait=True)
 
     def _teardown(self):
-        remove_leftovers(self.ipr, self.port, self.backend)
-        self.ipr.close()
-        os.close(self.host_ns)
+        """What _setup made, all or in part."""
+        if self.ipr is not None:
+            remove_leftovers(self.ipr, self.port, self.backend)
+            self.ipr.close()
+        if self.host_ns is not None:
+            os.close(self.host_ns)
+        filelock.release(network_lock(self.port), self.lock)
 
     # -- leases --------------------------------------------------------------------
     async def acquire(self):
@@ -352,10 +374,19 @@ def remove_leftovers(ipr, port, backend):
 
 
 def cleanup(ports):
+    """Remove what workers on `ports` left, but for a port whose network a
+    running worker has (network_lock)."""
     backend = detect_nat()
+    os.makedirs(LOCK_DIR, exist_ok=True)
     with IPRoute() as ipr:
         for port in ports:
-            remove_leftovers(ipr, port, backend)
+            lock = filelock.claim(network_lock(port))
+            if lock is None:
+                continue
+            try:
+                remove_leftovers(ipr, port, backend)
+            finally:
+                filelock.release(network_lock(port), lock)
 
 
 if __name__ == "__main__":

@@ -604,3 +604,74 @@ def test_a_zygote_death_is_a_platform_error_and_idle_slots_come_back(own_worker)
     listed = [s["id"] for s in json.loads(w.request("GET", "/sandboxes")[2])]
     assert idle["id"] not in listed
     assert w.call("hello", {"name": "again"})[2] == "Hello, again!"  # a new zygote serves
+
+
+def test_kill_of_a_moved_cluster_stops_its_worker(own_worker, tmp_path):
+    """The worker is known by the lock file it holds, which follows its
+    cluster's directory: not by the path it was started with."""
+    w = own_worker()
+    pid = int(open(os.path.join(w.path, "workers", str(w.port), "pid")).read())
+    moved = str(tmp_path / "moved")
+    os.rename(w.path, moved)
+    try:
+        assert admin("status", "-cluster", moved).returncode == 0
+        assert "stopped worker on port %d (pid %d)" % (w.port, pid) in \
+            admin("kill", "-cluster", moved).stdout
+        deadline = time.monotonic() + 5
+        while os.path.exists("/proc/%d" % pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        os.rename(moved, w.path)
+    assert cluster_leftovers(w.path) == []
+
+
+def test_a_killed_workers_port_taken_by_another_cluster_stays_theirs(own_worker, tmp_path):
+    """`status` and `kill` of a cluster whose worker was SIGKILLed neither
+    report nor tear down the worker another cluster now runs on that port:
+    its egress bridge and NAT rules included."""
+    a = own_worker(egress={"enabled": True})
+    pid = int(open(os.path.join(a.path, "workers", str(a.port), "pid")).read())
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while os.path.exists("/proc/%d" % pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    b = str(tmp_path / "b")
+    admin("new", "-cluster", b)
+    admin("setconf", "-cluster", b, json.dumps({"egress": {"enabled": True}}))
+    try:
+        admin("workers", "-cluster", b, "-p", a.port)
+        status = admin("status", "-cluster", a.path, check=False)
+        assert status.returncode == 1
+        assert "not running" in status.stdout and "ready" not in status.stdout
+        admin("kill", "-cluster", a.path)
+        assert os.path.exists("/sys/class/net/olbr%d" % a.port)
+        assert "openlambda_ol%d" % a.port in subprocess.run(
+            ["nft", "list", "tables"], capture_output=True, text=True).stdout
+        assert curl("localhost:%d/status" % a.port).stdout == "ready"
+    finally:
+        admin("kill", "-cluster", b)
+    assert cluster_leftovers(b) == []
+    assert not os.path.exists("/sys/class/net/olbr%d" % a.port)
+
+
+def test_egress_on_a_port_whose_network_another_worker_has_is_refused(tmp_path):
+    """As when another cluster's worker on that port (at another address)
+    has its bridge: this one must not start, nor take them away."""
+    from sandbox import filelock
+    from sandbox.network import LOCK_DIR, network_lock
+    port = free_port()
+    os.makedirs(LOCK_DIR, exist_ok=True)
+    held = filelock.claim(network_lock(port))
+    try:
+        d = tmp_path / "c"
+        admin("new", "-cluster", d)
+        admin("setconf", "-cluster", d, json.dumps({"egress": {"enabled": True}}))
+        done = admin("workers", "-cluster", d, "-p", port, check=False)
+        assert done.returncode == 1
+        assert "another running worker on port %d has it" % port in done.stderr
+        assert os.path.exists(network_lock(port))  # still the holder's
+    finally:
+        filelock.release(network_lock(port), held)
+    assert cluster_leftovers(d) == []

@@ -1,5 +1,5 @@
-"""A cluster directory's layout and its cgroup name.  Standard library only:
-`bin/admin` uses it with any python3.
+"""A cluster directory's layout and its cgroup name.  Standard library only
+(sandbox.filelock is too): `bin/admin` uses it with any python3.
 
     DIR/config/template.json   settings every worker starts from
     DIR/registry/<name>/       one directory per function
@@ -7,11 +7,12 @@
     DIR/workers/<port>/        a running worker's config.json and pid
     DIR/workers/<port>.lock    held by the worker on that port
 """
-import fcntl
 import hashlib
 import json
 import os
 import shutil
+
+from sandbox import filelock
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ROOTFS = os.path.join(REPO_ROOT, "build", "rootfs")
@@ -89,24 +90,27 @@ class Cluster:
         the record when it stops.  Held until the process exits."""
         self.check()
         os.makedirs(os.path.join(self.path, "workers"), exist_ok=True)
-        lock = self.lock_file(port)
-        while True:
-            fd = _try_lock(lock, os.O_CREAT)
-            if fd is None:
-                return None
-            # Its holder removes the file as it stops (forget_worker): a
-            # lock taken on a file no longer there guards nothing.
-            try:
-                if os.path.samestat(os.fstat(fd), os.stat(lock)):
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
+        # Its holder removes the file as it stops (forget_worker).
+        fd = filelock.claim(self.lock_file(port))
+        if fd is None:
+            return None
         wdir = self.worker_dir(port)
         os.makedirs(wdir, exist_ok=True)
         with open(os.path.join(wdir, "pid"), "w") as f:
             f.write("%d\n" % os.getpid())
         return fd
+
+    def running_worker(self, port):
+        """The pid of this cluster's worker on `port` if it runs, else None:
+        the process its record names, if that process holds the port's lock
+        file open.  A process that got a recycled pid does not; and the
+        open file follows the cluster's directory if it was moved since."""
+        try:
+            with open(os.path.join(self.worker_dir(port), "pid")) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if filelock.holds(pid, self.lock_file(port)) else None
 
     def forget_worker(self, port):
         """Remove the record of the worker on `port`: called by the worker
@@ -126,16 +130,8 @@ class Cluster:
         except FileNotFoundError:
             return
         for name in names:
-            path = os.path.join(workers, name)
-            fd = _try_lock(path) if name.endswith(".lock") else None
-            if fd is None:
-                continue  # no lock file, or held by a running worker
-            try:
-                os.unlink(path)  # under the lock: claim_port says why
-            except FileNotFoundError:
-                pass
-            finally:
-                os.close(fd)
+            if name.endswith(".lock"):
+                filelock.remove_if_unheld(os.path.join(workers, name))
 
     @property
     def cgroup(self):
@@ -207,23 +203,6 @@ class Cluster:
             json.dump(template, f, indent=2, sort_keys=True)
             f.write("\n")
         os.replace(tmp, self.template)
-
-
-def _try_lock(path, create=0):
-    """An fd of `path` holding its exclusive lock, or None if another holds
-    it (or, without O_CREAT in `create`, if there is no such file)."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | create, 0o600)
-    except FileNotFoundError:
-        if create:
-            raise
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def merge(base, update):
