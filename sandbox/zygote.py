@@ -31,14 +31,14 @@ def _reap(pidfd, block=False):
 
 
 def describe_status(status):
-    """A wait status in words, e.g. "exited with status 3"."""
+    """A wait status in words, e.g. "exited with status 3", to follow a subject."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
             name = signal.Signals(sig).name
         except ValueError:
             name = "signal %d" % sig
-        return "killed by signal %d (%s)" % (sig, name)
+        return "was killed by signal %d (%s)" % (sig, name)
     return "exited with status %d" % os.WEXITSTATUS(status)
 
 

@@ -8,7 +8,11 @@ if [ -d my-cluster ]; then
 else
     ./bin/admin new -cluster my-cluster
 fi
-./bin/admin workers -cluster=my-cluster
+if ! ./bin/admin workers -cluster=my-cluster; then
+    echo "quickstart: for another port: ./bin/admin setconf -cluster=my-cluster '{\"port\": 8090}'," \
+         "then make quickstart again" >&2
+    exit 1
+fi
 # The port its template names (8080 unless `admin setconf` changed it).
 port=$(python3 -c 'import json; print(json.load(open("my-cluster/config/template.json")).get("port", 8080))')
 mkdir -p my-cluster/registry/hello

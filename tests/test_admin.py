@@ -91,11 +91,14 @@ def test_new_makes_the_layout_and_refuses_an_existing_dir(tmp_path):
 @pytest.mark.parametrize("command", ["workers", "status", "kill", "setconf"])
 def test_missing_or_invalid_cluster_is_one_line_and_status_1(tmp_path, command):
     extra = ['{"a": 1}'] if command == "setconf" else []
-    for target in (tmp_path / "missing", tmp_path):  # tmp_path exists but is no cluster
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for target in (tmp_path / "missing", tmp_path, a_file):  # tmp_path exists but is no cluster
         done = admin(command, "-cluster=%s" % target, *extra, check=False)
         assert done.returncode == 1
         assert done.stderr.count("\n") == 1 and done.stderr.startswith("admin: ")
         assert "Traceback" not in done.stderr
+        assert ("not a directory" in done.stderr) == (target == a_file)
 
 
 def test_invalid_template_is_one_line_and_does_not_stop_kill_or_status(own_worker):
@@ -143,12 +146,16 @@ def test_setconf_merges_and_validates(tmp_path):
     template = json.loads((d / "config" / "template.json").read_text())
     assert template["limits"]["mem_mb"] == 512 and template["limits"]["procs"] == 64
     assert template["max_sandboxes"] == 7
-    for bad in ('{"limits": {"mem_mb": -1}}', '{"nonsense": 1}', "[1]", "{oops",
+    for bad in ('{"limits": {"mem_mb": -1}}', '{"nonsense": 1}',
                 '{"host": "nonsense host"}', '{"rootfs": "/nonexistent"}', '{"port": 70000}',
                 '{"cluster": "/etc"}', '{"limits": {"mem_mb": 1}}', '{"egress": {"spare": 1000}}',
-                '{"limits": {"request_kb": 10000000}}'):
+                '{"limits": {"request_kb": 10000000}}', '{"rootfs": ""}',
+                '{"limits": {"procs": 99999999999}}'):
         done = admin("setconf", "-cluster", d, bad, check=False)
         assert done.returncode == 1 and done.stderr.count("\n") == 1, bad
+    for not_an_object in ("[1]", "{oops"):  # a usage error
+        done = admin("setconf", "-cluster", d, not_an_object, check=False)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, not_an_object
     assert json.loads((d / "config" / "template.json").read_text()) == template
 
 
@@ -171,7 +178,7 @@ def test_setconf_json_nested_too_deeply_is_one_line(tmp_path):
     for depth in (40, 5000):  # refused by admin, and by the JSON decoder itself
         done = admin("setconf", "-cluster", d, '{"limits": ' * depth + "1" + "}" * depth,
                      check=False)
-        assert done.returncode == 1, done.stderr
+        assert done.returncode == 2, done.stderr
         assert done.stderr == "admin: setconf: not valid JSON: nested too deeply\n"
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 5000 + "]" * 5000)
@@ -570,6 +577,12 @@ def test_ol_yaml_is_read_only_as_a_file_of_its_own(worker, tmp_path):
     ("flavour: mint\n", "expected only `limits:` and `egress:`"),
     ("limits: [1\n", "not valid YAML: expected ',' or ']'"),
     ("just a string\n", "expected a mapping"),
+    ("limits: [1]\n", "limits must be a mapping of names to values"),
+    ("limits: 5\n", "limits must be a mapping of names to values"),
+    ("limits: false\n", "limits must be a mapping of names to values"),
+    # Past what the kernel takes: not a platform error at each cold start.
+    ("limits:\n  procs: 99999999999\n", "limits.procs must be at most 4194304"),
+    ("limits:\n  cpu_percent: 99999999999\n", "limits.cpu_percent must be at most 819200"),
     # Above the worker's own open-file limit (which it inherits from us, at
     # most fs.nr_open): no sandbox could set it.
     ("limits:\n  nofile: %d\n" % min(resource.getrlimit(resource.RLIMIT_NOFILE)[1] + 1, 1 << 20),

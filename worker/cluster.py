@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 
-from sandbox import filelock
+import sandbox.filelock as filelock
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ROOTFS = os.path.join(REPO_ROOT, "build", "rootfs")
@@ -164,6 +164,8 @@ class Cluster:
         """Raise ClusterError unless this looks like a cluster directory.  Its
         template is not read: a broken one must not stop `kill` or `status`."""
         self.check_utf8("open")
+        if os.path.lexists(self.path) and not os.path.isdir(self.path):
+            raise ClusterError("%s is not a cluster: it is not a directory" % self.path)
         if not os.path.isdir(self.path):
             raise ClusterError("no cluster at %s (create one with: admin new -cluster %s)"
                                % (self.path, self.path))

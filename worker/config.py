@@ -80,9 +80,12 @@ def _positive_int(where, value):
 # channel ever buffers); a request goes to the handler as one message, and
 # its runtime unpacks at most 64 MiB of one (sandbox/runtime/proto.py
 # MAX_MESSAGE), so a bigger body could never reach a handler; RLIMIT_NOFILE
-# cannot exceed fs.nr_open; a file size in bytes must fit the kernel's rlimit.
+# cannot exceed fs.nr_open; a file size in bytes must fit the kernel's rlimit;
+# pids.max refuses more than PID_MAX_LIMIT; a CPU quota above 100% of the
+# most CPUs Linux schedules (NR_CPUS 8192) is no limit, and far enough above
+# overflows the kernel's quota (EINVAL at every cold start).
 LIMIT_MAX = {"response_kb": 63 << 10, "request_kb": 63 << 10, "nofile": 1 << 20,
-             "fsize_mb": 1 << 30}
+             "fsize_mb": 1 << 30, "procs": 1 << 22, "cpu_percent": 100 * 8192}
 # Lower bounds, where less cannot work: a handler process has its standard
 # streams and its channel open, and its set-up needs a few more; a shell
 # already holds a few MB of memory when it is given its function, and below

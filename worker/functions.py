@@ -373,8 +373,8 @@ class FunctionTable:
             # Called only when none of its sandboxes is idle: all are busy.
             mine = sum(1 for i in self.instances.values() if i.function.name == function.name)
             if mine + self.pending_by_name[function.name] >= limits.concurrency:
-                raise Busy("all %d sandboxes function %r may have (limits.concurrency) are "
-                           "busy" % (limits.concurrency, function.name))
+                raise Busy("function %r has all the %d sandboxes it may have"
+                           " (limits.concurrency) busy" % (function.name, limits.concurrency))
         if len(self.instances) + self.pending >= self.max_sandboxes and not self._evict_one():
             raise Busy("all %d sandboxes are busy" % self.max_sandboxes)
         self.pending += 1

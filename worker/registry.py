@@ -112,8 +112,8 @@ class Registry:
             raise InitFailed("%s cannot be read: not valid YAML: %s" % (where, _yaml_problem(e)),
                              "Runtime.ConfigError") from None
         if not isinstance(config, dict):
-            raise InitFailed("%s: expected a mapping with `limits:` and `egress:`, found a %s"
-                             % (where, type(config).__name__), "Runtime.ConfigError")
+            raise InitFailed("%s: expected a mapping with `limits:` and `egress:`, found %s"
+                             % (where, repr(config)[:80]), "Runtime.ConfigError")
         if set(config) - {"limits", "egress"}:
             raise InitFailed("%s: expected only `limits:` and `egress:`, found %s"
                              % (where, ", ".join(sorted(str(k)[:40] for k in config)[:8])),
@@ -126,8 +126,14 @@ class Registry:
             raise InitFailed("%s asks for egress, but this cluster does not enable it "
                              "(set egress.enabled in its config/template.json and restart "
                              "the worker)" % where, "Runtime.ConfigError")
-        limits = config.get("limits") or {}
-        unknown = set(limits) - set(FUNCTION_LIMITS) if isinstance(limits, dict) else {limits}
+        limits = config.get("limits")
+        if limits is None:  # `limits:` with nothing under it
+            limits = {}
+        if not isinstance(limits, dict):
+            raise InitFailed("%s: limits must be a mapping of names to values (limits:, then"
+                             " `  mem_mb: 128` on the next line), not %s"
+                             % (where, repr(limits)[:80]), "Runtime.ConfigError")
+        unknown = set(limits) - set(FUNCTION_LIMITS)
         if unknown:
             raise InitFailed("%s: unknown limits %s; known: %s" % (
                 where, sorted(map(str, unknown)), ", ".join(FUNCTION_LIMITS)),

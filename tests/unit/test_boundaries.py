@@ -40,7 +40,7 @@ def test_sandbox_knows_nothing_of_the_worker():
 
 def test_worker_uses_sandbox_through_its_public_modules():
     public = {"sandbox.manager", "sandbox.cgroups", "sandbox.errors", "sandbox.runtime",
-              "sandbox.uids", "sandbox.network"}
+              "sandbox.uids", "sandbox.network", "sandbox.filelock"}
     for path in py_files("worker"):
         for module, _ in imports(path):
             if module.startswith("sandbox"):
@@ -50,6 +50,7 @@ def test_worker_uses_sandbox_through_its_public_modules():
 def test_admin_and_what_it_imports_need_only_the_stdlib():
     # bin/admin runs with any python3, before or without the virtualenv.
     allowed = {"sandbox.cgroups", "sandbox.errors", "sandbox.uids", "sandbox.nat",
+               "sandbox.filelock",
                "worker.cluster", "worker.config", "rootfs.prepare"}
     files = [os.path.join(REPO, "bin", "admin")] + [
         os.path.join(REPO, *m.split(".")) + ".py" for m in allowed]

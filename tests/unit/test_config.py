@@ -50,6 +50,8 @@ def test_defaults_fill_in():
     ({"cluster": "/c", "limits": {"request_kb": 10000000}},
      "limits.request_kb must be at most 64512, not 10000000"),
     ({"cluster": "/c", "egress": {"spare": 1000}}, "egress.spare must be at most 253"),
+    ({"cluster": "/c", "limits": {"procs": 99999999999}}, "limits.procs must be at most 4194304"),
+    ({"cluster": "/c", "limits": {"cpu_percent": 1 << 40}}, "limits.cpu_percent must be at most"),
 ])
 def test_bad_configs_name_the_key(raw, words):
     with pytest.raises(ConfigError, match=words):
@@ -183,9 +185,9 @@ def test_a_lock_taken_on_a_removed_file_is_taken_again_on_the_new_one(tmp_path, 
             os.close(holders.pop())
         return flock(fd, op)
 
-    monkeypatch.setattr("worker.cluster.fcntl.flock", holder_stops_first)
+    monkeypatch.setattr("sandbox.filelock.fcntl.flock", holder_stops_first)
     second = cluster.claim_port(9000)
-    monkeypatch.setattr("worker.cluster.fcntl.flock", flock)
+    monkeypatch.setattr("sandbox.filelock.fcntl.flock", flock)
     try:
         assert os.path.samestat(os.fstat(second), os.stat(cluster.lock_file(9000)))
         assert cluster.claim_port(9000) is None

@@ -20,7 +20,7 @@ def test_namespace_flag_names():
 
 def test_exit_status_in_words():
     assert describe_status(3 << 8) == "exited with status 3"
-    assert describe_status(signal.SIGSEGV) == "killed by signal 11 (SIGSEGV)"
+    assert describe_status(signal.SIGSEGV) == "was killed by signal 11 (SIGSEGV)"
 
 
 def test_every_worker_error_has_a_status_and_a_json_body():
