@@ -207,6 +207,24 @@ class Cgroup:
             _write(os.path.join(d["cpu"], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
             _write(os.path.join(d["cpu"], "cpu.cfs_quota_us"), str(quota))
 
+    def cap_memory(self, mem_mb):
+        """A memory limit on this cgroup and everything under it: the
+        sandboxes' total, so that together they cannot push the host into
+        its own OOM killer (which picks the largest process of the host,
+        likely not ours), only into the cgroup's, which picks one of them.
+        v1 counts socket buffers apart (set_limits says why): their total
+        is also held to half the host's TCP pressure threshold, which
+        throttles every socket of the host once reached.  On v2 they are
+        memory like any other, and only this limit holds them."""
+        d = self.limit_dirs()["memory"]
+        if self.mode.name == "v2":
+            _write(os.path.join(d, "memory.max"), str(mem_mb << 20))
+            return
+        _write(os.path.join(d, "memory.limit_in_bytes"), str(mem_mb << 20))
+        tcp = os.path.join(d, "memory.kmem.tcp.limit_in_bytes")
+        if os.path.exists(tcp):
+            _write(tcp, str(min(mem_mb << 20, host_tcp_pressure_bytes() // 2)))
+
     def set_idle(self, idle):
         """cpu.idle (Linux 5.15+; a no-op before): an idle cgroup runs only
         when nothing else wants the CPU, and yields to any other at once.
@@ -363,6 +381,23 @@ class Cgroup:
         if not os.path.isdir(top):
             return []
         return [root for root, _dirs, _files in os.walk(top, topdown=False)]
+
+
+def host_tcp_pressure_bytes(path="/proc/sys/net/ipv4/tcp_mem"):
+    """Where the host's TCP enters memory pressure (tcp_mem's second value,
+    in pages)."""
+    with open(path) as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_total_mb(meminfo="/proc/meminfo"):
+    """Three quarters of the host's memory: what sandboxes may take
+    together unless the worker's config says otherwise."""
+    with open(meminfo) as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 3 // 4 >> 10
+    raise CgroupError("read", meminfo, "no MemTotal line")
 
 
 def _read_pids(d):

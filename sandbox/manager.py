@@ -22,7 +22,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from .cgroups import Cgroup, Limits
+from .cgroups import Cgroup, Limits, default_total_mb
 from .errors import SandboxError
 from .loopback import LoopbackPool
 from .pools import Refill, wait_for_item
@@ -47,6 +47,7 @@ class SandboxConfig:
     fresh: bool = False  # exec a new interpreter per sandbox: for comparison only
     netns: bool = True   # a network namespace of its own (False: the host's, unsafe)
     uid_base: int = DEFAULT_FLOOR  # sandbox n runs as host uid uid_base + n (sandbox.uids)
+    total_mem_mb: int = None  # all sandboxes and the zygote together; None: cgroups.default_total_mb
 
 
 # What the worker copies of one sandbox's stdout and stderr into its log;
@@ -294,6 +295,7 @@ class SandboxManager:
         # A worker that was SIGKILLed leaves cgroups behind; take them over.
         self.root.remove()
         self.root.create()
+        self.root.cap_memory(self.config.total_mem_mb or default_total_mb())
         started = time.monotonic()
         # Every sandbox that can be alive at once (plus a few dying) gets its
         # cgroup now: a cgroup mkdir takes ~0.5 ms, which calls must not wait

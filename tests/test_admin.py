@@ -688,3 +688,25 @@ def test_egress_on_a_port_whose_network_another_worker_has_is_refused(tmp_path):
     finally:
         filelock.release(network_lock(port), held)
     assert cluster_leftovers(d) == []
+
+
+def _memory_file(w, v1_name, v2_name):
+    cgroup = Cgroup(Cluster(w.path).worker_cgroup(w.port))
+    name = v2_name if cgroup.mode.name == "v2" else v1_name
+    with open(os.path.join(cgroup.limit_dirs()["memory"], name)) as f:
+        return int(f.read())
+
+
+def test_the_sandboxes_together_have_a_memory_limit(own_worker):
+    """Without one, 128 sandboxes of 256 MB would take the host into its
+    own OOM killer; on v1 their socket buffers also stay below the host's
+    TCP pressure threshold, which throttles every socket of the host."""
+    from sandbox.cgroups import default_total_mb, host_tcp_pressure_bytes
+    w = own_worker()
+    assert _memory_file(w, "memory.limit_in_bytes", "memory.max") == default_total_mb() << 20
+    w = own_worker(sandboxes_mem_mb=300, limits={"mem_mb": 128})
+    assert w.call("hello", {"name": "x"})[0] == 200
+    assert _memory_file(w, "memory.limit_in_bytes", "memory.max") == 300 << 20
+    if Cgroup("x").mode.name != "v2":
+        assert _memory_file(w, "memory.kmem.tcp.limit_in_bytes", "") == \
+            min(300 << 20, host_tcp_pressure_bytes() // 2)

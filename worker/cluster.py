@@ -28,6 +28,7 @@ def template_defaults():
         "rootfs": DEFAULT_ROOTFS,
         "host": "127.0.0.1",
         "max_sandboxes": 128,
+        "sandboxes_mem_mb": None,
         "pool_size": 8,
         "max_connections": None,
         "zygote": True,

@@ -51,6 +51,7 @@ class WorkerConfig:
     host: str
     rootfs: str
     max_sandboxes: int
+    sandboxes_mem_mb: int  # None: sandbox.cgroups.default_total_mb
     pool_size: int
     max_connections: int  # None: as many as the open-file limit leaves (worker.server)
     zygote: bool
@@ -213,6 +214,11 @@ def from_dict(raw, source):
     max_connections = raw["max_connections"]
     if max_connections is not None:
         _positive_int("%s: max_connections" % source, max_connections)
+    sandboxes_mem_mb = raw["sandboxes_mem_mb"]
+    if sandboxes_mem_mb is not None and \
+            _positive_int("%s: sandboxes_mem_mb" % source, sandboxes_mem_mb) < limits["mem_mb"]:
+        raise ConfigError("%s: sandboxes_mem_mb (%d) is below limits.mem_mb (%d): no sandbox "
+                          "could use its own limit" % (source, sandboxes_mem_mb, limits["mem_mb"]))
     uid_base = raw.get("uid_base")
     if uid_base is None:
         uid_base = default_base(port)
@@ -227,6 +233,7 @@ def from_dict(raw, source):
         host=raw["host"],
         rootfs=os.path.abspath(raw["rootfs"]),
         max_sandboxes=max_sandboxes,
+        sandboxes_mem_mb=sandboxes_mem_mb,
         pool_size=pool_size,
         max_connections=max_connections,
         zygote=_flag("%s: zygote" % source, raw["zygote"]),

@@ -112,7 +112,8 @@ async def run(config):
         rootfs=rootfs, cgroup_root=config.cgroup, log_fd=2, hostname="ol-%d" % config.port,
         limits=Limits(limits.mem_mb, limits.procs, limits.cpu_percent),
         scratch_mb=limits.scratch_mb, pool_size=config.pool_size, max_live=config.max_sandboxes,
-        fresh=not config.zygote, netns=config.network_isolation, uid_base=config.uid_base),
+        fresh=not config.zygote, netns=config.network_isolation, uid_base=config.uid_base,
+        total_mem_mb=config.sandboxes_mem_mb),
         network)
     try:
         registry = Registry(config.registry, config.limits, egress=network is not None)

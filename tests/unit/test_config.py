@@ -51,6 +51,8 @@ def test_defaults_fill_in():
      "limits.request_kb must be at most 64512, not 10000000"),
     ({"cluster": "/c", "egress": {"spare": 1000}}, "egress.spare must be at most 253"),
     ({"cluster": "/c", "limits": {"procs": 99999999999}}, "limits.procs must be at most 4194304"),
+    ({"cluster": "/c", "sandboxes_mem_mb": 0}, "sandboxes_mem_mb must be a positive integer"),
+    ({"cluster": "/c", "sandboxes_mem_mb": 100}, r"sandboxes_mem_mb \(100\) is below limits.mem_mb"),
     ({"cluster": "/c", "limits": {"cpu_percent": 1 << 40}}, "limits.cpu_percent must be at most"),
 ])
 def test_bad_configs_name_the_key(raw, words):
