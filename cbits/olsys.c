@@ -148,7 +148,8 @@ int ol_spawn(uint64_t flags, int cgroup_fd, const char *path, char *const argv[]
  *
  * Handlers already run unprivileged; the filter shrinks what the kernel
  * exposes to them.  It refuses (EPERM) the syscalls that Docker's default
- * profile blocks for the same reasons, namespace creation through clone()
+ * profile blocks for the same reasons, the legacy AIO ones (their contexts
+ * are a host-wide pool), namespace creation through clone()
  * flags, sockets of families other than unix, inet, inet6 and netlink
  * (EAFNOSUPPORT), netlink sockets for the kernel's uevents
  * (EPROTONOSUPPORT), and every other syscall ABI (32-bit int 0x80 and x32 calls use
@@ -216,6 +217,13 @@ static const struct rule RULES[] = {
     {SYS_settimeofday, DENY}, {SYS_clock_settime, DENY}, {SYS_clock_adjtime, DENY},
     {SYS_adjtimex, DENY}, {SYS_syslog, DENY}, {SYS_vhangup, DENY},
     {SYS_io_uring_setup, DENY}, {SYS_io_uring_enter, DENY}, {SYS_io_uring_register, DENY},
+    /* Legacy AIO, refused as io_uring is: its contexts are counted host-wide
+     * (fs.aio-nr against fs.aio-max-nr), so one sandbox calling io_setup
+     * until it fails made io_setup fail for every process of the host, for
+     * as long as its contexts lived.  glibc's POSIX aio_* use threads, not
+     * these. */
+    {SYS_io_setup, DENY}, {SYS_io_destroy, DENY}, {SYS_io_submit, DENY},
+    {SYS_io_cancel, DENY}, {SYS_io_getevents, DENY}, {SYS_io_pgetevents, DENY},
 #ifdef SYS_iopl
     {SYS_iopl, DENY}, {SYS_ioperm, DENY},
 #endif

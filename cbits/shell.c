@@ -100,9 +100,17 @@ static const char *apply_one(const struct ol_mount_op *op)
     case OL_MOUNT_PROC:
         return sys_mount("proc", op->dst, "proc", SAFE | MS_NOEXEC, NULL) < 0 ? "mount proc" : NULL;
     case OL_MOUNT_DEVPTS:
-        /* A new instance: the sandbox's ptys are its own, not the host's. */
+        /* A new instance: the sandbox's ptys are its own, not the host's.
+         * With a cap of its own: every instance on the host draws from one
+         * pool (kernel.pty.max, 4096 by default, less kernel.pty.reserve,
+         * 1024, kept for the host's own instance), and one sandbox without
+         * a cap took all 3072, so that every other sandbox and container
+         * runtime got ENOSPC from /dev/ptmx.  A handler that drives a
+         * program through a terminal needs one or two; 16 times the default
+         * max_sandboxes (128) is 2048, two thirds of the pool for a whole
+         * worker at most, leaving the rest to the host's others. */
         return sys_mount("devpts", op->dst, "devpts", MS_NOSUID | MS_NOEXEC,
-                         "newinstance,ptmxmode=0666,mode=620") < 0 ? "mount devpts" : NULL;
+                         "newinstance,ptmxmode=0666,mode=620,max=16") < 0 ? "mount devpts" : NULL;
     case OL_MOUNT_MKDIR:
         return syscall(SYS_mkdirat, AT_FDCWD, op->dst, op->mode) < 0 && errno != EEXIST
             ? "mkdir" : NULL;
@@ -358,7 +366,15 @@ static int write_file(const char *path, const char *text)
 
 int ol_before_assignment(int last_cap, struct ol_failure *failure)
 {
-    static const struct { unsigned long cur, max; } no_core = {0, 0};
+    /* One byte, not 0: 0 stops a core file, but the kernel ignores the limit
+     * for a pipe core_pattern (apport, systemd-coredump), which would start
+     * a helper as root on the host for every crash in a sandbox; it refuses
+     * a pipe dump at exactly 1, and 1 byte is below any core file's minimum
+     * (a page).  The handler is not dumpable, but what it execs is again
+     * (exec resets it), and a host with fs.suid_dumpable=2 dumps those that
+     * are not too: only this limit, which its children inherit and no one
+     * in the sandbox can raise, holds for all of them. */
+    static const struct { unsigned long cur, max; } no_core = {1, 1};
 
     /* No exec can ever grant privileges again (setuid binaries, file caps). */
     if (syscall(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
@@ -373,7 +389,8 @@ int ol_before_assignment(int last_cap, struct ol_failure *failure)
             FAIL(failure, -1, "PR_CAPBSET_DROP");
     if (syscall(SYS_setgroups, 0, NULL) < 0)
         FAIL(failure, -1, "setgroups");
-    /* A crash must not write the handler's memory anywhere. */
+    /* A crash must not write the handler's memory anywhere, nor start a
+     * core dump helper on the host. */
     if (syscall(SYS_setrlimit, RLIMIT_CORE, &no_core) < 0)
         FAIL(failure, -1, "setrlimit(RLIMIT_CORE)");
     /* All of the seccomp filter but what the rest of the set-up calls. */

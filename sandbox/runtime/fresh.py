@@ -14,6 +14,7 @@ from . import handler
 
 def main():
     times = ast.literal_eval(sys.argv[1]) + [time.monotonic()]
+    sys.stdout.reconfigure(line_buffering=True)  # as a zygote's children have it (zygote.main)
     handler.serve(handler.FRESH_CHANNEL_FD, times, int(sys.argv[2]), rehearse=sys.argv[3] == "1")
 
 

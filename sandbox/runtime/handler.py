@@ -79,7 +79,7 @@ def load(code_dir=CODE_DIR):
                             "syntax error in %s, line %s: %s" % (filename, e.lineno, e.msg)) from None
         except Exception as e:
             raise LoadError("Runtime.ImportModuleError",
-                            "importing %s raised %s: %s" % (filename, type(e).__name__,
+                            "importing %s raised %s: %s" % (filename, _class_name(e),
                                                             _describe(e)),
                             _stack(e, skip=2)) from None
         fn = getattr(mod, attr, None)
@@ -153,25 +153,59 @@ def _wants_context(fn):
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
+# What an error report reads of the function's exceptions, taken from the
+# fields the interpreter set, not through attributes the function's classes
+# can replace with properties that raise (or answer anything): a class's
+# name (a metaclass can override __name__), an exception's traceback, and
+# sys.exit()'s code.
+_CLASS_NAME = type.__dict__["__name__"]
+_TRACEBACK = BaseException.__dict__["__traceback__"]
+_EXIT_CODE = SystemExit.__dict__["code"]
+
+
+def _class_name(obj):
+    """The name obj's class was made with (or given since: a str either way)."""
+    return _CLASS_NAME.__get__(type(obj))
+
+
 def _stack(exc, skip=1):
-    # Drop the runtime's own frames: users want to see their code.
-    frames = traceback.extract_tb(exc.__traceback__)[skip:]
-    return traceback.format_list(frames)
+    """exc's stack as text, less the runtime's own frames: users want to
+    see their code.  Reading its lines may run the function's code (a
+    module's own __loader__), which may raise."""
+    try:
+        return traceback.format_list(traceback.extract_tb(_TRACEBACK.__get__(exc))[skip:])
+    except BaseException as e:  # KeyboardInterrupt and SystemExit too: only a description
+        return ["(its stack could not be made: %s)\n" % _class_name(e)]
 
 
 def _error(exc, error_type=None):
-    return {"status": "error", "errorType": error_type or type(exc).__name__,
+    return {"status": "error", "errorType": error_type or _class_name(exc),
             "errorMessage": proto.clip_message(_describe(exc)),
             "stackTrace": proto.clip_stack(_stack(exc))}
 
 
-def _describe(exc):
-    """str(exc), which is the function's code, and may itself raise."""
+def _describe(obj):
+    """str(obj), for an exception or an exit code of the function's: its
+    code, which may raise, or return a str subclass whose own methods (len,
+    slicing, formatting) would run its code again; so a plain str."""
     try:
-        return str(exc)
+        return str.__str__(str(obj))
     except BaseException as e:  # KeyboardInterrupt and SystemExit too: only a description
-        return "(its message could not be made: %s raised %s)" % (
-            type(exc).__name__ + ".__str__", type(e).__name__)
+        return "(its message could not be made: %s.__str__ raised %s)" % (
+            _class_name(obj), _class_name(e))
+
+
+def _exit_code(exc):
+    """What sys.exit() in the function's code exits its process with, as
+    a plain value (the zygote then exits with it, printing one that is no
+    int, as Python does): a code whose own methods raise must not make the
+    zygote's code, on the same stack, fail."""
+    code = _EXIT_CODE.__get__(exc)
+    if code is None or type(code) is int:
+        return code
+    if issubclass(type(code), int):  # a bool, or an int with methods of its own
+        return int.__int__(code)
+    return _describe(code)
 
 
 # NaN and the infinities are not JSON: a reply holding one is refused, as
@@ -262,36 +296,40 @@ def serve(channel_fd, setup_times, host_uid, rehearse, ready_fds=()):
         report_setup_failure(channel.detach(), e)
         return
     attached = time.monotonic()
+    # From here on the function's code runs (its import first).
     try:
-        fn, wants_context = load()
-    except LoadError as e:
-        channel.sendall(proto.pack({"status": "init_error", "errorType": e.error_type,
-                                    "errorMessage": proto.clip_message(str(e)),
-                                    "stackTrace": proto.clip_stack(e.stack)}))
-        return
-    startup = {"received": assigned, "attach": mounted - assigned, "drop": attached - mounted,
-               "load": time.monotonic() - attached}
-    name = assign.get("function", "")
-    while True:
-        for request in unpacker:
-            reply = invoke(fn, wants_context, name, request, limits.get("response"),
-                           limits.get("runtime"), received=startup and assigned)
-            # Whose reply it is: one the function's code wrote itself on the
-            # channel would otherwise answer the next call.
-            reply["id"] = request["id"]
-            if startup:
-                reply.update(startup)
-                startup = None
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass  # the function closed or broke its own output
-            channel.sendall(proto.pack(reply))
-        data = channel.recv(1 << 16)
-        if not data:
+        try:
+            fn, wants_context = load()
+        except LoadError as e:
+            channel.sendall(proto.pack({"status": "init_error", "errorType": e.error_type,
+                                        "errorMessage": proto.clip_message(str(e)),
+                                        "stackTrace": proto.clip_stack(e.stack)}))
             return
-        unpacker.feed(data)
+        startup = {"received": assigned, "attach": mounted - assigned, "drop": attached - mounted,
+                   "load": time.monotonic() - attached}
+        name = assign.get("function", "")
+        while True:
+            for request in unpacker:
+                reply = invoke(fn, wants_context, name, request, limits.get("response"),
+                               limits.get("runtime"), received=startup and assigned)
+                # Whose reply it is: one the function's code wrote itself on the
+                # channel would otherwise answer the next call.
+                reply["id"] = request["id"]
+                if startup:
+                    reply.update(startup)
+                    startup = None
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except Exception:
+                        pass  # the function closed, broke or replaced its own output
+                channel.sendall(proto.pack(reply))
+            data = channel.recv(1 << 16)
+            if not data:
+                return
+            unpacker.feed(data)
+    except SystemExit as e:  # sys.exit() in its code: its process exits, as it asked
+        raise SystemExit(_exit_code(e)) from None
 
 
 # Shipped with the runtime, so a shell writes no file to rehearse.

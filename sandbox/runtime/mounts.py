@@ -120,7 +120,7 @@ def shell_plan(scratch_mb):
         Tmpfs("/tmp", scratch_mb, 0o1777),
         Tmpfs("/dev/shm", scratch_mb, 0o1777),
         # Its own ptys: sandboxes share a uid, so a shared devpts would let
-        # one open another's terminals.
+        # one open another's terminals.  At most 16 (cbits/shell.c says why).
         Devpts("/dev/pts"),
     ]
 

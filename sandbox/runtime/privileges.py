@@ -49,7 +49,11 @@ class Privileges:
     - its bounding set is emptied: no capability can be regained by any
       means (its effective set stays, for the steps still to come);
     - no supplementary groups;
-    - no core dumps: a crash must not write the handler's memory anywhere;
+    - RLIMIT_CORE of 1 byte, soft and hard: a crash must not write the
+      handler's memory anywhere, nor start a core dump helper as root on
+      the host.  Not 0: the kernel ignores the limit for a pipe
+      core_pattern but refuses one at exactly 1, and 1 byte is below any
+      core file.  What the handler execs is dumpable again, and inherits it;
     - the seccomp filter but for the calls still to come (cbits/olsys.c).
 
     final(), once its code is attached, before any of it runs, takes these
@@ -70,7 +74,7 @@ class Privileges:
        otherwise it could drop a supplementary group that some file denies
        access to.
     3. Not dumpable: its memory and /proc files stay closed to other
-       processes, and no core can be written.
+       processes (its cores are the core limit's to stop).
     4. The parent-death signal, which a uid change clears: a handler never
        outlives its zygote.
     5. Last, the seccomp filter's last stage, which refuses the syscalls

@@ -19,7 +19,14 @@ EXIT_BOOT_SETUP = 4
 
 
 def pack(msg):
-    return msgpack.packb(msg, use_bin_type=True)
+    """msg as msgpack.  A str holding a lone surrogate, which a function's
+    error can ("\\ud800"), is no UTF-8, and msgpack refuses it: the message
+    is then packed again with it escaped, as the six characters "\\ud800".
+    Only then: an error handler slows the packing of every str."""
+    try:
+        return msgpack.packb(msg, use_bin_type=True)
+    except UnicodeEncodeError:
+        return msgpack.packb(msg, use_bin_type=True, unicode_errors="backslashreplace")
 
 
 # The most a channel buffers for one message: a handler cannot make the

@@ -393,6 +393,11 @@ def main():
         # runs, and the fresh interpreters of the comparison mode, start
         # without it.
         os.environ.pop("LD_BIND_NOW", None)
+        # A handler's stdout is a pipe, so Python buffered it by the block
+        # and its print()s reached the log only when the call ended, behind
+        # the stderr (line-buffered) it wrote after them.  Set here, once
+        # before any fork, every handler inherits it with nothing to do.
+        sys.stdout.reconfigure(line_buffering=True)
         # ol_fork_shells is only safe with one thread: another one could
         # hold the GIL at the fork, and the child would wait for it forever.
         threads = os.listdir("/proc/self/task")
