@@ -197,3 +197,4 @@ def test_stdout_and_stderr_reach_the_log_in_the_order_written(worker):
     lines = log_lines(worker, marker, 6)
     said = [line.split(marker, 1)[1].strip() for line in lines]
     assert said == ["out 0", "err 0", "out 1", "err 1", "out 2", "err 2"], lines
+

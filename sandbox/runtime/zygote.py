@@ -190,17 +190,20 @@ class Zygote:
                                           repr(times), str(msg["uid"]),
                                           str(int(msg.get("rehearse", False)))])
         # Whatever happens, the child ends here: an exception must never
-        # unwind into the zygote's own loop, which is on this stack too.
-        status = 0
+        # unwind into the zygote's own loop, which is on this stack too; not
+        # even one raised while reporting another (the function may have
+        # broken sys.stderr).
+        status = 1
         try:
             handler.serve(setup.channel_fd, times, msg["uid"], rehearse=msg.get("rehearse", False),
                           ready_fds=setup.made_netns())
+            status = 0
         except SystemExit as e:  # sys.exit() in the function: its status, as Python gives it
             status = exit_status(e.code)
         except BaseException:
             traceback.print_exc()
-            status = 1
-        os._exit(status)
+        finally:
+            os._exit(status)
 
 
 def exit_status(code):
