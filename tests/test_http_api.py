@@ -32,7 +32,7 @@ def test_status_is_ready(worker):
     status, headers, _ = worker.request("GET", "/nowhere")
     assert status == 404 and set(timing(headers)) == {"total", "worker"}
     status, headers, _ = worker.request("POST", "/status")
-    assert status == 405 and headers["allow"] == "GET"
+    assert status == 405 and headers["allow"] == "GET, HEAD"
 
 
 @pytest.mark.parametrize("prefix", ["/run/", "/runLambda/"])
@@ -872,7 +872,7 @@ def test_no_deadline_runs_while_an_answer_is_made(local_port):
     # /slow takes longer than every deadline; what is pipelined behind it waits.
     data = raw_exchange(local_port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
                                     b"HEAD /next HTTP/1.1\r\nHost: x\r\n\r\n"
-                                    b"GET /last HTTP/1.1\r\nConnection: close\r\n\r\n")
+                                    b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     first, _, rest = parse_answer(data)
     second, headers, rest = parse_answer(rest[len(b"slow"):])
     assert (first, second, headers["content-length"]) == (200, 200, "9")  # len("GET /next")
@@ -890,7 +890,7 @@ def test_an_error_is_answered_after_the_requests_before_it(local_port):
 
 def test_405_names_the_method_each_route_allows(worker):
     status, headers, _ = worker.request("POST", "/sandboxes")
-    assert status == 405 and headers["allow"] == "GET"
+    assert status == 405 and headers["allow"] == "GET, HEAD"
     status, headers, _ = worker.request("GET", "/run/hello")
     assert status == 405 and headers["allow"] == "POST"
 

@@ -318,8 +318,9 @@ class FunctionTable:
             raise InitFailed("function %r: %s" % (name, message), error_type, stack)
         self._release(instance)
         if error_type == "Runtime.UnmarshalError":
-            # JSON the worker's check let through but the handler could not
-            # parse (nested nearly as deep as Python goes): still the request's fault.
+            # A body too big for the worker to check (app.CHECKED_HERE), or
+            # JSON its check let through but the handler could not parse
+            # (nested nearly as deep as Python goes): still the request's fault.
             raise BadRequest("the request body is not valid JSON: %s" % message)
         raise HandlerRaised(message, error_type, stack)
 

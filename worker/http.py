@@ -4,6 +4,7 @@ before the body is read, limits on request heads, deadlines for slow or
 idle clients, and one request in flight per connection."""
 import asyncio
 import collections
+import email.utils
 import fcntl
 import functools
 import json
@@ -11,15 +12,17 @@ import logging
 import socket
 import struct
 import termios
+import time
 import uuid
 
 import httptools
 
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-           408: b"Request Timeout", 413: b"Payload Too Large", 414: b"URI Too Long",
-           417: b"Expectation Failed", 429: b"Too Many Requests",
+           408: b"Request Timeout", 411: b"Length Required", 413: b"Payload Too Large",
+           414: b"URI Too Long", 417: b"Expectation Failed", 429: b"Too Many Requests",
            431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-           502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
+           502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+           505: b"HTTP Version Not Supported"}
 # httptools would buffer headers of any size and number: these limits are
 # checked while the head arrives.
 MAX_URL = 8 << 10    # bytes of the request target (414)
@@ -50,15 +53,16 @@ log = logging.getLogger("worker")
 class Request:
     """A HEAD request comes as method "GET" with `head` set: the app answers
     it as a GET, and the body of the answer is left out."""
-    __slots__ = ("method", "path", "headers", "body", "keep_alive", "head")
+    __slots__ = ("method", "path", "headers", "body", "keep_alive", "head", "http10")
 
-    def __init__(self, method, path, headers, body, keep_alive, head=False):
+    def __init__(self, method, path, headers, body, keep_alive, head=False, http10=False):
         self.method = method
         self.path = path
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
         self.head = head
+        self.http10 = http10  # an HTTP/1.0 request: kept alive only if it asked
 
 
 class Response:
@@ -81,6 +85,13 @@ def early_error(status, error_type, message, headers=()):
     return json_response(status, {"errorType": error_type, "errorMessage": message,
                                   "requestId": request_id},
                          ((b"X-Request-Id", request_id.encode()),) + headers)
+
+
+@functools.lru_cache(maxsize=1)
+def _date_line(second):
+    """The Date header line every answer has (RFC 9110, 6.6.1): made once a
+    second, not once an answer, for it is on every call's path."""
+    return b"Date: %s\r\n" % email.utils.formatdate(second, usegmt=True).encode()
 
 
 def _path(target):
@@ -147,7 +158,7 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = "idle"    # of the request being read: "idle" (none), "head" or "body"
         self.closing = False   # an error answer ends the queue: nothing more is parsed
         self.dropped = 0       # bytes read since then
-        self.upgraded = False  # the client asked to switch protocols
+        self.upgraded = False  # the client asked to switch protocols (Connection: upgrade)
         self.held = None       # an upgrade request whose body comes after it
         self.held_length = 0
         self.held_body = b""
@@ -157,7 +168,9 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers = {}
         self.head = False     # a HEAD request
+        self.http10 = False   # an HTTP/1.0 request
         self.nheaders = 0
+        self.hosts = 0        # Host headers seen
         self.head_size = 0    # bytes of the head the callbacks have seen
         self.head_fed = 0     # bytes of the head in the chunks after its first one
         self.body = []
@@ -220,10 +233,11 @@ class HttpProtocol(asyncio.Protocol):
             if self.phase == "head":  # httptools buffers an unfinished header out of sight
                 self._check_head(self.head_fed)
         except httptools.HttpParserUpgrade as e:
-            # A request with "Upgrade:" (curl --http2 on http:// sends h2c).
-            # It is answered as plain HTTP/1.1, which is allowed; nothing
-            # after it is read.  llhttp hands its body over as data of the
-            # new protocol, so the body is taken from there.
+            # A request with "Upgrade:" and "Connection: upgrade" (curl
+            # --http2 on http:// sends h2c).  It is answered as plain
+            # HTTP/1.1, which is allowed; nothing after it is read.  llhttp
+            # hands its body over as data of the new protocol, so the body
+            # is taken from there (a chunked one is refused: on_headers_complete).
             self.upgraded = True
             self._collect_held_body(data[e.args[0]:] if e.args else b"")
             self._next()
@@ -247,23 +261,45 @@ class HttpProtocol(asyncio.Protocol):
     def on_header(self, name, value):
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
         self.nheaders += 1
+        if len(name) == 4 and name.lower() == b"host":
+            self.hosts += 1
         self.head_size += len(name) + len(value) + 4  # "name: value\r\n"
         self._check_head(self.head_size)
 
     def on_headers_complete(self):
         self.phase = "body"
+        version = self.parser.get_http_version()
+        if not version.startswith("1."):  # llhttp reads 0.9 and 2.0 too
+            self._refuse(505, "Http.VersionNotSupported",
+                         "HTTP/%s is not supported: use HTTP/1.1" % version)
+        self.http10 = version == "1.0"
+        if self.hosts != 1 and not self.http10:
+            # RFC 9112, 3.2: one Host, which a proxy or a virtual host may
+            # route by; two would let two of them disagree about the target.
+            self._refuse(400, "Http.BadRequest", "an HTTP/1.1 request needs exactly one Host "
+                         "header, not %d" % self.hosts)
         expect = self.headers.get("expect", "").lower()
         if expect not in ("", "100-continue"):
             self._refuse(417, "Http.ExpectationFailed", "unsupported Expect: %s (only "
                          "100-continue is supported)" % self.headers["expect"])
+        if self.parser.should_upgrade() and "transfer-encoding" in self.headers:
+            # llhttp hands what follows an upgrade request's head to the new
+            # protocol undecoded: a Content-Length body is cut from there
+            # (_collect_held_body), but a chunked one would need a decoder
+            # of our own.  Refused rather than run the function without its
+            # event; the client can send a length, or no Upgrade.
+            self._refuse(411, "Http.LengthRequired", "an upgrade request (Upgrade: %s) with a "
+                         "chunked body is not supported: send its Content-Length, or no "
+                         "Upgrade header" % self.headers.get("upgrade", ""))
         length = self.headers.get("content-length", "")
         self.length = int(length) if length.isdigit() else None
         if self.length is not None and self.length > self.app.max_body:
             self._refuse_too_large()
-        if expect and not self.busy and not self.queue:
+        if expect and not self.http10 and not self.busy and not self.queue:
             # The client waits for this before it sends the body.  Answers go
             # out in order, so not while earlier ones are due: then the client
-            # sends the body after a wait of its own (1 s for curl).
+            # sends the body after a wait of its own (1 s for curl).  An
+            # HTTP/1.0 client knows no interim answers (RFC 9110, 10.1.1).
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.since = self.loop.time()
 
@@ -275,10 +311,13 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self):
         self.phase = "idle"
+        # Nothing after an upgrade request is read: its answer ends the connection.
+        upgrade = self.parser.should_upgrade()
         request = Request("GET" if self.head else self.parser.get_method().decode(),
-                          _path(self.url), self.headers,
-                          b"".join(self.body), self.parser.should_keep_alive(), self.head)
-        if "upgrade" in self.headers and self.length:
+                          _path(self.url), self.headers, b"".join(self.body),
+                          self.parser.should_keep_alive() and not upgrade, self.head,
+                          self.http10)
+        if upgrade and self.length:
             self.held = request  # its body is still to come, after the upgrade point
             self.held_length = self.length
             return
@@ -292,7 +331,6 @@ class HttpProtocol(asyncio.Protocol):
         if len(self.held_body) >= self.held_length:
             request, self.held = self.held, None
             request.body = self.held_body[:self.held_length]
-            request.keep_alive = False
             self.queue.append(request)
             self._next()
 
@@ -401,8 +439,6 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.write_eof()  # see DISCARD_LIMIT
             else:
                 self._serve(item)
-        if self.upgraded and not self.busy and self.held is None:
-            self.transport.close()  # nothing after an upgrade request is read
         if not self.busy:
             self.since = self.loop.time()
 
@@ -438,19 +474,22 @@ class HttpProtocol(asyncio.Protocol):
         self._next()
 
     def _answer(self, request, response):
-        self._send(response, request.keep_alive, with_body=not request.head)
+        self._send(response, request.keep_alive, with_body=not request.head,
+                   http10=request.http10)
         if not request.keep_alive:
             self.transport.close()
 
-    def _send(self, response, keep_alive, with_body):
+    def _send(self, response, keep_alive, with_body, http10=False):
         if self.transport.is_closing():
             return
-        lines = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
-            response.status, REASONS.get(response.status, b"Unknown"), response.content_type,
-            len(response.body))]
+        lines = [b"HTTP/1.1 %d %s\r\n%sContent-Type: %s\r\nContent-Length: %d\r\n" % (
+            response.status, REASONS.get(response.status, b"Unknown"),
+            _date_line(int(time.time())), response.content_type, len(response.body))]
         for name, value in response.headers:
             lines.append(b"%s: %s\r\n" % (name, value))
         if not keep_alive:
             lines.append(b"Connection: close\r\n")
+        elif http10:  # HTTP/1.0 closes unless told otherwise
+            lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
         self.transport.write(b"".join(lines) + (response.body if with_body else b""))

@@ -213,14 +213,17 @@ def _exit_code(exc):
 JSON_ENCODER = json.JSONEncoder(allow_nan=False)
 
 
+
 def invoke(fn, wants_context, function_name, request, max_response=None, runtime=None,
            received=None):
     """One call.  `received`: when its time began, if before now (a cold
     start's: the worker's clock runs from when it gave the code)."""
     received = received or time.monotonic()
     try:
-        event = json.loads(request["body"]) if request["body"] else {}
-    except (ValueError, RecursionError) as e:  # not JSON, or nested deeper than Python goes
+        # The worker checked a small body already; a big one only this
+        # does (worker/app.py CHECKED_HERE says why).
+        event = proto.STRICT_JSON.decode(request["body"].decode()) if request["body"] else {}
+    except (ValueError, RecursionError) as e:  # not JSON (nor UTF-8), or nested too deep
         return _error(e, "Runtime.UnmarshalError")
     start = time.monotonic()
     try:

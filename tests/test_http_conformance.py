@@ -1,0 +1,136 @@
+"""HTTP/1.1 as RFC 9110 and 9112 have it, where clients and proxies rely on
+it: Upgrade requests, Date, versions, Expect and keep-alive, against a
+real worker."""
+import email.utils
+import json
+import socket
+import time
+
+from test_http_api import parse_answer, raw_exchange, read_to_close
+
+
+def answers(data):
+    """[(status, headers, body)] of the answers in `data`, in order."""
+    found = []
+    while data:
+        status, headers, rest = parse_answer(data)
+        length = int(headers["content-length"])
+        found.append((status, headers, rest[:length]))
+        data = rest[length:]
+    return found
+
+
+def test_an_upgrade_header_without_connection_upgrade_is_ignored(worker):
+    # Without "Connection: upgrade" the parser reads the body as usual: the
+    # request must be answered, and those pipelined behind it after it.
+    body = b'{"name": "plain"}'
+    got = answers(raw_exchange(worker.port, b"POST /run/hello HTTP/1.1\r\nHost: x\r\n"
+                               b"Upgrade: foo\r\nContent-Length: %d\r\n\r\n%s"
+                               b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                               % (len(body), body), timeout=5))
+    assert [(status, body) for status, _, body in got] == [(200, b'"Hello, plain!"'),
+                                                           (200, b"ready")]
+
+
+def test_an_upgrade_request_with_a_chunked_body_is_refused_not_run_without_it(worker):
+    # What curl --http2 -H 'Transfer-Encoding: chunked' sends.
+    data = raw_exchange(worker.port, b"POST /run/hello HTTP/1.1\r\nHost: x\r\n"
+                        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                        b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n"
+                        b"10\r\n{\"name\": \"lost\"}\r\n0\r\n\r\n", timeout=5)
+    ((status, headers, body),) = answers(data)
+    assert (status, headers["connection"]) == (411, "close")
+    error = json.loads(body)
+    assert error["errorType"] == "Http.LengthRequired"
+    assert error["errorMessage"] == ("an upgrade request (Upgrade: h2c) with a chunked body is "
+                                     "not supported: send its Content-Length, or no Upgrade header")
+
+
+def test_the_answer_to_an_upgrade_request_says_the_connection_closes(worker):
+    data = raw_exchange(worker.port, b"GET /status HTTP/1.1\r\nHost: x\r\n"
+                        b"Connection: upgrade\r\nUpgrade: h2c\r\n\r\n", timeout=5)
+    ((status, headers, body),) = answers(data)
+    assert (status, headers["connection"], body) == (200, "close", b"ready")
+
+
+def test_every_answer_has_a_date(worker):
+    before = time.time()
+    _, ok, _ = worker.request("GET", "/status")
+    _, called, _ = worker.request("POST", "/run/hello", b"{}")
+    _, early, _ = parse_answer(raw_exchange(worker.port, b"NOT HTTP\r\n\r\n"))  # a 400
+    after = time.time()
+    for headers in (ok, called, early):
+        when = email.utils.parsedate_to_datetime(headers["date"]).timestamp()
+        assert int(before) <= when <= after, headers["date"]
+        assert headers["date"].endswith(" GMT")
+
+
+def test_a_major_version_other_than_1_is_505(worker):
+    for version in (b"2.0", b"0.9"):
+        status, headers, body = parse_answer(raw_exchange(
+            worker.port, b"GET /status HTTP/%s\r\nHost: x\r\n\r\n" % version))
+        assert (status, headers["connection"]) == (505, "close")
+        error = json.loads(body)
+        assert error["errorType"] == "Http.VersionNotSupported"
+        assert error["errorMessage"] == ("HTTP/%s is not supported: use HTTP/1.1"
+                                         % version.decode())
+
+
+def test_expect_100_continue_is_ignored_on_http_1_0(worker):
+    # An HTTP/1.0 client knows no interim answer: a "100 Continue" would be
+    # taken for the answer itself.
+    body = b'{"name": "old"}'
+    data = raw_exchange(worker.port, b"POST /run/hello HTTP/1.0\r\nExpect: 100-continue\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    status, headers, answer = parse_answer(data)
+    assert (status, headers["connection"], answer) == (200, "close", b'"Hello, old!"')
+
+
+def test_an_http_1_0_client_asking_for_keep_alive_is_told_it_has_it(worker):
+    with socket.create_connection(("127.0.0.1", worker.port)) as s:
+        s.settimeout(5)
+        s.sendall(b"GET /status HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        data = b""
+        while not data.endswith(b"ready"):
+            chunk = s.recv(4096)
+            assert chunk, data
+            data += chunk
+        status, headers, _ = parse_answer(data)
+        assert (status, headers["connection"]) == (200, "keep-alive")
+        s.sendall(b"GET /status HTTP/1.0\r\n\r\n")  # the connection is still open
+        status, headers, body = parse_answer(read_to_close(s))
+    assert (status, headers["connection"], body) == (200, "close", b"ready")
+
+
+def test_an_unknown_function_is_404_whatever_its_body(worker):
+    # Looked up before the body is parsed: a 404 takes no parse.
+    status, _, error = worker.call("no-such-function", body=b"[" * 4096)
+    assert (status, error["errorType"]) == (404, "Function.NotFound")
+
+
+def test_a_big_body_is_held_to_json_by_the_handler_as_a_small_one_by_the_worker(worker):
+    # Past CHECKED_HERE the worker does not parse it (that would hold its
+    # only thread): the handler's runtime does, as strictly, and it is 400
+    # all the same.  The sandbox serves on.
+    from worker.app import CHECKED_HERE
+    pad = b" " * CHECKED_HERE
+    for small, words in ((b'[NaN]', "NaN is not JSON"), (b'[Infinity]', "Infinity is not JSON"),
+                         (b'["\xff"]', "utf-8"), (b'[1,', "Expecting value")):
+        for body in (small, small + pad):
+            status, _, error = worker.call("hello", body=body)
+            assert (status, error["errorType"]) == (400, "Runtime.UnmarshalError"), body[:20]
+            assert words in error["errorMessage"], error
+    status, _, answer = worker.call("hello", body=b'{"name": "big"}' + pad)
+    assert (status, answer) == (200, "Hello, big!")
+
+
+def test_an_http_1_1_request_needs_exactly_one_host(worker):
+    for hosts in (b"", b"Host: a\r\nHost: b\r\n"):
+        data = raw_exchange(worker.port, b"GET /status HTTP/1.1\r\n%s\r\n" % hosts, timeout=5)
+        ((status, headers, body),) = answers(data)
+        assert (status, headers["connection"]) == (400, "close"), body
+        assert b"exactly one Host header" in body
+    # HTTP/1.0 had no Host: it is not asked of it.
+    data = raw_exchange(worker.port, b"GET /status HTTP/1.0\r\n\r\n", timeout=5)
+    assert answers(data)[0][::2] == (200, b"ready")
