@@ -20,6 +20,10 @@ BOOT_FAILURES = {
 }
 
 
+# How long a zygote whose channel closed has to become reapable.
+EXIT_GRACE = 2.0
+
+
 def _reap(pidfd, block=False):
     """The wait status of our child behind `pidfd`, or None while it runs."""
     info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | (0 if block else os.WNOHANG))
@@ -109,6 +113,18 @@ class Zygote:
                 msg, _ = proto.recv_packet(control)
             except OSError:
                 pass
+        if booted and msg is None:
+            # Its channel closed: it is exiting, but a process closes its
+            # files a moment before it can be reaped, and the reason is in
+            # its exit status.
+            exited = loop.create_future()
+            loop.add_reader(self.pidfd, lambda: exited.done() or exited.set_result(None))
+            try:
+                await asyncio.wait_for(exited, EXIT_GRACE)
+            except asyncio.TimeoutError:
+                pass  # _boot_failure kills it
+            finally:
+                loop.remove_reader(self.pidfd)
         if not msg or msg.get("op") != "ready":
             raise ZygoteBootError("start zygote", self.rootfs, self._boot_failure(timeout))
         self.alive = True

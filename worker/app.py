@@ -110,14 +110,12 @@ class App:
                                        b"POST")
             if not self.ready:
                 raise Unavailable("the worker is starting or draining")
-            # A 404 needs no parse of the body, which holds this loop's thread
-            # for up to a second at 6 MB.  invoke() looks it up again: a hit
-            # in the registry's cache.
-            self.table.registry.lookup(name)
+            # Before the body is parsed: a 404 needs no parse.
+            function = self.table.registry.lookup(name)
             body = request.body if request.body.strip() else b""  # no body: the event is {}
             if 0 < len(body) <= CHECKED_HERE:
                 check_json(body)
-            result = await self.table.invoke(name, request_id, body, phases)
+            result = await self.table.invoke(function, request_id, body, phases)
         except WorkerError as e:
             self.failures.note(name, request_id, e)
             return _error(e, request_id)

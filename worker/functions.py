@@ -219,20 +219,20 @@ class FunctionTable:
         """Why no cold start can succeed now (its zygote is down), or None."""
         return self.manager.zygote_trouble
 
-    async def invoke(self, name, request_id, body, phases):
-        """Run one call; returns the handler's JSON reply as bytes.  Appends
-        (phase, seconds, note) to `phases` as they become known."""
-        function = self.registry.lookup(name)
+    async def invoke(self, function, request_id, body, phases):
+        """Run one call of `function` (as the registry's lookup gave it);
+        returns the handler's JSON reply as bytes.  Appends (phase, seconds,
+        note) to `phases` as they become known."""
         try:
             return await self._call(function, request_id, body, phases)
         except InitFailed:
             # A file rewritten in place can be read half written: if the
             # code changed while it loaded, once more with the code as it is.
             self.registry.drain_changes()
-            if self.registry.cache.get(name) is function:
+            if self.registry.cache.get(function.name) is function:
                 raise
             phases.clear()
-            return await self._call(self.registry.lookup(name), request_id, body, phases)
+            return await self._call(self.registry.lookup(function.name), request_id, body, phases)
 
     async def _call(self, function, request_id, body, phases):
         name = function.name
