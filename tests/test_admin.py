@@ -33,6 +33,19 @@ def curl(*args):
     return subprocess.run(["curl", "-sS", *args], capture_output=True, text=True, timeout=30)
 
 
+def worker_pid(w):
+    with open(os.path.join(w.path, "workers", str(w.port), "pid")) as f:
+        return int(f.read())
+
+
+def wait_gone(pid, timeout=5):
+    """Until `pid` is gone (reaped, by init for a daemon)."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists("/proc/%d" % pid):
+        assert time.monotonic() < deadline, "pid %d still there after %s s" % (pid, timeout)
+        time.sleep(0.02)
+
+
 @pytest.mark.skipif(not port_free(8080), reason="port 8080 is in use on this host")
 def test_quickstart_exactly_as_in_the_readme(tmp_path):
     """The README's commands, copied, from a fresh directory."""
@@ -302,11 +315,9 @@ def test_kill_cleans_up_after_a_sigkilled_worker(own_worker):
     w = own_worker()
     for name in ("hello", "probe"):
         assert w.call(name, {"op": "echo", "name": "x"})[0] == 200
-    pid = int(open(os.path.join(w.path, "workers", str(w.port), "pid")).read())
+    pid = worker_pid(w)
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_gone(pid)
     done = admin("kill", "-cluster=" + w.path)
     assert "no workers, sandboxes, cgroups or networks left" in done.stdout
     assert cluster_leftovers(w.path) == []
@@ -316,7 +327,7 @@ def test_kill_cleans_up_after_a_sigkilled_worker(own_worker):
 def test_worker_restart_after_sigkill_takes_over(own_worker):
     w = own_worker()
     assert w.call("hello", {"name": "a"})[0] == 200
-    pid = int(open(os.path.join(w.path, "workers", str(w.port), "pid")).read())
+    pid = worker_pid(w)
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)
     w.conn = None
@@ -428,25 +439,19 @@ def test_of_two_workers_started_at_once_on_one_port_one_runs_recorded(tmp_path):
 
 def test_kill_through_a_symlink_to_the_cluster_stops_its_workers(own_worker, tmp_path):
     w = own_worker()
-    pid = int(open(os.path.join(w.path, "workers", str(w.port), "pid")).read())
+    pid = worker_pid(w)
     link = tmp_path / "link"
     os.symlink(w.path, link)
     assert "stopped worker on port %d" % w.port in admin("kill", "-cluster", link).stdout
-    deadline = time.monotonic() + 5
-    while os.path.exists("/proc/%d" % pid):  # gone, once init has reaped it
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_gone(pid)
     assert cluster_leftovers(w.path) == []
 
 
 def test_a_worker_stopped_from_outside_admin_takes_its_record_with_it(own_worker):
     w = own_worker()
-    pid = int(open(os.path.join(w.path, "workers", str(w.port), "pid")).read())
+    pid = worker_pid(w)
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while os.path.exists("/proc/%d" % pid):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_gone(pid, 15)
     done = admin("status", "-cluster", w.path)  # exit 0: nothing is missing
     assert "(no workers)" in done.stdout
     assert cluster_leftovers(w.path) == []
@@ -623,17 +628,14 @@ def test_kill_of_a_moved_cluster_stops_its_worker(own_worker, tmp_path):
     """The worker is known by the lock file it holds, which follows its
     cluster's directory: not by the path it was started with."""
     w = own_worker()
-    pid = int(open(os.path.join(w.path, "workers", str(w.port), "pid")).read())
+    pid = worker_pid(w)
     moved = str(tmp_path / "moved")
     os.rename(w.path, moved)
     try:
         assert admin("status", "-cluster", moved).returncode == 0
         assert "stopped worker on port %d (pid %d)" % (w.port, pid) in \
             admin("kill", "-cluster", moved).stdout
-        deadline = time.monotonic() + 5
-        while os.path.exists("/proc/%d" % pid):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_gone(pid)
     finally:
         os.rename(moved, w.path)
     assert cluster_leftovers(w.path) == []
@@ -644,12 +646,9 @@ def test_a_killed_workers_port_taken_by_another_cluster_stays_theirs(own_worker,
     report nor tear down the worker another cluster now runs on that port:
     its egress bridge and NAT rules included."""
     a = own_worker(egress={"enabled": True})
-    pid = int(open(os.path.join(a.path, "workers", str(a.port), "pid")).read())
+    pid = worker_pid(a)
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while os.path.exists("/proc/%d" % pid):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_gone(pid)
     b = str(tmp_path / "b")
     admin("new", "-cluster", b)
     admin("setconf", "-cluster", b, json.dumps({"egress": {"enabled": True}}))

@@ -118,6 +118,13 @@ def test_programs_a_handler_runs_keep_a_core_limit_the_kernel_never_dumps_at(wor
 # Exceptions whose report once crashed the runtime, losing the sandbox (502
 # Runtime.ExitError): (function, its code, its errorType, its errorMessage).
 ODD_EXCEPTIONS = [
+    # Its __str__ raises, even what is no Exception.
+    ("unprintable", "class Odd(Exception):\n"
+                    "    def __str__(self):\n"
+                    "        raise KeyboardInterrupt('no')\n"
+                    "def handler(event):\n"
+                    "    raise Odd()\n",
+     "Odd", "(its message could not be made: Odd.__str__ raised KeyboardInterrupt)"),
     # msgpack cannot encode a lone surrogate: the reply goes with it escaped.
     ("surrogate", "def handler(event):\n"
                   "    raise ValueError('bad \\ud800 text')\n", "ValueError", "bad \\ud800 text"),
