@@ -657,6 +657,7 @@ class StubApp:
     def __init__(self):
         self.connections = 0
         self.unread = set()
+        self.bodies = 0
 
     def handle_now(self, request):
         if request.path == "/slow":

@@ -134,3 +134,39 @@ def test_an_http_1_1_request_needs_exactly_one_host(worker):
     # HTTP/1.0 had no Host: it is not asked of it.
     data = raw_exchange(worker.port, b"GET /status HTTP/1.0\r\n\r\n", timeout=5)
     assert answers(data)[0][::2] == (200, b"ready")
+
+
+def test_request_bodies_held_at_once_have_a_budget(worker):
+    """Past BODIES_MAX of bodies being received (or called with), a big one
+    is refused with 503, a small one still passes, and all is given back
+    once those clients go."""
+    from worker.http import BODIES_MAX
+    size = 6 << 20  # the default limits.request_kb
+    senders = []
+    try:
+        refused = None
+        for _ in range(BODIES_MAX // size + 2):
+            s = socket.create_connection(("127.0.0.1", worker.port))
+            senders.append(s)
+            s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                      % size + b" " * (size - 1))  # all but its last byte: held, not called
+            s.settimeout(0.3)
+            try:
+                refused = s.recv(65536)
+                break
+            except socket.timeout:
+                pass
+        assert refused and refused.startswith(b"HTTP/1.1 503 "), refused
+        assert b"of request bodies" in refused and b"Retry-After: 1" in refused
+        assert len(senders) > BODIES_MAX // size  # not before the budget was spent
+        assert worker.call("hello", {"name": "small"})[::2] == (200, "Hello, small!")
+    finally:
+        for s in senders:
+            s.close()
+    deadline = time.monotonic() + 5
+    while worker.call("hello", body=b'{"name": "big"}' + b" " * (1 << 20))[0] != 200:
+        assert time.monotonic() < deadline  # the closed ones' bodies are let go
+        time.sleep(0.05)
+    # And an answered call's body is let go: more than the budget, one by one.
+    for _ in range(BODIES_MAX // (1 << 20) + 8):
+        assert worker.call("hello", body=b'{"name": "big"}' + b" " * (1 << 20))[0] == 200

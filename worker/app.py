@@ -64,6 +64,7 @@ class App:
         self.failures = FailureLog()
         self.connections = 0  # open now: counted by the HTTP layer
         self.unread = set()   # connections with answers their clients do not read: the same
+        self.bodies = 0       # bytes of request bodies held: the same
         self.ready = False
 
     def handle_now(self, request):

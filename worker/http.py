@@ -46,6 +46,14 @@ DISCARD_LIMIT = 64 << 20
 # calls alone let clients that read a little now and then refuse everyone's.
 UNREAD_MAX = 256 << 20
 UNREAD_GRACE = 1.0
+# Bytes of request bodies the worker may hold at once, from their first byte
+# until their call is answered (each costs about three times that by then:
+# its chunks, the joined body, the message to the sandbox).  Past this, a
+# body that grows over SMALL_BODY is refused with 503: 32 clients sending
+# 6 MB bodies at once took the worker to 970 MB, and glibc kept it.  Small
+# bodies still pass, so that big uploads cannot refuse everyone's calls.
+BODIES_MAX = 128 << 20
+SMALL_BODY = 64 << 10
 
 log = logging.getLogger("worker")
 
@@ -132,7 +140,8 @@ class HttpProtocol(asyncio.Protocol):
     also has `max_connections`, and `connections`, which this class counts:
     a connection over the limit is answered 503 at once and closed; and
     `unread`, the set of connections whose answers wait for their client
-    to read them, which this class keeps (see UNREAD_MAX).
+    to read them, which this class keeps (see UNREAD_MAX); and `bodies`,
+    the bytes of request bodies held (see BODIES_MAX).
 
     Requests on one connection are answered one at a time, in order: a
     client that pipelines them gets its answers in the order it asked, and
@@ -152,6 +161,7 @@ class HttpProtocol(asyncio.Protocol):
         self.since = 0         # when we started waiting for the client (loop time)
         self.queue = collections.deque()  # parsed requests waiting their turn
         self.busy = False
+        self.holding = 0       # bytes of request bodies counted in app.bodies
         self.write_paused = False  # the client is not reading its answers
         self.paused_at = 0     # since when (loop time)
         self.unsent = 0        # bytes of answers not yet sent, at the last deadline check
@@ -196,6 +206,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc):
         self.app.connections -= 1
         self.app.unread.discard(self)
+        self._release(self.holding)
         if self.timer is not None:
             self.timer.cancel()
 
@@ -307,7 +318,19 @@ class HttpProtocol(asyncio.Protocol):
         self.size += len(chunk)
         if self.size > self.app.max_body:  # chunked bodies have no length up front
             self._refuse_too_large()
+        self.holding += len(chunk)
+        self.app.bodies += len(chunk)
+        if self.size > SMALL_BODY and self.app.bodies > max(BODIES_MAX, 2 * self.app.max_body):
+            self._refuse(503, "Worker.Unavailable", "the worker holds %d MiB of request bodies:"
+                         " try again" % (self.app.bodies >> 20), ((b"Retry-After", b"1"),))
         self.body.append(chunk)
+
+    def _release(self, size):
+        """`size` bytes of request bodies are no longer held (none once the
+        connection is lost, which released all it held)."""
+        size = min(size, self.holding)
+        self.holding -= size
+        self.app.bodies -= size
 
     def on_message_complete(self):
         self.phase = "idle"
@@ -331,6 +354,8 @@ class HttpProtocol(asyncio.Protocol):
         if len(self.held_body) >= self.held_length:
             request, self.held = self.held, None
             request.body = self.held_body[:self.held_length]
+            self.holding += len(request.body)  # held as any other body is (on_body)
+            self.app.bodies += len(request.body)
             self.queue.append(request)
             self._next()
 
@@ -347,8 +372,8 @@ class HttpProtocol(asyncio.Protocol):
         self._refuse(413, "Http.RequestTooLarge",
                      "request body over the limit of %d bytes (limits.request_kb)" % self.app.max_body)
 
-    def _refuse(self, status, error_type, message):
-        self._fail(early_error(status, error_type, message))
+    def _refuse(self, status, error_type, message, headers=()):
+        self._fail(early_error(status, error_type, message, headers))
         raise Refused(message)
 
     # -- deadlines ----------------------------------------------------------------
@@ -474,6 +499,7 @@ class HttpProtocol(asyncio.Protocol):
         self._next()
 
     def _answer(self, request, response):
+        self._release(len(request.body))
         self._send(response, request.keep_alive, with_body=not request.head,
                    http10=request.http10)
         if not request.keep_alive:
