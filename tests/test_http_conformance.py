@@ -170,3 +170,12 @@ def test_request_bodies_held_at_once_have_a_budget(worker):
     # And an answered call's body is let go: more than the budget, one by one.
     for _ in range(BODIES_MAX // (1 << 20) + 8):
         assert worker.call("hello", body=b'{"name": "big"}' + b" " * (1 << 20))[0] == 200
+
+
+def test_a_transfer_coding_other_than_chunked_is_501(worker):
+    data = raw_exchange(worker.port, b"POST /run/hello HTTP/1.1\r\nHost: x\r\n"
+                        b"Transfer-Encoding: gzip, chunked\r\n\r\n"
+                        b"5\r\n\x1f\x8b\x08\x00\x00\r\n0\r\n\r\n", timeout=5)
+    ((status, headers, body),) = answers(data)
+    assert (status, headers["connection"]) == (501, "close")
+    assert json.loads(body)["errorType"] == "Http.NotImplemented"

@@ -21,6 +21,7 @@ REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not
            408: b"Request Timeout", 411: b"Length Required", 413: b"Payload Too Large",
            414: b"URI Too Long", 417: b"Expectation Failed", 429: b"Too Many Requests",
            431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+           501: b"Not Implemented",
            502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
            505: b"HTTP Version Not Supported"}
 # httptools would buffer headers of any size and number: these limits are
@@ -293,6 +294,13 @@ class HttpProtocol(asyncio.Protocol):
         if expect not in ("", "100-continue"):
             self._refuse(417, "Http.ExpectationFailed", "unsupported Expect: %s (only "
                          "100-continue is supported)" % self.headers["expect"])
+        coding = self.headers.get("transfer-encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            # The parser decodes chunked alone, and passes a body under any
+            # other coding on as it came: a gzipped event would reach the
+            # JSON check compressed (RFC 9112, 6.1: 501 for a coding we lack).
+            self._refuse(501, "Http.NotImplemented", "Transfer-Encoding %r is not supported: "
+                         "only chunked" % coding[:100])
         if self.parser.should_upgrade() and "transfer-encoding" in self.headers:
             # llhttp hands what follows an upgrade request's head to the new
             # protocol undecoded: a Content-Length body is cut from there
