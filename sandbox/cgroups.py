@@ -259,6 +259,22 @@ class Cgroup:
             pass
         return 0
 
+    def limit_hits(self):
+        """How often this cgroup's own memory limit was reached (not its
+        descendants'): v2's memory.events.local says max, v1's failcnt."""
+        d = self.limit_dirs()["memory"]
+        try:
+            if self.mode.name != "v2":
+                with open(os.path.join(d, "memory.failcnt")) as f:
+                    return int(f.read())
+            with open(os.path.join(d, "memory.events.local")) as f:
+                for line in f:
+                    if line.startswith("max "):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return 0
+
     def open_procs(self):
         """fds of cgroup.procs in every hierarchy.  Writing "0" to each moves
         the writer in, even from inside a sandbox where /sys is not mounted."""

@@ -268,6 +268,7 @@ class SandboxManager:
         self.config = config
         self.network = network              # an EgressNetwork, if egress is enabled
         self.root = Cgroup(config.cgroup_root)
+        self.root_limit_hits = 0            # root.limit_hits() at the last OOM kill
         self.cgroups = CgroupPool(config.cgroup_root, config.limits)
         self.sandboxes = {}                 # id -> Sandbox, in every state
         self.pool = collections.deque()     # pooled shells, ready for a function
@@ -610,9 +611,19 @@ class SandboxManager:
     def _why_silent(self, sandbox):
         """Why a shell closed its channel before it said anything."""
         if self.cgroups.read_oom_kills(sandbox.cgroup) > sandbox.oom_kills:
-            return "it ran out of memory while it started (its limit is %d MB)" % (
-                sandbox.cgroup.memory_limit_mb())
+            return "it ran out of memory while it started " + self._which_memory_limit(sandbox)
         return "it closed its channel"
+
+    def _which_memory_limit(self, sandbox):
+        """Which limit an OOM kill in `sandbox` came from, in words: its
+        own, or the one on all sandboxes together (cgroups.cap_memory), if
+        that was reached since the last kill."""
+        hits = self.root.limit_hits()
+        total, self.root_limit_hits = hits > self.root_limit_hits, hits
+        if total:
+            return "(all sandboxes together reached their %d MB, sandboxes_mem_mb)" % (
+                self.root.memory_limit_mb())
+        return "(its limit is %d MB)" % sandbox.cgroup.memory_limit_mb()
 
     def _next_waiter(self):
         """The oldest create() still waiting for a shell (cancelled ones skipped)."""
@@ -749,7 +760,7 @@ class SandboxManager:
         self._finish_output(sandbox)
         if status is not None and self.cgroups.read_oom_kills(sandbox.cgroup) > sandbox.oom_kills:
             sandbox.out_of_memory = True
-            error = "ran out of memory (its limit is %d MB)" % sandbox.cgroup.memory_limit_mb()
+            error = "ran out of memory " + self._which_memory_limit(sandbox)
         emptied = True
         try:
             self.cgroups.release(sandbox.cgroup, sandbox.limits_customized)

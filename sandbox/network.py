@@ -29,6 +29,7 @@ import ipaddress
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -49,8 +50,30 @@ MAIN_TABLE = 254
 LOCK_DIR = "/run/openlambda"
 
 
+# `admin kill` holds it for a moment while it removes a killed worker's
+# leftovers: a worker starting on the port then waits this long for it.
+LOCK_WAIT = 3.0
+
+
 def network_lock(port):
     return os.path.join(LOCK_DIR, "egress-%d.lock" % port)
+
+
+def claim_network(port, wait=0.0):
+    """network_lock(port)'s fd, held; None if another process holds it for
+    `wait` seconds.  A SandboxError if it cannot be made."""
+    path = network_lock(port)
+    deadline = time.monotonic() + wait
+    try:
+        os.makedirs(LOCK_DIR, exist_ok=True)
+        while True:
+            fd = filelock.claim(path)
+            if fd is not None or time.monotonic() >= deadline:
+                return fd
+            time.sleep(0.05)
+    except OSError as e:
+        raise SandboxError("lock", path, "%s: it says which worker has port %d's bridge and "
+                           "rules" % (e.strerror, port)) from None
 
 
 def worker_subnet(subnet, port):
@@ -124,8 +147,7 @@ class EgressNetwork:
 
     def _setup(self):
         """Bridge and rules, or a SandboxError and nothing changed."""
-        os.makedirs(LOCK_DIR, exist_ok=True)
-        self.lock = filelock.claim(network_lock(self.port))
+        self.lock = claim_network(self.port, LOCK_WAIT)
         if self.lock is None:
             raise SandboxError("enable egress", self.bridge,
                                "another running worker on port %d has it (another cluster's,"
@@ -377,10 +399,9 @@ def cleanup(ports):
     """Remove what workers on `ports` left, but for a port whose network a
     running worker has (network_lock)."""
     backend = detect_nat()
-    os.makedirs(LOCK_DIR, exist_ok=True)
     with IPRoute() as ipr:
         for port in ports:
-            lock = filelock.claim(network_lock(port))
+            lock = claim_network(port)
             if lock is None:
                 continue
             try:

@@ -84,7 +84,7 @@ class Zygote:
             child_end.close()
             if cgroup_fd >= 0:
                 os.close(cgroup_fd)
-        if self.cgroup.mode.name == "v1":
+        if self.cgroup.mode.name != "v2":  # clone3 put it in its v2 cgroup only
             for fd in self.cgroup.open_procs():
                 os.write(fd, str(self.pid).encode())
                 os.close(fd)

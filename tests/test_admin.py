@@ -709,3 +709,56 @@ def test_the_sandboxes_together_have_a_memory_limit(own_worker):
     if Cgroup("x").mode.name != "v2":
         assert _memory_file(w, "memory.kmem.tcp.limit_in_bytes", "") == \
             min(300 << 20, host_tcp_pressure_bytes() // 2)
+
+
+def test_an_oom_kill_at_the_sandboxes_total_says_so(own_worker):
+    """Two calls that each fit their own limit, but not the total: the one
+    the kernel kills is told which limit it met."""
+    w = own_worker(sandboxes_mem_mb=300, limits={"mem_mb": 256})
+    w.add_function("hog", "import time\n"
+                          "def handler(event):\n"
+                          "    hoard = bytearray(200 << 20)\n"
+                          "    time.sleep(1)\n"
+                          "    return len(hoard)\n")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: Worker(w.path, w.port).call("hog", {}), range(2)))
+    killed = [body for status, _, body in answers if status == 502]
+    assert killed and all(b["errorType"] == "Runtime.OutOfMemory" for b in killed), answers
+    assert all("all sandboxes together reached their 300 MB" in b["errorMessage"]
+               for b in killed), killed
+
+
+def test_kill_of_a_moved_cluster_whose_worker_was_sigkilled_removes_its_cgroups(own_worker,
+                                                                               tmp_path):
+    w = own_worker()
+    assert w.call("hello", {"name": "x"})[0] == 200
+    pid, started_at, moved = worker_pid(w), w.path, str(tmp_path / "moved")
+    os.rename(w.path, moved)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+        admin("kill", "-cluster", moved)
+        assert cluster_leftovers(started_at) == []  # named from where it started
+    finally:
+        os.rename(moved, started_at)
+
+
+def test_kill_keeps_a_record_until_its_network_is_cleaned_up(own_worker):
+    """A network that cannot be removed now (its lock cannot be made, here
+    under a read-only /run/openlambda) is one error line, and the next
+    `kill` still knows the port."""
+    from sandbox.network import LOCK_DIR
+    w = own_worker(egress={"enabled": True})
+    pid = worker_pid(w)
+    os.kill(pid, signal.SIGKILL)
+    wait_gone(pid)
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs -o ro tmpfs "$1" && exec "$2" kill -cluster "$3"', "sh",
+         LOCK_DIR, ADMIN, w.path], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "Read-only file system" in done.stderr and "Traceback" not in done.stderr
+    assert os.path.exists("/sys/class/net/olbr%d" % w.port)
+    assert str(w.port) in os.listdir(os.path.join(w.path, "workers"))
+    admin("kill", "-cluster", w.path)
+    assert not os.path.exists("/sys/class/net/olbr%d" % w.port)

@@ -116,7 +116,8 @@ def test_a_big_body_is_held_to_json_by_the_handler_as_a_small_one_by_the_worker(
     from worker.app import CHECKED_HERE
     pad = b" " * CHECKED_HERE
     for small, words in ((b'[NaN]', "NaN is not JSON"), (b'[Infinity]', "Infinity is not JSON"),
-                         (b'["\xff"]', "utf-8"), (b'[1,', "Expecting value")):
+                         (b'["\xff"]', "utf-8"), (b'[1,', "Expecting value"),
+                         (b"[" * 3000 + b"]" * 3000, "nested too deeply")):
         for body in (small, small + pad):
             status, _, error = worker.call("hello", body=body)
             assert (status, error["errorType"]) == (400, "Runtime.UnmarshalError"), body[:20]

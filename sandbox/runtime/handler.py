@@ -223,8 +223,10 @@ def invoke(fn, wants_context, function_name, request, max_response=None, runtime
         # The worker checked a small body already; a big one only this
         # does (worker/app.py CHECKED_HERE says why).
         event = proto.STRICT_JSON.decode(request["body"].decode()) if request["body"] else {}
-    except (ValueError, RecursionError) as e:  # not JSON (nor UTF-8), or nested too deep
+    except ValueError as e:  # not JSON, nor UTF-8
         return _error(e, "Runtime.UnmarshalError")
+    except RecursionError as e:  # said as the worker's check says it of a small body
+        return dict(_error(e, "Runtime.UnmarshalError"), errorMessage="nested too deeply")
     start = time.monotonic()
     try:
         if wants_context:
