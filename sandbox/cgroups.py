@@ -406,14 +406,10 @@ def host_tcp_pressure_bytes(path="/proc/sys/net/ipv4/tcp_mem"):
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def default_total_mb(meminfo="/proc/meminfo"):
+def default_total_mb():
     """Three quarters of the host's memory: what sandboxes may take
     together unless the worker's config says otherwise."""
-    with open(meminfo) as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 3 // 4 >> 10
-    raise CgroupError("read", meminfo, "no MemTotal line")
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4 >> 20
 
 
 def _read_pids(d):

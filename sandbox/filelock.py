@@ -52,12 +52,10 @@ def release(path, fd):
 
 def remove_if_unheld(path):
     """Remove the lock file `path` if no running process holds it (its
-    holder was SIGKILLed).  True if it was removed or was not there."""
+    holder was SIGKILLed)."""
     fd = try_lock(path)
-    if fd is None:
-        return not os.path.exists(path)
-    release(path, fd)
-    return True
+    if fd is not None:
+        release(path, fd)
 
 
 def holds(pid, path):

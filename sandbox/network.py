@@ -48,8 +48,6 @@ MAIN_TABLE = 254
 # listening on another address), nor `admin kill` of a cluster whose record
 # of a killed worker names the port.  In /run: gone with a reboot, as they are.
 LOCK_DIR = "/run/openlambda"
-
-
 # `admin kill` holds it for a moment while it removes a killed worker's
 # leftovers: a worker starting on the port then waits this long for it.
 LOCK_WAIT = 3.0

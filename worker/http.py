@@ -301,7 +301,7 @@ class HttpProtocol(asyncio.Protocol):
             # JSON check compressed (RFC 9112, 6.1: 501 for a coding we lack).
             self._refuse(501, "Http.NotImplemented", "Transfer-Encoding %r is not supported: "
                          "only chunked" % coding[:100])
-        if self.parser.should_upgrade() and "transfer-encoding" in self.headers:
+        if self.parser.should_upgrade() and coding is not None:  # chunked, by now
             # llhttp hands what follows an upgrade request's head to the new
             # protocol undecoded: a Content-Length body is cut from there
             # (_collect_held_body), but a chunked one would need a decoder
@@ -326,12 +326,16 @@ class HttpProtocol(asyncio.Protocol):
         self.size += len(chunk)
         if self.size > self.app.max_body:  # chunked bodies have no length up front
             self._refuse_too_large()
-        self.holding += len(chunk)
-        self.app.bodies += len(chunk)
+        self._hold(len(chunk))
         if self.size > SMALL_BODY and self.app.bodies > max(BODIES_MAX, 2 * self.app.max_body):
             self._refuse(503, "Worker.Unavailable", "the worker holds %d MiB of request bodies:"
                          " try again" % (self.app.bodies >> 20), ((b"Retry-After", b"1"),))
         self.body.append(chunk)
+
+    def _hold(self, size):
+        """`size` more bytes of request bodies are held (BODIES_MAX)."""
+        self.holding += size
+        self.app.bodies += size
 
     def _release(self, size):
         """`size` bytes of request bodies are no longer held (none once the
@@ -362,8 +366,7 @@ class HttpProtocol(asyncio.Protocol):
         if len(self.held_body) >= self.held_length:
             request, self.held = self.held, None
             request.body = self.held_body[:self.held_length]
-            self.holding += len(request.body)  # held as any other body is (on_body)
-            self.app.bodies += len(request.body)
+            self._hold(len(request.body))  # as any other body is (on_body)
             self.queue.append(request)
             self._next()
 

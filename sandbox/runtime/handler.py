@@ -213,7 +213,6 @@ def _exit_code(exc):
 JSON_ENCODER = json.JSONEncoder(allow_nan=False)
 
 
-
 def invoke(fn, wants_context, function_name, request, max_response=None, runtime=None,
            received=None):
     """One call.  `received`: when its time began, if before now (a cold

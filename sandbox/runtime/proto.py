@@ -13,6 +13,7 @@ import msgpack
 MAX_PACKET = 64 * 1024
 MAX_FDS = 253  # the kernel's SCM_MAX_FD: a zygote gets a batch of shells' fds at once
 
+
 def _not_json(constant):
     raise ValueError("%s is not JSON" % constant)
 
@@ -20,6 +21,7 @@ def _not_json(constant):
 # An event as RFC 8259 has it (the worker's check and the handler's parse):
 # UTF-8, and without Python's NaN and Infinity.
 STRICT_JSON = json.JSONDecoder(parse_constant=_not_json)
+
 
 # Zygote exit statuses that mean "could not boot": the worker reports them
 # once and does not restart the zygote in a loop.
