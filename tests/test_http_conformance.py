@@ -180,3 +180,16 @@ def test_a_transfer_coding_other_than_chunked_is_501(worker):
     ((status, headers, body),) = answers(data)
     assert (status, headers["connection"]) == (501, "close")
     assert json.loads(body)["errorType"] == "Http.NotImplemented"
+
+
+def test_an_unknown_method_is_501_and_bytes_that_are_no_http_400(worker):
+    data = raw_exchange(worker.port, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
+                        b"BREW /run/hello HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+    (first, (status, headers, body)) = answers(data)
+    assert first[0] == 200  # the request before it is answered
+    assert (status, headers["connection"]) == (501, "close")
+    assert json.loads(body)["errorType"] == "Http.NotImplemented"
+    assert "BREW" in json.loads(body)["errorMessage"]
+    data = raw_exchange(worker.port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", timeout=5)
+    ((status, headers, body),) = answers(data)
+    assert (status, json.loads(body)["errorType"]) == (400, "Http.BadRequest")

@@ -9,6 +9,7 @@ import fcntl
 import functools
 import json
 import logging
+import re
 import socket
 import struct
 import termios
@@ -113,6 +114,25 @@ def _path(target):
         except httptools.HttpParserInvalidURLError:
             pass  # no route has that name: 404
     return target.split(b"?", 1)[0].decode("latin-1")
+
+
+# A request line's method: a token and a space (RFC 9112, 3).
+_METHOD = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}) ")
+
+
+def _unknown_method(data):
+    """The method of a request line in `data` that the parser does not
+    know (it refuses those as it refuses bytes that are no HTTP at all),
+    or None.  Only on that error's path: each candidate is fed to a
+    parser of its own."""
+    for match in _METHOD.finditer(data):
+        try:
+            httptools.HttpRequestParser(None).feed_data(match.group(1) + b" / HTTP/1.1\r\n")
+        except httptools.HttpParserInvalidMethodError:
+            return match.group(1).decode("ascii")
+        except httptools.HttpParserError:
+            pass
+    return None
 
 
 def _shed_unread(app, now):
@@ -253,6 +273,14 @@ class HttpProtocol(asyncio.Protocol):
             self.upgraded = True
             self._collect_held_body(data[e.args[0]:] if e.args else b"")
             self._next()
+        except httptools.HttpParserInvalidMethodError:
+            method = _unknown_method(data)
+            if method:  # a request, of a method the parser lacks (RFC 9110, 9.1: 501)
+                self._fail(early_error(501, "Http.NotImplemented", "method %s is not supported: "
+                                       "use POST (or GET, HEAD)" % method))
+            else:  # bytes that are no HTTP (a TLS handshake, say)
+                self._fail(early_error(400, "Http.BadRequest", "malformed HTTP request: "
+                                       "no request line"))
         except httptools.HttpParserError as e:
             if not self.closing:  # else we stopped the parser, and the answer is queued
                 self._fail(early_error(400, "Http.BadRequest", "malformed HTTP request: %s" % e))
