@@ -869,6 +869,25 @@ def test_stalled_body_gets_408(local_port):
     assert json.loads(body)["errorMessage"] == "request body incomplete after 0.5 s"
 
 
+def test_the_body_of_an_upgrade_request_has_the_bodys_deadline(local_port):
+    status, headers, body = parse_answer(raw_exchange(
+        local_port, b"POST /a HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: foo\r\n"
+                    b"Content-Length: 10\r\n\r\nabc"))
+    assert (status, headers["connection"]) == (408, "close")
+    assert json.loads(body)["errorMessage"] == "request body incomplete after 0.5 s"
+
+
+def test_a_long_header_is_refused_in_the_segment_that_starts_the_request(local_port):
+    # httptools keeps an unfinished header line out of the callbacks' sight.
+    with socket.create_connection(("127.0.0.1", local_port)) as s:
+        s.settimeout(5)
+        started = time.monotonic()
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-" + b"a" * 20000)
+        status, headers, body = parse_answer(read_to_close(s))
+    assert (status, json.loads(body)["errorType"]) == (431, "Http.HeadersTooLarge")
+    assert time.monotonic() - started < 0.4  # at once, not at the head's deadline
+
+
 def test_no_deadline_runs_while_an_answer_is_made(local_port):
     # /slow takes longer than every deadline; what is pipelined behind it waits.
     data = raw_exchange(local_port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"

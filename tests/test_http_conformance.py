@@ -6,6 +6,8 @@ import json
 import socket
 import time
 
+import pytest
+
 from test_http_api import parse_answer, raw_exchange, read_to_close
 
 
@@ -137,10 +139,13 @@ def test_an_http_1_1_request_needs_exactly_one_host(worker):
     assert answers(data)[0][::2] == (200, b"ready")
 
 
-def test_request_bodies_held_at_once_have_a_budget(worker):
+@pytest.mark.parametrize("upgrade", [b"", b"Connection: upgrade\r\nUpgrade: foo\r\n"],
+                         ids=["plain", "upgrade"])
+def test_request_bodies_held_at_once_have_a_budget(worker, upgrade):
     """Past BODIES_MAX of bodies being received (or called with), a big one
     is refused with 503, a small one still passes, and all is given back
-    once those clients go."""
+    once those clients go.  The body of an upgrade request, which the
+    parser hands over raw, counts as any other."""
     from worker.http import BODIES_MAX
     size = 6 << 20  # the default limits.request_kb
     senders = []
@@ -149,8 +154,8 @@ def test_request_bodies_held_at_once_have_a_budget(worker):
         for _ in range(BODIES_MAX // size + 2):
             s = socket.create_connection(("127.0.0.1", worker.port))
             senders.append(s)
-            s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-                      % size + b" " * (size - 1))  # all but its last byte: held, not called
+            s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n"
+                      % (upgrade, size) + b" " * (size - 1))  # all but its last byte: held
             s.settimeout(0.3)
             try:
                 refused = s.recv(65536)
@@ -193,3 +198,78 @@ def test_an_unknown_method_is_501_and_bytes_that_are_no_http_400(worker):
     data = raw_exchange(worker.port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", timeout=5)
     ((status, headers, body),) = answers(data)
     assert (status, json.loads(body)["errorType"]) == (400, "Http.BadRequest")
+
+
+def test_a_big_body_before_an_unfinished_head_is_not_counted_as_that_heads(worker):
+    body = b'{"name": "%s"}' % (b"x" * 20000)  # no newline in it
+    with socket.create_connection(("127.0.0.1", worker.port)) as s:
+        s.settimeout(10)
+        s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                  b"GET /status HTTP/1.1\r\nHo" % (len(body), body))
+        time.sleep(0.2)
+        s.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+        got = answers(read_to_close(s))
+    assert [status for status, _, _ in got] == [200, 200]
+
+
+def test_repeated_header_lines_are_checked_as_one_list(worker):
+    data = raw_exchange(worker.port, b"POST /run/hello HTTP/1.1\r\nHost: x\r\n"
+                        b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"2\r\n{}\r\n0\r\n\r\n", timeout=5)
+    assert answers(data)[0][0] == 501
+    data = raw_exchange(worker.port, b"POST /run/hello HTTP/1.1\r\nHost: x\r\nExpect: foo\r\n"
+                        b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n{}", timeout=5)
+    assert answers(data)[0][0] == 417
+
+
+def test_an_http10_message_with_transfer_encoding_ends_its_connection(worker):
+    data = raw_exchange(worker.port, b"POST /run/hello HTTP/1.0\r\nConnection: keep-alive\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+                        b"GET /status HTTP/1.0\r\n\r\n", timeout=5)
+    ((status, headers, body),) = answers(data)  # and nothing after it is served
+    assert (status, headers["connection"]) == (200, "close")
+
+
+def test_host_must_be_a_host(worker):
+    for host in (b"a b", b"x/y", b"@@", b"[::1"):
+        data = raw_exchange(worker.port, b"GET /status HTTP/1.1\r\nHost: %s\r\n\r\n" % host,
+                            timeout=5)
+        assert answers(data)[0][0] == 400, host
+    for host in (b"localhost:8080", b"[::1]:80", b"127.0.0.1", b""):
+        data = raw_exchange(worker.port, b"GET /status HTTP/1.1\r\nHost: %s\r\n"
+                            b"Connection: close\r\n\r\n" % host, timeout=5)
+        assert answers(data)[0][0] == 200, host
+
+
+def test_request_targets_a_server_must_refuse_or_take(worker):
+    def status_of(line):
+        data = raw_exchange(worker.port, line + b"\r\nHost: x\r\nConnection: close\r\n\r\n",
+                            timeout=5)
+        return answers(data)[0][:2]
+    status, headers = status_of(b"OPTIONS * HTTP/1.1")
+    assert (status, headers["allow"]) == (200, "GET, HEAD, POST")
+    assert status_of(b"GET * HTTP/1.1")[0] == 400
+    assert status_of(b"POST /run/hello#frag HTTP/1.1")[0] == 400
+    assert status_of(b"CONNECT example.com:443 HTTP/1.1")[0] == 501
+
+
+def test_numbers_out_of_range_are_the_clients_fault(worker):
+    for body in (b'{"name": 1e999}', b'[-1e400]',
+                 b'{"pad": "%s", "n": 1e999}' % (b" " * (100 << 10))):  # checked by the runtime
+        status, headers, error = worker.call("hello", body=body)
+        assert (status, error["errorType"]) == (400, "Runtime.UnmarshalError"), body[:40]
+        assert "out of range" in error["errorMessage"]
+        assert "x-function-error" not in headers
+
+
+def test_only_json_whitespace_makes_an_empty_body(worker):
+    assert worker.call("hello", body=b" \r\n\t")[0] == 200  # the event is {}
+    assert worker.call("hello", body=b"\x0b")[0] == 400
+
+
+def test_a_functions_exception_is_never_taken_for_the_clients_fault(worker):
+    worker.add_function("posesunmarshal", "E = type('Runtime.UnmarshalError', (Exception,), {})\n"
+                        "def handler(event):\n    raise E('internal failure')\n")
+    status, headers, error = worker.call("posesunmarshal", {})
+    assert (status, headers["x-function-error"]) == (500, "Unhandled")
+    assert error["errorMessage"] == "internal failure"

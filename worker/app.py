@@ -76,6 +76,10 @@ class App:
 
     def _route(self, request, request_id):
         path = request.path
+        if path == "*":  # OPTIONS *: what the server as a whole takes (the HTTP layer
+            # refuses "*" with any other method)
+            return Response(200, b"", b"text/plain", ((b"Allow", b"GET, HEAD, POST"),
+                                                      (b"X-Request-Id", request_id.encode())))
         if path == "/status":
             if request.method != "GET":  # HEAD included: the HTTP layer reads it as a GET
                 return _error(MethodNotAllowed("use GET for /status", b"GET, HEAD"), request_id)
@@ -113,7 +117,8 @@ class App:
                 raise Unavailable("the worker is starting or draining")
             # Before the body is parsed: a 404 needs no parse.
             function = self.table.registry.lookup(name)
-            body = request.body if request.body.strip() else b""  # no body: the event is {}
+            # No body (JSON's whitespace alone: not \v or \f): the event is {}.
+            body = request.body if request.body.strip(b" \t\r\n") else b""
             if 0 < len(body) <= CHECKED_HERE:
                 check_json(body)
             result = await self.table.invoke(function, request_id, body, phases)

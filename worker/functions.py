@@ -54,6 +54,7 @@ REPLY_FIELDS = {
     "init_error": ("errorType", "errorMessage", "stackTrace"),
     "setup_error": ("errorMessage",),
     "too_large": ("size",),
+    "bad_event": ("errorMessage",),
 }
 # The type of each field, wherever it comes: a forged reply may carry any.
 FIELD_TYPES = {"id": str, "body": bytes, "errorType": str, "errorMessage": str,
@@ -317,10 +318,12 @@ class FunctionTable:
             await self._destroy(instance)
             raise InitFailed("function %r: %s" % (name, message), error_type, stack)
         self._release(instance)
-        if error_type == "Runtime.UnmarshalError":
+        if status == "bad_event":
             # A body too big for the worker to check (app.CHECKED_HERE), or
             # JSON its check let through but the handler could not parse
-            # (nested nearly as deep as Python goes): still the request's fault.
+            # (nested nearly as deep as Python goes): still the request's
+            # fault.  Said by a status of its own, not by an errorType, which
+            # a function's exception class could share.
             raise BadRequest("the request body is not valid JSON: %s" % message)
         raise HandlerRaised(message, error_type, stack)
 

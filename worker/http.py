@@ -116,13 +116,17 @@ def _path(target):
     return target.split(b"?", 1)[0].decode("latin-1")
 
 
-# A request line's method: a token and a space (RFC 9112, 3).
-_METHOD = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}) ")
+# A Host value (RFC 9112, 3.2; RFC 3986, 3.2.2): an IP literal in brackets,
+# or a name of the characters a host may have, then perhaps a port.
+_HOST = re.compile(r"(?:\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?\Z")
+
+# A request line (RFC 9112, 3): a method (a token), a target, a version.
+_METHOD = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}) [^ \r\n]+ HTTP/[0-9]\.[0-9]\r?\n")
 
 
 def _unknown_method(data):
-    """The method of a request line in `data` that the parser does not
-    know (it refuses those as it refuses bytes that are no HTTP at all),
+    """The method of a whole request line in `data` that the parser does
+    not know (it refuses those as it refuses bytes that are no HTTP at all),
     or None.  Only on that error's path: each candidate is fed to a
     parser of its own."""
     for match in _METHOD.finditer(data):
@@ -192,7 +196,6 @@ class HttpProtocol(asyncio.Protocol):
         self.upgraded = False  # the client asked to switch protocols (Connection: upgrade)
         self.held = None       # an upgrade request whose body comes after it
         self.held_length = 0
-        self.held_body = b""
         self._reset()
 
     def _reset(self):
@@ -203,7 +206,8 @@ class HttpProtocol(asyncio.Protocol):
         self.nheaders = 0
         self.hosts = 0        # Host headers seen
         self.head_size = 0    # bytes of the head the callbacks have seen
-        self.head_fed = 0     # bytes of the head in the chunks after its first one
+        self.head_fed = 0     # bytes of the head fed to the parser, up to the last chunk
+        self.first_url = b""  # the target's first piece, if the head began in this chunk
         self.body = []
         self.size = 0
         self.length = None    # Content-Length, when the request gives one
@@ -260,9 +264,12 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.phase == "head":  # all of the chunk is that head's, unless the head ends in it
             self.head_fed += len(data)
+        self.began_here = False
         try:
             self.parser.feed_data(data)
             if self.phase == "head":  # httptools buffers an unfinished header out of sight
+                if self.began_here:
+                    self.head_fed = self._head_in(data)
                 self._check_head(self.head_fed)
         except httptools.HttpParserUpgrade as e:
             # A request with "Upgrade:" and "Connection: upgrade" (curl
@@ -285,21 +292,35 @@ class HttpProtocol(asyncio.Protocol):
             if not self.closing:  # else we stopped the parser, and the answer is queued
                 self._fail(early_error(400, "Http.BadRequest", "malformed HTTP request: %s" % e))
 
+    def _head_in(self, data):
+        """Bytes of an unfinished head that began in `data`, a chunk that may
+        also end earlier requests: from its request line, found by its
+        method and its target's first piece, to the chunk's end."""
+        if not self.first_url:
+            return 0  # the method alone so far, a few bytes
+        start = data.rfind(self.parser.get_method() + b" " + self.first_url)
+        return len(data) - start if start >= 0 else len(data)
+
     # -- httptools callbacks ----------------------------------------------------
     def on_message_begin(self):
         self._reset()
         self.phase = "head"
         self.since = self.loop.time()
+        self.began_here = True
 
     def on_url(self, url):
         if not self.url:  # the method is parsed by now
             self.head = self.parser.get_method() == b"HEAD"
+            self.first_url = url
         self.url += url
         self.head_size += len(url)
         self._check_head(self.head_size)
 
     def on_header(self, name, value):
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        key, value = name.decode("latin-1").lower(), value.decode("latin-1")
+        # Lines of one name make one list (RFC 9110, 5.3): "Transfer-Encoding:
+        # gzip" and "Transfer-Encoding: chunked" are checked as "gzip, chunked".
+        self.headers[key] = value if key not in self.headers else self.headers[key] + ", " + value
         self.nheaders += 1
         if len(name) == 4 and name.lower() == b"host":
             self.hosts += 1
@@ -318,6 +339,10 @@ class HttpProtocol(asyncio.Protocol):
             # route by; two would let two of them disagree about the target.
             self._refuse(400, "Http.BadRequest", "an HTTP/1.1 request needs exactly one Host "
                          "header, not %d" % self.hosts)
+        if self.hosts and not _HOST.match(self.headers["host"]):
+            self._refuse(400, "Http.BadRequest", "Host %r is no host[:port]"
+                         % self.headers["host"][:100])
+        self._check_target()
         expect = self.headers.get("expect", "").lower()
         if expect not in ("", "100-continue"):
             self._refuse(417, "Http.ExpectationFailed", "unsupported Expect: %s (only "
@@ -350,6 +375,19 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.since = self.loop.time()
 
+    def _check_target(self):
+        """The target forms a server must take, and refusals for those it
+        must not (RFC 9112, 3.2): a fragment is never sent, "*" is only
+        for OPTIONS, and CONNECT's host:port is for proxies."""
+        method = self.parser.get_method()
+        if method == b"CONNECT":
+            self._refuse(501, "Http.NotImplemented", "method CONNECT is not supported: "
+                         "this is no proxy")
+        if b"#" in self.url:
+            self._refuse(400, "Http.BadRequest", "a request target has no fragment (#)")
+        if self.url == b"*" and method != b"OPTIONS":
+            self._refuse(400, "Http.BadRequest", "the target * is only for OPTIONS")
+
     def on_body(self, chunk):
         self.size += len(chunk)
         if self.size > self.app.max_body:  # chunked bodies have no length up front
@@ -376,13 +414,18 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = "idle"
         # Nothing after an upgrade request is read: its answer ends the connection.
         upgrade = self.parser.should_upgrade()
+        # An HTTP/1.0 message framed by Transfer-Encoding may have been
+        # framed otherwise by a proxy before us: the connection ends with it
+        # (RFC 9112, 6.1), so that nothing after it can be smuggled in.
+        keep_alive = self.parser.should_keep_alive() and not upgrade and not (
+            self.http10 and "transfer-encoding" in self.headers)
         request = Request("GET" if self.head else self.parser.get_method().decode(),
                           _path(self.url), self.headers, b"".join(self.body),
-                          self.parser.should_keep_alive() and not upgrade, self.head,
-                          self.http10)
+                          keep_alive, self.head, self.http10)
         if upgrade and self.length:
             self.held = request  # its body is still to come, after the upgrade point
             self.held_length = self.length
+            self.phase = "body"  # and has the body's deadline
             return
         self.queue.append(request)
         self._next()
@@ -390,11 +433,15 @@ class HttpProtocol(asyncio.Protocol):
     def _collect_held_body(self, data):
         if self.held is None:
             return
-        self.held_body += data
-        if len(self.held_body) >= self.held_length:
+        if data:
+            try:  # counted, limited and kept as any other body is
+                self.on_body(data[:self.held_length - self.size])
+            except Refused:
+                return  # answered, and the request let go (_fail)
+        if self.size >= self.held_length:
             request, self.held = self.held, None
-            request.body = self.held_body[:self.held_length]
-            self._hold(len(request.body))  # as any other body is (on_body)
+            request.body = b"".join(self.body)
+            self.phase = "idle"
             self.queue.append(request)
             self._next()
 
@@ -490,6 +537,7 @@ class HttpProtocol(asyncio.Protocol):
         """Parse nothing more: answer `response` after the requests before it,
         then hang up."""
         self.closing = True
+        self.held = None
         self.queue.append(response)
         self._next()
 

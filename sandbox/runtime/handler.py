@@ -5,7 +5,8 @@ once from /handler, then serves calls until the worker closes the channel.
 Requests are msgpack maps {"id", "body"} where body is the JSON event.
 Replies are {"status": "ok", "body": JSON}, or {"status": "error" |
 "init_error", "errorType", "errorMessage", "stackTrace"} for faults of the
-function's code, or {"status": "setup_error", "errorMessage"} when the
+function's code, {"status": "bad_event", "errorMessage"} for a body that
+is not JSON, or {"status": "setup_error", "errorMessage"} when the
 sandbox itself could not be finished (a platform fault).  Replies carry
 timings in seconds: "run" always; on the first, "received" (when the code
 arrived, a monotonic stamp), "attach", "drop" (privileges) and "load".
@@ -223,9 +224,9 @@ def invoke(fn, wants_context, function_name, request, max_response=None, runtime
         # does (worker/app.py CHECKED_HERE says why).
         event = proto.STRICT_JSON.decode(request["body"].decode()) if request["body"] else {}
     except ValueError as e:  # not JSON, nor UTF-8
-        return _error(e, "Runtime.UnmarshalError")
-    except RecursionError as e:  # said as the worker's check says it of a small body
-        return dict(_error(e, "Runtime.UnmarshalError"), errorMessage="nested too deeply")
+        return {"status": "bad_event", "errorMessage": proto.clip_message(str(e))}
+    except RecursionError:  # said as the worker's check says it of a small body
+        return {"status": "bad_event", "errorMessage": "nested too deeply"}
     start = time.monotonic()
     try:
         if wants_context:

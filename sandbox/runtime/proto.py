@@ -6,6 +6,7 @@ msgpack stream, because bodies can be larger than a packet.
 """
 import array
 import json
+import math
 import socket
 
 import msgpack
@@ -18,9 +19,19 @@ def _not_json(constant):
     raise ValueError("%s is not JSON" % constant)
 
 
+def _finite(text):
+    """A JSON number as a float, which must be one: 1e999 would become
+    inf, which no JSON can hold (and the function's reply, holding it,
+    would then fail as if the function were at fault)."""
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError("number %s is out of range" % text[:40])
+    return number
+
+
 # An event as RFC 8259 has it (the worker's check and the handler's parse):
-# UTF-8, and without Python's NaN and Infinity.
-STRICT_JSON = json.JSONDecoder(parse_constant=_not_json)
+# UTF-8, and without Python's NaN and Infinity, spelt out or overflowed.
+STRICT_JSON = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
 
 
 # Zygote exit statuses that mean "could not boot": the worker reports them
