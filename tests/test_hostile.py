@@ -308,8 +308,12 @@ def test_a_forged_reply_answers_its_own_call_but_never_the_next(worker):
     ({"status": "ok", "body": "1", "size": "x"}, False),
     ({"status": "ok", "body": "1", "errorType": 5}, False),
     ({"status": "ok", "body": "1", "errorMessage": 7}, False),
+    # Named as the runtime names the call's answer: still not after the first call.
+    ({"status": "setup_error", "errorMessage": "disk on fire, call the admins"}, False),
+    ({"status": "init_error", "errorType": "Runtime.OutOfMemory", "errorMessage": "x",
+      "stackTrace": []}, False),
 ], ids=["setup_error", "init_error", "nan", "-inf", "negative", "negative-size", "size-text",
-        "type-number", "message-number"])
+        "type-number", "message-number", "setup_error-with-id", "init_error-with-id"])
 def test_a_warm_handler_cannot_blame_the_platform_or_forge_timings(worker, msg, no_id):
     name = "blamer-%s" % msg["status"]
     worker.add_function(name, ID_FORGER)

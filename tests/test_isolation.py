@@ -103,7 +103,7 @@ def test_cgroup_limits_apply_to_the_handler(worker):
     with open("/proc/%d/cgroup" % live[0]["pid"]) as f:
         paths = dict(line.split(":", 2)[1:] for line in f.read().splitlines())
     cgroup = Cgroup(paths.get("memory") or paths[""])
-    assert "/w%d/cg-" % worker.port in "/" + cgroup.path
+    assert "/w%d/sandboxes/cg-" % worker.port in "/" + cgroup.path
     memory = cgroup.limit_dirs()["memory"]
     name = "memory.max" if cgroup.mode.name == "v2" else "memory.limit_in_bytes"
     with open(os.path.join(memory, name)) as f:

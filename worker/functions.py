@@ -75,6 +75,8 @@ def well_formed(reply, request_id, first_call):
     if reply.get("id", None) != request_id and not (
             "id" not in reply and first_call and reply["status"] in ("init_error", "setup_error")):
         return False
+    if reply["status"] in ("init_error", "setup_error") and not first_call:
+        return False  # the code is loaded, in a sandbox built: a warm handler's forgery
     if not all(key in reply for key in REPLY_FIELDS[reply["status"]]):
         return False
     for key, kind in FIELD_TYPES.items():
@@ -111,7 +113,8 @@ class Channel:
     def __init__(self, sock, max_message=proto.MAX_MESSAGE):
         self.sock = sock
         self.loop = asyncio.get_running_loop()
-        self.unpacker = proto.unpacker(max_message)
+        self.unpacker = proto.unpacker(max_message, self._count_container)
+        self.containers = 0      # maps and lists of the message being unpacked
         self.overflowed = False  # it sent more than a reply may hold
         self.malformed = False   # it sent what no runtime sends
         self.asked = False       # a call was made: from now on it speaks only when asked
@@ -135,6 +138,7 @@ class Channel:
         try:
             self.unpacker.feed(self.READ_VIEW[:size])
             for msg in self.unpacker:
+                self.containers = 0
                 waiter, self.waiter = self.waiter, None
                 if waiter is not None and not waiter.done():
                     waiter.set_result(msg)
@@ -153,6 +157,12 @@ class Channel:
             self.close()
             return False
         return True
+
+    def _count_container(self, container):
+        self.containers += 1
+        if self.containers > proto.REPLY_CONTAINERS_MAX:
+            raise ValueError("more maps and lists than a reply has")
+        return container
 
     def close(self):
         if not self.closed:

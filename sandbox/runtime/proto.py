@@ -65,9 +65,27 @@ BufferFull = msgpack.BufferFull
 READ_SIZE = 64 * 1024
 
 
-def unpacker(max_message=MAX_MESSAGE):
+# What a reply holds at most: one map (of these few keys) and one list
+# (its stack's lines, at most 64 Ki characters of them).
+REPLY_KEYS_MAX = 16
+REPLY_ITEMS_MAX = 64 << 10
+REPLY_CONTAINERS_MAX = 2
+
+
+def unpacker(max_message=MAX_MESSAGE, container_hook=None):
+    """A streaming unpacker.  `container_hook`, if given, sees each map and
+    list as it is built, and may refuse it by raising: for what a handler
+    sends, whose code may forge it.  msgpack builds a whole message before
+    anyone can look at it, and 7 MB of empty arrays are 7 million lists,
+    525 MB of the worker's memory; the hook stops that at the first
+    container too many, and the lengths keep each container small."""
+    if container_hook is None:
+        return msgpack.Unpacker(raw=False, max_buffer_size=max_message,
+                               read_size=min(READ_SIZE, max_message))
     return msgpack.Unpacker(raw=False, max_buffer_size=max_message,
-                           read_size=min(READ_SIZE, max_message))
+                           read_size=min(READ_SIZE, max_message),
+                           max_map_len=REPLY_KEYS_MAX, max_array_len=REPLY_ITEMS_MAX,
+                           object_hook=container_hook, list_hook=container_hook)
 
 
 # How much of a function's error reaches its caller: a message of up to

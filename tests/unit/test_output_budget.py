@@ -1,6 +1,6 @@
 """Each function's output to the log has a budget: bursts of 4 MiB, 256 KiB
 a second on average; the log says where it dropped some, and how much."""
-from sandbox.manager import OutputBudget
+from sandbox.manager import OutputBudget, escape_line
 
 
 def test_a_burst_then_a_rate_then_a_count_of_what_was_dropped(monkeypatch):
@@ -15,3 +15,18 @@ def test_a_burst_then_a_rate_then_a_count_of_what_was_dropped(monkeypatch):
     clock[0] += 1.0
     assert budget.take("fn", 100 << 10) == (True, b"[3000 bytes of output were dropped]")
     assert budget.take("fn", 100 << 10) == (True, None)
+
+
+def test_escapes_are_charged_after_what_was_let_through(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("sandbox.manager.time.monotonic", lambda: clock[0])
+    budget = OutputBudget()
+    assert budget.take("fn", 1 << 20) == (True, None)
+    budget.charge("fn", 3 << 20)  # what its escapes added: the burst is spent
+    assert budget.take("fn", 1)[0] is False
+
+
+def test_what_reaches_the_log_escaped():
+    assert escape_line(b"a\x1b[31m\rb\x7f") == b"a\\x1b[31m\\x0db\\x7f"
+    assert escape_line("\u202e\u0085 caf\u00e9".encode()) == "\\u202e\\x85 caf\u00e9".encode()
+    assert escape_line(b"\xff\xc3\ttab") == b"\\xff\\xc3\ttab"  # not UTF-8; a tab stays
