@@ -588,6 +588,14 @@ def test_ol_yaml_is_read_only_as_a_file_of_its_own(worker, tmp_path):
     # Past what the kernel takes: not a platform error at each cold start.
     ("limits:\n  procs: 99999999999\n", "limits.procs must be at most 4194304"),
     ("limits:\n  cpu_percent: 99999999999\n", "limits.cpu_percent must be at most 819200"),
+    ("limits:\n  runtime_sec: %d\n" % 10 ** 23, "limits.runtime_sec must be at most 86400"),
+    ("limits:\n  scratch_mb: %d\n" % 10 ** 23, "limits.scratch_mb must be at most 1073741824"),
+    # An alias "bomb": 441 bytes whose value is 10^8 strings; its repr in
+    # the message stalled the worker for 14 s and made a 722 MB answer.
+    ("limits:\n  mem_mb: &a7 [" + "".join("&a%d [" % i for i in range(6, -1, -1))
+     + ", ".join(['"lol"'] * 10) + "]"
+     + "".join(", *a%d" % i * 9 + "]" for i in range(7)) + "\n",
+     "ol.yaml of function 'badyaml': anchors and aliases are not supported"),
     # Above the worker's own open-file limit (which it inherits from us, at
     # most fs.nr_open): no sandbox could set it.
     ("limits:\n  nofile: %d\n" % min(resource.getrlimit(resource.RLIMIT_NOFILE)[1] + 1, 1 << 20),

@@ -4,6 +4,7 @@ import ipaddress
 import json
 import os
 import re
+import reprlib
 from dataclasses import dataclass, fields
 
 from sandbox.uids import UID_MAX, UID_SLOTS, default_base
@@ -70,9 +71,37 @@ class WorkerConfig:
         return Cluster(self.cluster).worker_cgroup(self.port)
 
 
+# What an error message shows of a value it refuses: at most a few
+# elements, levels and characters of it.  A config's author may hand us a
+# value whose full repr is huge (a YAML alias "bomb" expands to gigabytes)
+# or cannot even be made (an int of more than 4300 digits, which a YAML hex
+# literal gives): building it would stall the worker and send it all back.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel = 2
+_SHOWN.maxstring = _SHOWN.maxlong = _SHOWN.maxother = 40
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 4
+SHOWN_MAX = 100
+
+
+def shown(value):
+    """`value` for an error message: at most SHOWN_MAX characters, on one
+    line, whatever it is."""
+    try:
+        text = _SHOWN.repr(value)
+    except ValueError:  # an int too long for str(): Python's own limit
+        return "an integer of %d bits" % value.bit_length()
+    return text if len(text) <= SHOWN_MAX else text[:SHOWN_MAX - 3] + "..."
+
+
+def shown_names(names):
+    """Keys for an error message: the first few, each bounded."""
+    names = sorted(shown(n) for n in names)
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+
+
 def _positive_int(where, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError("%s must be a positive integer, not %r" % (where, value))
+        raise ConfigError("%s must be a positive integer, not %s" % (where, shown(value)))
     return value
 
 
@@ -84,9 +113,18 @@ def _positive_int(where, value):
 # cannot exceed fs.nr_open; a file size in bytes must fit the kernel's rlimit;
 # pids.max refuses more than PID_MAX_LIMIT; a CPU quota above 100% of the
 # most CPUs Linux schedules (NR_CPUS 8192) is no limit, and far enough above
-# overflows the kernel's quota (EINVAL at every cold start).
+# overflows the kernel's quota (EINVAL at every cold start).  Sizes in MiB
+# (memory, a tmpfs, a file) become byte counts the kernel parses into 64
+# bits, silently wrapping past them (a mem_mb of 2^44 is a memory limit of
+# 0): 2^30 MiB, a PiB, is far above any host's memory and far below that.
+# A call's time limit goes to the sandbox (msgpack, 64-bit integers) and to
+# the event loop's timers; a day is far beyond any FaaS platform's limit
+# (AWS Lambda's is 15 minutes) while a call holds its sandbox and its
+# client's connection.
+MAX_MB = 1 << 30
 LIMIT_MAX = {"response_kb": 63 << 10, "request_kb": 63 << 10, "nofile": 1 << 20,
-             "fsize_mb": 1 << 30, "procs": 1 << 22, "cpu_percent": 100 * 8192}
+             "fsize_mb": MAX_MB, "mem_mb": MAX_MB, "scratch_mb": MAX_MB,
+             "procs": 1 << 22, "cpu_percent": 100 * 8192, "runtime_sec": 24 * 3600}
 # Lower bounds, where less cannot work: a handler process has its standard
 # streams and its channel open, and its set-up needs a few more; a shell
 # already holds a few MB of memory when it is given its function, and below
@@ -107,8 +145,8 @@ def check_limits(source, limits):
             continue
         _positive_int("%s: limits.%s" % (source, name), value)
         if value > LIMIT_MAX.get(name, value):
-            raise ConfigError("%s: limits.%s must be at most %d, not %d"
-                              % (source, name, LIMIT_MAX[name], value))
+            raise ConfigError("%s: limits.%s must be at most %d, not %s"
+                              % (source, name, LIMIT_MAX[name], shown(value)))
         if value < LIMIT_MIN.get(name, value):
             raise ConfigError("%s: limits.%s must be at least %d, not %d"
                               % (source, name, LIMIT_MIN[name], value))
@@ -126,13 +164,13 @@ def check_nofile_within(source, nofile, open_files):
 
 def _count(where, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError("%s must be a whole number, not %r" % (where, value))
+        raise ConfigError("%s must be a whole number, not %s" % (where, shown(value)))
     return value
 
 
 def _flag(where, value):
     if not isinstance(value, bool):
-        raise ConfigError("%s must be true or false, not %r" % (where, value))
+        raise ConfigError("%s must be true or false, not %s" % (where, shown(value)))
     return value
 
 
@@ -141,7 +179,7 @@ def _egress(source, raw):
         raise ConfigError("%s: egress must be an object" % source)
     unknown = sorted(set(raw) - {f.name for f in fields(Egress)})
     if unknown:
-        raise ConfigError("%s: unknown egress key(s) %s" % (source, ", ".join(unknown)))
+        raise ConfigError("%s: unknown egress key(s) %s" % (source, shown_names(unknown)))
     subnet = raw["subnet"]
     try:
         if not isinstance(subnet, str):  # IPv4Network(16) would be 0.0.0.16/32
@@ -149,7 +187,7 @@ def _egress(source, raw):
         net = ipaddress.IPv4Network(subnet)
     except (ValueError, TypeError):
         raise ConfigError("%s: egress.subnet must be an IPv4 network like 10.213.0.0/16, "
-                          "not %r" % (source, subnet)) from None
+                          "not %s" % (source, shown(subnet))) from None
     if net.prefixlen > 24 or not any(net.subnet_of(ipaddress.IPv4Network(r))
                                      for r in PRIVATE_RANGES):
         raise ConfigError("%s: egress.subnet must be a /24 or larger inside %s, not %s"
@@ -160,7 +198,7 @@ def _egress(source, raw):
     # namespace for every address it has.
     if spare > EGRESS_ADDRESSES:
         raise ConfigError("%s: egress.spare must be at most %d (a worker's egress addresses), "
-                          "not %d" % (source, EGRESS_ADDRESSES, spare))
+                          "not %s" % (source, EGRESS_ADDRESSES, shown(spare)))
     return Egress(_flag("%s: egress.enabled" % source, raw["enabled"]), str(net), spare)
 
 
@@ -179,7 +217,7 @@ def from_dict(raw, source):
     known = {f.name for f in fields(WorkerConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError("%s: unknown key(s) %s" % (source, ", ".join(unknown)))
+        raise ConfigError("%s: unknown key(s) %s" % (source, shown_names(unknown)))
     raw = merge(template_defaults(), raw)
     raw.setdefault("port", 8080)
     if "cluster" not in raw:
@@ -194,17 +232,17 @@ def from_dict(raw, source):
     limit_names = {f.name for f in fields(Limits)}
     unknown = sorted(set(limits) - limit_names)
     if unknown:
-        raise ConfigError("%s: unknown limit(s) %s" % (source, ", ".join(unknown)))
+        raise ConfigError("%s: unknown limit(s) %s" % (source, shown_names(unknown)))
     check_limits(source, limits)
     for key in ("cluster", "rootfs", "host"):
         if not isinstance(raw[key], str) or not raw[key]:
             raise ConfigError("%s: %s must be a non-empty string" % (source, key))
     if not _is_host(raw["host"]):
-        raise ConfigError("%s: host must be an IP address or a host name, not %r"
-                          % (source, raw["host"]))
+        raise ConfigError("%s: host must be an IP address or a host name, not %s"
+                          % (source, shown(raw["host"])))
     port = _positive_int("%s: port" % source, raw["port"])
     if port > 65535:
-        raise ConfigError("%s: port must be at most 65535, not %d" % (source, port))
+        raise ConfigError("%s: port must be at most 65535, not %s" % (source, shown(port)))
     max_sandboxes = _positive_int("%s: max_sandboxes" % source, raw["max_sandboxes"])
     pool_size = _count("%s: pool_size" % source, raw["pool_size"])
     # Every sandbox alive at once, plus shells and the dying, needs a uid.
@@ -215,18 +253,23 @@ def from_dict(raw, source):
     if max_connections is not None:
         _positive_int("%s: max_connections" % source, max_connections)
     sandboxes_mem_mb = raw["sandboxes_mem_mb"]
-    if sandboxes_mem_mb is not None and \
-            _positive_int("%s: sandboxes_mem_mb" % source, sandboxes_mem_mb) < limits["mem_mb"]:
-        raise ConfigError("%s: sandboxes_mem_mb (%d) is below limits.mem_mb (%d): no sandbox "
-                          "could use its own limit" % (source, sandboxes_mem_mb, limits["mem_mb"]))
+    if sandboxes_mem_mb is not None:
+        _positive_int("%s: sandboxes_mem_mb" % source, sandboxes_mem_mb)
+        if sandboxes_mem_mb > MAX_MB:  # a byte count, as limits.mem_mb (LIMIT_MAX)
+            raise ConfigError("%s: sandboxes_mem_mb must be at most %d, not %s"
+                              % (source, MAX_MB, shown(sandboxes_mem_mb)))
+        if sandboxes_mem_mb < limits["mem_mb"]:
+            raise ConfigError("%s: sandboxes_mem_mb (%d) is below limits.mem_mb (%d): no "
+                              "sandbox could use its own limit"
+                              % (source, sandboxes_mem_mb, limits["mem_mb"]))
     uid_base = raw.get("uid_base")
     if uid_base is None:
         uid_base = default_base(port)
     elif isinstance(uid_base, bool) or not isinstance(uid_base, int) \
             or not 65536 <= uid_base <= UID_MAX - UID_SLOTS:
         # Below 65536 live the host's own users: a sandbox must never be one.
-        raise ConfigError("%s: uid_base must be null or an integer from 65536 to %d, not %r"
-                          % (source, UID_MAX - UID_SLOTS, uid_base))
+        raise ConfigError("%s: uid_base must be null or an integer from 65536 to %d, not %s"
+                          % (source, UID_MAX - UID_SLOTS, shown(uid_base)))
     return WorkerConfig(
         cluster=os.path.abspath(raw["cluster"]),
         port=port,

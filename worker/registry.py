@@ -20,7 +20,7 @@ import stat
 import yaml
 from inotify_simple import INotify, flags
 
-from .config import ConfigError, check_limits, check_nofile_within
+from .config import ConfigError, check_limits, check_nofile_within, shown, shown_names
 from .errors import InitFailed, NotFound
 
 log = logging.getLogger("worker")
@@ -104,23 +104,25 @@ class Registry:
         """(limits, egress) from the function's ol.yaml, checked."""
         where = "%s of function %r" % (CONFIG_FILE, name)
         try:
-            config = yaml.safe_load(_read_own_file(path, CONFIG_MAX)) or {}
+            config = yaml.load(_read_own_file(path, CONFIG_MAX), Loader=ConfigLoader) or {}
         except OSError as e:
             raise InitFailed("%s cannot be read: %s" % (where, e.strerror), "Runtime.ConfigError"
                              ) from None
-        except yaml.YAMLError as e:
+        except Refused as e:
+            raise InitFailed("%s: %s" % (where, _yaml_problem(e)), "Runtime.ConfigError"
+                             ) from None
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: an int over 4300 digits
             raise InitFailed("%s cannot be read: not valid YAML: %s" % (where, _yaml_problem(e)),
                              "Runtime.ConfigError") from None
         if not isinstance(config, dict):
             raise InitFailed("%s: expected a mapping with `limits:` and `egress:`, found %s"
-                             % (where, repr(config)[:80]), "Runtime.ConfigError")
+                             % (where, shown(config)), "Runtime.ConfigError")
         if set(config) - {"limits", "egress"}:
             raise InitFailed("%s: expected only `limits:` and `egress:`, found %s"
-                             % (where, ", ".join(sorted(str(k)[:40] for k in config)[:8])),
-                             "Runtime.ConfigError")
+                             % (where, shown_names(config)), "Runtime.ConfigError")
         egress = config.get("egress", False)
         if not isinstance(egress, bool):
-            raise InitFailed("%s: egress must be true or false, not %r" % (where, egress),
+            raise InitFailed("%s: egress must be true or false, not %s" % (where, shown(egress)),
                              "Runtime.ConfigError")
         if egress and not self.egress:
             raise InitFailed("%s asks for egress, but this cluster does not enable it "
@@ -132,11 +134,11 @@ class Registry:
         if not isinstance(limits, dict):
             raise InitFailed("%s: limits must be a mapping of names to values (limits:, then"
                              " `  mem_mb: 128` on the next line), not %s"
-                             % (where, repr(limits)[:80]), "Runtime.ConfigError")
+                             % (where, shown(limits)), "Runtime.ConfigError")
         unknown = set(limits) - set(FUNCTION_LIMITS)
         if unknown:
             raise InitFailed("%s: unknown limits %s; known: %s" % (
-                where, sorted(map(str, unknown)), ", ".join(FUNCTION_LIMITS)),
+                where, shown_names(unknown), ", ".join(FUNCTION_LIMITS)),
                 "Runtime.ConfigError")
         try:
             check_limits(where, limits)
@@ -264,6 +266,37 @@ def _read_own_file(path, limit):
     if len(data) > limit:
         raise OSError(errno.EFBIG, "it is over %d KiB" % (limit >> 10))
     return data
+
+
+class Refused(yaml.MarkedYAMLError):
+    """YAML that ol.yaml may not use, valid as it may be."""
+
+
+# Deeper than any ol.yaml nests (limits.mem_mb is 2 levels); far below
+# where composing it would exhaust Python's recursion (a RecursionError).
+MAX_NESTING = 32
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases, and nesting at most
+    MAX_NESTING deep.  An alias makes a value its anchor's: 441 bytes of
+    anchors, each aliasing the one before ten times, make a value of 10^8
+    strings, whose repr (in an error message) stalled the worker for 14 s
+    and went to the caller as 722 MB.  ol.yaml needs neither."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise Refused(problem="anchors and aliases are not supported",
+                          problem_mark=event.start_mark)
+        self.depth = getattr(self, "depth", 0) + 1
+        try:
+            if self.depth > MAX_NESTING:
+                raise Refused(problem="nested more than %d deep" % MAX_NESTING,
+                              problem_mark=event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def _yaml_problem(error):
