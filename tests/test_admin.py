@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ADMIN, REPO, Worker, admin, cluster_leftovers, free_port
+from conftest import ADMIN, REPO, Worker, admin, cluster_leftovers, free_port, start_cluster
 
 from sandbox.cgroups import Cgroup
 from worker.cluster import Cluster
@@ -770,3 +770,53 @@ def test_kill_keeps_a_record_until_its_network_is_cleaned_up(own_worker):
     assert str(w.port) in os.listdir(os.path.join(w.path, "workers"))
     admin("kill", "-cluster", w.path)
     assert not os.path.exists("/sys/class/net/olbr%d" % w.port)
+
+
+def test_a_function_tree_over_the_cap_is_one_config_error_until_made_smaller(worker):
+    """No walk of, nor watch on, a huge tree: the call says which function
+    and what cap, and the function is served once it is within it."""
+    from worker.registry import MAX_DIRS
+    d = worker.add_function("bigtree", "def handler(event):\n    return 1\n")
+    try:
+        for i in range(MAX_DIRS - 1):  # with bigtree and lib: one over
+            os.makedirs(os.path.join(d, "lib", str(i)))
+        status, _, body = worker.call("bigtree", {})
+        assert status == 500 and body["errorType"] == "Runtime.ConfigError", body
+        assert body["errorMessage"].startswith(
+            "function 'bigtree' has more than %d directories" % MAX_DIRS), body
+        os.rmdir(os.path.join(d, "lib", "0"))
+        assert worker.call("bigtree", {})[::2] == (200, 1)
+    finally:
+        shutil.rmtree(d)
+
+
+def test_a_worker_whose_cluster_is_deleted_stops_and_cleans_up(tmp_path):
+    """With its cluster go its lock files: no `admin kill` could find it
+    any more.  It stops as on SIGTERM, saying why; a moved cluster's
+    worker keeps serving."""
+    w = start_cluster(tmp_path)
+    pid = worker_pid(w)
+    log = open(os.path.join(w.path, "logs", "worker-%d.log" % w.port))  # read once deleted
+    try:
+        assert w.call("hello", {"name": "x"})[0] == 200  # a sandbox holds its code
+        moved = str(tmp_path / "moved")
+        os.rename(w.path, moved)
+        assert w.call("hello", {"name": "y"})[2] == "Hello, y!"
+        shutil.rmtree(moved)
+        wait_gone(pid, timeout=20)
+        lines = log.read().splitlines()
+        gone = [line for line in lines if "is gone" in line]
+        assert len(gone) == 1 and gone[0].endswith(
+            "registry %s/registry is gone (deleted, or its file system unmounted): stopping, "
+            "as on SIGTERM" % w.path), lines[-5:]
+        assert lines[-1].endswith("stopped; every sandbox, cgroup and network removed")
+        assert "Traceback" not in "\n".join(lines)
+    finally:
+        log.close()
+        if os.path.exists("/proc/%d" % pid):
+            os.kill(pid, signal.SIGKILL)
+            wait_gone(pid)
+        if not os.path.exists(w.path):  # a cluster there again, for `kill` to clean up
+            admin("new", "-cluster", w.path)
+        admin("kill", "-cluster", w.path)
+    assert cluster_leftovers(w.path) == []

@@ -8,6 +8,8 @@ Changes are tracked with inotify, drained at each lookup, so the next call
 after an edit always sees the new code, with no polling and no stat of the
 whole tree per call; the worker's loop also drains them as they arrive
 (worker/server.py), so that a deleted function's sandboxes go at once.
+A function's tree is watched only up to MAX_DIRS directories; and if the
+registry itself is deleted, `on_gone` says so (its worker then stops).
 """
 import dataclasses
 import errno
@@ -33,6 +35,16 @@ FUNCTION_LIMITS = ("mem_mb", "procs", "cpu_percent", "scratch_mb", "runtime_sec"
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 WATCH = (flags.MODIFY | flags.ATTRIB | flags.CLOSE_WRITE | flags.CREATE | flags.DELETE
          | flags.MOVED_FROM | flags.MOVED_TO | flags.DELETE_SELF | flags.MOVE_SELF)
+# Most directories of one function's tree (its own, and every one below it
+# but __pycache__), each of which takes one of the host's inotify watches
+# (fs.inotify.max_user_watches, as few as 8192 on a small host) and about
+# 1 KiB of kernel memory, and is walked on the worker's loop (1,000 in
+# 10 ms here).  A function's own code is tens of directories; this
+# project's whole virtualenv, numpy and pyroute2 among it, is 432.  A tree
+# over it is refused, not walked (and the walk stops at it): a tree of
+# 40,000 stalled the worker for seconds, took 40,000 watches, and its
+# deletion overflowed inotify's queue.
+MAX_DIRS = 1000
 
 
 class Function:
@@ -52,9 +64,16 @@ class Registry:
         self.limits = limits  # the cluster's defaults
         self.egress = egress  # whether functions may ask for egress
         self.inotify = INotify(nonblocking=True)
+        # DELETE_SELF: the registry itself was deleted (its cluster with it,
+        # its workers' lock files too).  It comes once nothing holds the
+        # directory: sandboxes of its functions hold theirs until retired.
+        # So the worker holds no fd of it.  A move sends nothing: a moved
+        # cluster's worker keeps serving it.
         self.root_watch = self.inotify.add_watch(root, flags.CREATE | flags.DELETE
                                                  | flags.MOVED_FROM | flags.MOVED_TO
-                                                 | flags.ATTRIB)
+                                                 | flags.ATTRIB | flags.DELETE_SELF)
+        self.gone = False  # the registry was deleted
+        self.on_gone = lambda: None
         # A directory has one watch descriptor, which two functions share if
         # their names lead to the same directory (a symbolic link).
         self.watches = {}   # watch descriptor -> {function name: directory}
@@ -87,7 +106,14 @@ class Registry:
                              "Runtime.HandlerNotFound")
         # Its tree is walked once: its watches stay through edits, and a
         # directory made in it later is watched as it appears (drain_changes).
-        watched = name in self.watched or self._watch_tree(name, path)
+        watched = name in self.watched or self._watch_tree(name, path, MAX_DIRS)
+        if watched is None:
+            # Not watched, so looked at again at each call: a walk that stops
+            # at MAX_DIRS + 1, and only until the tree is made smaller.
+            raise InitFailed("function %r has more than %d directories (not counting "
+                             "__pycache__): the worker watches each for edits, and at most %d "
+                             "of one function's" % (name, MAX_DIRS, MAX_DIRS),
+                             "Runtime.ConfigError")
         limits, egress = self.limits, False
         if any(e.name == CONFIG_FILE for e in entries):
             limits, egress = self._read_config(name, os.path.join(path, CONFIG_FILE))
@@ -165,17 +191,17 @@ class Registry:
             return False
         return True
 
-    def _watch_tree(self, name, path):
+    def _watch_tree(self, name, path, most):
         """Watch a directory of a function's and every one below it but
-        __pycache__; False if one cannot be.  If one cannot be, the next
-        lookup walks the whole tree again."""
-        watched = True
-        for root, dirs, _files in os.walk(path):
-            dirs[:] = [d for d in dirs if d != "__pycache__"]
-            watched = self._watch(name, root) and watched
-        if not watched:
+        __pycache__: True once done; False if one cannot be (inotify's
+        limit); None if they are more than `most`, when none is.  Unless
+        True, none of the function's directories stays watched: its next
+        lookup walks its tree again."""
+        tree = _directories(path, most)
+        if tree is None or not all(self._watch(name, d) for d in tree):
             self._unwatch(name)
-        return watched
+            return None if tree is None else False
+        return True
 
     def _unwatch(self, name, under=None):
         """Stop watching a function's directories (those at or below `under`);
@@ -186,7 +212,9 @@ class Registry:
             if under is None or path == under or path.startswith(under + os.sep):
                 del owners[name]
                 self._forget(name, wd)
-                if not owners:  # no other function's: the watch goes
+                # No other function's, nor the registry's own (a function
+                # may be a link to it): the watch goes.
+                if not owners and wd != self.root_watch:
                     del self.watches[wd]
                     try:
                         self.inotify.rm_watch(wd)
@@ -209,10 +237,18 @@ class Registry:
             if event.mask & flags.Q_OVERFLOW:
                 # Events were lost, a new directory's among them maybe:
                 # every tree is walked again.
+                log.warning("registry: inotify's event queue overflowed (more than "
+                            "fs.inotify.max_queued_events changes at once): every function's "
+                            "sandboxes are retired, as an edit may have gone unseen")
                 for name in list(self.watched):
                     self._unwatch(name)
                 for name in list(self.cache):
                     self._changed(name)
+                if not self._watching(self.root_watch):  # its DELETE_SELF among those lost
+                    self._root_gone()
+                continue
+            if event.wd == self.root_watch and event.mask & (flags.DELETE_SELF | flags.IGNORED):
+                self._root_gone()  # IGNORED alone: its file system was unmounted
                 continue
             if event.mask & flags.IGNORED:  # its directory is gone
                 for name in self.watches.pop(event.wd, {}):
@@ -231,15 +267,44 @@ class Registry:
                 if event.mask & flags.ISDIR and event.name:
                     path = os.path.join(directory, event.name)
                     if event.mask & (flags.CREATE | flags.MOVED_TO) and name in self.watched:
-                        self._watch_tree(name, path)
+                        # Within the function's MAX_DIRS, or not watched at all,
+                        # and then refused at its next lookup.
+                        self._watch_tree(name, path, MAX_DIRS - len(self.watched[name]))
                     elif event.mask & flags.MOVED_FROM:  # its watches would follow it out
                         self._unwatch(name, under=path)
                 self._changed(name)
+
+    def _watching(self, wd):
+        """Whether the kernel still has our watch `wd` (the inotify fd's
+        fdinfo lists each, its descriptor in hex)."""
+        try:
+            with open("/proc/self/fdinfo/%d" % self.inotify.fileno()) as f:
+                return any(line.startswith("inotify wd:%x " % wd) for line in f)
+        except OSError:
+            return True  # cannot tell: as before, keep serving
+
+    def _root_gone(self):
+        if not self.gone:
+            self.gone = True
+            self.on_gone()
 
     def _changed(self, name):
         if self.cache.pop(name, None) is not None or name in self.versions:
             self.versions[name] = self.versions.get(name, 0) + 1
             self.on_change(name)
+
+
+def _directories(top, most):
+    """The directories of the tree at `top` but __pycache__ and those in
+    one, top first; None if they are more than `most`, where the walk
+    stops."""
+    found = []
+    for root, dirs, _files in os.walk(top):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        found.append(root)
+        if len(found) > most:
+            return None
+    return found
 
 
 # ol.yaml is read by the worker, as root, from a directory that the

@@ -1,5 +1,6 @@
 """A worker's life: check the rootfs, bind the port, start the zygote, serve,
-and on SIGTERM or SIGINT drain and remove every sandbox and cgroup."""
+and on SIGTERM or SIGINT, or once its registry is deleted, drain and remove
+every sandbox and cgroup."""
 import asyncio
 import gc
 import logging
@@ -120,6 +121,16 @@ async def run(config):
     except OSError as e:
         raise StartError("watch registry %s: %s" % (config.registry, e.strerror)) from None
     table = FunctionTable(manager, registry, config.max_sandboxes)
+    stop = asyncio.Event()
+
+    def registry_gone():
+        # Its cluster was deleted, most likely: its lock files with it, so
+        # `admin kill` could no longer find this worker, and every call
+        # would be a 404 from a worker that says it is ready.
+        log.warning("registry %s is gone (deleted, or its file system unmounted): stopping, "
+                    "as on SIGTERM", config.registry)
+        stop.set()
+    registry.on_gone = registry_gone
     # Changes are applied as they come too, not only at the next lookup: a
     # deleted or edited function's idle sandboxes go at once.
     loop.add_reader(registry.inotify.fileno(), registry.drain_changes)
@@ -130,7 +141,6 @@ async def run(config):
     except OSError as e:
         raise StartError("listen on %s:%d: %s" % (config.host, config.port, e.strerror)) from None
 
-    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if config.favor_cgroup_moves:

@@ -6,6 +6,8 @@ import errno
 import logging
 import shutil
 
+import pytest
+
 from worker.config import Limits
 from worker.registry import Registry
 
@@ -173,5 +175,111 @@ def test_two_names_for_one_directory_share_its_watches(tmp_path):
         assert registry.lookup("al2") is al2  # no longer the same code
         write_atomically(tmp_path / "al2" / "lambda_func.py", "def handler(event):\n    return 8\n")
         assert registry.lookup("al2").version > al2.version  # its own tree is watched
+    finally:
+        registry.close()
+
+
+def test_a_tree_over_the_cap_is_refused_without_a_watch_and_a_smaller_one_is_served(tmp_path):
+    """A function of more than MAX_DIRS directories is one ConfigError line
+    naming it and the cap; its walk stops there, and no watch is left."""
+    from worker.errors import InitFailed
+    from worker.registry import MAX_DIRS
+    fn = tmp_path / "reg" / "big"
+    for i in range(MAX_DIRS - 1):  # with fn and lib: one over
+        (fn / "lib" / str(i)).mkdir(parents=True, exist_ok=True)
+    (fn / "lib" / "0" / "__pycache__").mkdir()  # not counted
+    (fn / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+    registry = Registry(str(tmp_path / "reg"), LIMITS)
+    try:
+        added = counting_walks(registry)
+        with pytest.raises(InitFailed) as refused:
+            registry.lookup("big")
+        assert refused.value.error_type == "Runtime.ConfigError"
+        assert str(refused.value) == (
+            "function 'big' has more than %d directories (not counting __pycache__): the "
+            "worker watches each for edits, and at most %d of one function's"
+            % (MAX_DIRS, MAX_DIRS))
+        assert added == [] and registry.watches == {} and "big" not in registry.watched
+        shutil.rmtree(fn / "lib" / "1")  # now exactly at the cap
+        assert registry.lookup("big").version == 0 and len(added) == MAX_DIRS
+    finally:
+        registry.close()
+
+
+def test_a_tree_grown_past_the_cap_is_unwatched_and_then_refused(tmp_path):
+    from worker.errors import InitFailed
+    from worker.registry import MAX_DIRS
+    (tmp_path / "fn").mkdir()
+    (tmp_path / "fn" / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+    (tmp_path / "elsewhere").mkdir()
+    for i in range(MAX_DIRS):
+        (tmp_path / "elsewhere" / str(i)).mkdir()
+    registry = Registry(str(tmp_path), LIMITS)
+    try:
+        registry.lookup("fn")
+        (tmp_path / "elsewhere").rename(tmp_path / "fn" / "lib")  # one move: no walk of it all
+        registry.drain_changes()
+        assert "fn" not in registry.watched and registry.watches == {}
+        with pytest.raises(InitFailed, match="more than %d directories" % MAX_DIRS):
+            registry.lookup("fn")
+    finally:
+        registry.close()
+
+
+def test_an_overflowed_queue_is_logged_and_retires_every_function(tmp_path, caplog):
+    from inotify_simple import Event, flags
+    (tmp_path / "fn").mkdir()
+    (tmp_path / "fn" / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+    registry = Registry(str(tmp_path), LIMITS)
+    try:
+        changed, gone = [], []
+        registry.on_change, registry.on_gone = changed.append, lambda: gone.append(1)
+        first = registry.lookup("fn")
+        registry.inotify.read = lambda timeout: [Event(-1, flags.Q_OVERFLOW, 0, "")]
+        with caplog.at_level(logging.WARNING, logger="worker"):
+            registry.drain_changes()
+        assert changed == ["fn"] and not gone  # its registry is still there
+        (warning,) = [r.getMessage() for r in caplog.records]
+        assert "event queue overflowed" in warning and "max_queued_events" in warning
+        del registry.inotify.read
+        assert registry.lookup("fn").version > first.version
+    finally:
+        registry.close()
+
+
+def test_a_deleted_registry_is_told_once_and_a_moved_one_is_not(tmp_path):
+    (tmp_path / "reg" / "fn").mkdir(parents=True)
+    (tmp_path / "reg" / "fn" / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
+    registry = Registry(str(tmp_path / "reg"), LIMITS)
+    try:
+        gone = []
+        registry.on_gone = lambda: gone.append(1)
+        registry.lookup("fn")
+        (tmp_path / "reg").rename(tmp_path / "moved")
+        registry.drain_changes()
+        assert not gone
+        shutil.rmtree(tmp_path / "moved")
+        registry.drain_changes()
+        assert gone == [1] and registry.gone  # DELETE_SELF, then IGNORED: told once
+    finally:
+        registry.close()
+
+
+def test_a_deleted_registry_whose_events_an_overflow_lost_is_told(tmp_path):
+    """Its DELETE_SELF may be among the events a full queue dropped: that
+    the kernel no longer has its watch says it is gone."""
+    from inotify_simple import Event, flags
+    (tmp_path / "reg").mkdir()
+    registry = Registry(str(tmp_path / "reg"), LIMITS)
+    try:
+        gone = []
+        registry.on_gone = lambda: gone.append(1)
+        (tmp_path / "reg").rename(tmp_path / "moved")
+        registry.inotify.read = lambda timeout: [Event(-1, flags.Q_OVERFLOW, 0, "")]
+        registry.drain_changes()
+        assert not gone  # moved: still watched
+        shutil.rmtree(tmp_path / "moved")
+        registry.drain_changes()  # its own events "lost": only the overflow is read
+        assert gone == [1]
     finally:
         registry.close()
