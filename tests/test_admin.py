@@ -163,13 +163,29 @@ def test_setconf_merges_and_validates(tmp_path):
                 '{"host": "nonsense host"}', '{"rootfs": "/nonexistent"}', '{"port": 70000}',
                 '{"cluster": "/etc"}', '{"limits": {"mem_mb": 1}}', '{"egress": {"spare": 1000}}',
                 '{"limits": {"request_kb": 10000000}}', '{"rootfs": ""}',
-                '{"limits": {"procs": 99999999999}}'):
+                '{"limits": {"procs": 99999999999}}', '{"limits": {"runtime_sec": %d}}' % 10 ** 23,
+                '{"limits": {"scratch_mb": %d}}' % 10 ** 23, '{"max_sandboxes": "many"}'):
         done = admin("setconf", "-cluster", d, bad, check=False)
-        assert done.returncode == 1 and done.stderr.count("\n") == 1, bad
-    for not_an_object in ("[1]", "{oops"):  # a usage error
+        # A bad value is a bad argument, as bad JSON is: 2.
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, (bad, done.stderr)
+        assert done.stderr.endswith("; nothing was changed\n"), done.stderr
+    for not_an_object in ("[1]", "{oops"):
         done = admin("setconf", "-cluster", d, not_an_object, check=False)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, not_an_object
     assert json.loads((d / "config" / "template.json").read_text()) == template
+    done = admin("setconf", "-cluster", d, '{"limits": {"runtime_sec": %d}}' % 10 ** 23,
+                 check=False)
+    assert "limits.runtime_sec must be at most 86400, not 1" in done.stderr, done.stderr
+
+
+def test_setconf_on_a_template_invalid_before_fails_not_as_a_usage_error(tmp_path):
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    template = json.loads((d / "config" / "template.json").read_text())
+    template["rootfs"] = str(tmp_path / "gone")  # by hand: setconf would refuse it
+    (d / "config" / "template.json").write_text(json.dumps(template))
+    done = admin("setconf", "-cluster", d, '{"max_sandboxes": 7}', check=False)
+    assert done.returncode == 1 and "gone" in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_setconf_null_puts_a_key_back_to_its_default(tmp_path):
@@ -227,6 +243,17 @@ def test_a_cluster_path_that_is_not_utf8_is_refused_in_one_line(tmp_path):
         assert done.returncode == 1 and done.stderr.startswith(
             "admin: open cluster %s: a cluster path must be valid UTF-8" % shown), done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_a_cluster_path_with_a_control_character_is_refused_in_one_line(tmp_path):
+    """No worker could start in it (a cgroup's name cannot hold a newline),
+    and it would break every message naming it over two lines."""
+    bad = str(tmp_path) + "/n\nl"
+    done = admin("new", "-cluster", bad, check=False)
+    assert done.returncode == 1 and done.stderr == (
+        "admin: create cluster %s/n\\nl: a cluster path must not hold control characters (a "
+        "newline, a tab...): it names the cluster's cgroups\n" % tmp_path)
+    assert not os.path.lexists(bad)
 
 
 def test_worker_exec_on_a_port_in_use_says_to_set_another_port(tmp_path):
@@ -820,3 +847,60 @@ def test_a_worker_whose_cluster_is_deleted_stops_and_cleans_up(tmp_path):
             admin("new", "-cluster", w.path)
         admin("kill", "-cluster", w.path)
     assert cluster_leftovers(w.path) == []
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on a 256 KiB tmpfs, with a cluster in it and then filled;
+    unmounted after the test, whatever happens."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], check=True)
+    try:
+        admin("new", "-cluster", disk / "c")
+        subprocess.run(["dd", "if=/dev/zero", "of=%s" % (disk / "fill"), "bs=4k"],
+                       capture_output=True)  # until the disk is full
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_what_and_leaves_nothing_half_written(full_disk):
+    d = full_disk / "c"
+    template = (d / "config" / "template.json").read_text()
+    done = admin("setconf", "-cluster", d, '{"max_sandboxes": 7}', check=False)
+    assert done.returncode == 1 and done.stderr == (
+        "admin: setconf: write %s/config/template.json: No space left on device; nothing was "
+        "changed\n" % d)
+    assert os.listdir(d / "config") == ["template.json"]
+    assert (d / "config" / "template.json").read_text() == template
+    port = free_port()
+    done = admin("workers", "-cluster", d, "-p", port, check=False)
+    assert done.returncode == 1 and done.stderr == (
+        "admin: record the worker on port %d: write %s/workers/%d/config.json: No space left "
+        "on device\n" % (port, d, port))
+    assert os.listdir(d / "workers") == []
+    assert "(no workers)" in admin("status", "-cluster", d).stdout  # no record said killed
+    done = admin("new", "-cluster", full_disk / "c2", check=False)
+    assert done.returncode == 1 and done.stderr == (
+        "admin: create cluster %s/c2: write %s/c2/config/template.json: No space left on device;"
+        " what was made of it was removed\n" % (full_disk, full_disk))
+    assert not os.path.lexists(full_disk / "c2")
+    assert cluster_leftovers(d) == []
+
+
+def test_an_unexpected_os_error_names_the_command(monkeypatch, capsys):
+    """A write's ENOSPC names no file: the line says which command failed."""
+    import errno
+    import importlib.machinery
+    import types
+    loader = importlib.machinery.SourceFileLoader("admin_cli", ADMIN)
+    cli = types.ModuleType(loader.name)
+    cli.__file__ = ADMIN
+    loader.exec_module(cli)
+
+    def fails(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(cli, "cmd_status", fails)
+    assert cli.main(["status", "-cluster", "/nowhere"]) == 1
+    assert capsys.readouterr().err == "admin: status: No space left on device\n"

@@ -10,6 +10,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import sandbox.filelock as filelock
@@ -17,6 +18,11 @@ import sandbox.filelock as filelock
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ROOTFS = os.path.join(REPO_ROOT, "build", "rootfs")
 MARKER = os.path.join("config", "template.json")
+# C0 controls, DEL and C1 controls.  The kernel refuses a newline in a
+# cgroup's name, which the cluster's path gives (no worker could start in
+# it); and any of them would break the one-line messages that name the
+# cluster, over lines or into terminal escapes.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class ClusterError(Exception):
@@ -148,23 +154,34 @@ class Cluster:
         return "%s/w%d" % (self.cgroup, port)
 
     def create(self, rootfs=None):
-        self.check_utf8("create")
-        if os.path.lexists(self.path):
-            raise ClusterError("cluster %s already exists; nothing was changed" % self.path)
+        self.check_path("create")
         template = template_defaults()
         if rootfs:
             template["rootfs"] = os.path.abspath(rootfs)
         try:
-            for sub in ("config", "registry", "logs", "workers"):
-                os.makedirs(os.path.join(self.path, sub))
-            self.write_template(template)
+            # Its own mkdir, which fails if anything is there: then what
+            # is there is not ours to remove below.
+            os.makedirs(self.path)
+        except FileExistsError:
+            raise ClusterError("cluster %s already exists; nothing was changed" % self.path
+                               ) from None
         except OSError as e:
             raise ClusterError("create cluster %s: %s" % (self.path, e.strerror)) from None
+        try:
+            for sub in ("config", "registry", "logs", "workers"):
+                os.mkdir(os.path.join(self.path, sub))
+            self.write_template(template)
+        except (OSError, ClusterError) as e:
+            # Half a cluster (no template) would be refused by every command,
+            # `new` included: none is left.
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise ClusterError("create cluster %s: %s; what was made of it was removed" % (
+                self.path, e.strerror if isinstance(e, OSError) else e)) from None
 
     def check(self):
         """Raise ClusterError unless this looks like a cluster directory.  Its
         template is not read: a broken one must not stop `kill` or `status`."""
-        self.check_utf8("open")
+        self.check_path("open")
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise ClusterError("%s is not a cluster: it is not a directory" % self.path)
         if not os.path.isdir(self.path):
@@ -172,6 +189,16 @@ class Cluster:
                                % (self.path, self.path))
         if not os.path.isfile(self.template):
             raise ClusterError("%s is not a cluster: it has no %s" % (self.path, MARKER))
+
+    def check_path(self, operation):
+        """Refuse a path that is not valid UTF-8, or holds a control
+        character (CONTROL)."""
+        self.check_utf8(operation)
+        if CONTROL.search(self.path):
+            shown = CONTROL.sub(lambda m: repr(m.group())[1:-1], self.path)  # \n, \x1b...
+            raise ClusterError("%s cluster %s: a cluster path must not hold control characters "
+                               "(a newline, a tab...): it names the cluster's cgroups"
+                               % (operation, shown))
 
     def check_utf8(self, operation):
         """Refuse a path that is not valid UTF-8: it goes into the workers'
@@ -201,11 +228,28 @@ class Cluster:
         return template
 
     def write_template(self, template):
+        """Through a temporary file renamed over it: a reader (a worker
+        starting) sees the old template or the new one, whole.  If it
+        cannot be written (a full disk), the old one stays, and the
+        temporary file goes."""
         tmp = self.template + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(template, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, self.template)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(template, f, indent=2, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, self.template)
+        except OSError as e:
+            remove_file(tmp)
+            raise ClusterError("write %s: %s" % (self.template, e.strerror)) from None
+
+
+def remove_file(path):
+    """Remove a file we made, if it is there: cleaning up after a failure,
+    which must not hide that failure with one of its own."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def merge(base, update):

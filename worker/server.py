@@ -79,9 +79,11 @@ def connection_cap(config, open_files):
     the config says so."""
     left = open_files - fds_for_sandboxes(config)
     if left < 1:
+        # The worker raises its soft limit to the hard one itself
+        # (reserve_fds): only the hard limit is the operator's to raise.
         raise StartError("the open-file limit (%d) leaves no fd for connections next to "
-                         "max_sandboxes %d and pool_size %d: raise it (ulimit -n) or lower "
-                         "them" % (open_files, config.max_sandboxes, config.pool_size))
+                         "max_sandboxes %d and pool_size %d: raise the hard limit (ulimit -Hn) "
+                         "or lower them" % (open_files, config.max_sandboxes, config.pool_size))
     return min(left, config.max_connections or left)
 
 

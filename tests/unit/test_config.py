@@ -118,6 +118,33 @@ def test_a_cluster_path_that_is_not_utf8_is_refused_in_one_line(tmp_path):
         cluster.check()
 
 
+@pytest.mark.parametrize("name,shown", [("n\nl", "n\\nl"), ("tab\there", "tab\\there"),
+                                        ("esc\x1b[31m", "esc\\x1b[31m"), ("c1\x9b", "c1\\x9b")])
+def test_a_cluster_path_with_a_control_character_is_refused_in_one_line(tmp_path, name, shown):
+    """The kernel refuses a newline in a cgroup's name: no worker could
+    start in such a cluster.  Refused as a path that is not UTF-8 is."""
+    path = str(tmp_path / name)
+    with pytest.raises(ClusterError) as refused:
+        Cluster(path).create()
+    assert str(refused.value) == (
+        "create cluster %s/%s: a cluster path must not hold control characters (a newline, a "
+        "tab...): it names the cluster's cgroups" % (tmp_path, shown))
+    assert not os.path.lexists(path)
+
+
+def test_a_template_that_cannot_be_written_leaves_the_old_one_and_no_temporary_file(tmp_path):
+    cluster = Cluster(str(tmp_path / "c"))
+    cluster.create()
+    before = open(cluster.template).read()
+    # Its temporary file cannot be made (a full disk is tested in test_admin.py).
+    os.symlink(str(tmp_path / "no" / "such" / "dir"), cluster.template + ".tmp")
+    with pytest.raises(ClusterError, match=r"^write %s: No such file or directory$"
+                                           % cluster.template):
+        cluster.write_template({"port": 1})
+    assert open(cluster.template).read() == before
+    assert os.listdir(tmp_path / "c" / "config") == ["template.json"]
+
+
 def test_clusters_with_the_same_name_get_distinct_cgroups(tmp_path):
     assert Cluster(str(tmp_path / "a" / "c")).cgroup != Cluster(str(tmp_path / "b" / "c")).cgroup
 
@@ -146,6 +173,9 @@ def test_connections_get_what_the_open_file_limit_leaves_after_sandboxes():
     capped = from_dict({"cluster": "/c", "max_sandboxes": 100, "max_connections": 50}, "test")
     assert connection_cap(capped, 20000) == 50
     with pytest.raises(StartError, match="open-file limit .1024. leaves no fd for connections"):
+        connection_cap(from_dict({"cluster": "/c", "max_sandboxes": 1000}, "test"), 1024)
+    # The worker raises its soft limit itself: only the hard one helps.
+    with pytest.raises(StartError, match=r"raise the hard limit \(ulimit -Hn\) or lower them$"):
         connection_cap(from_dict({"cluster": "/c", "max_sandboxes": 1000}, "test"), 1024)
 
 
