@@ -725,7 +725,7 @@ def test_egress_on_a_port_whose_network_another_worker_has_is_refused(tmp_path):
 
 
 def _memory_file(w, v1_name, v2_name):
-    cgroup = Cgroup(Cluster(w.path).worker_cgroup(w.port))
+    cgroup = Cgroup(Cluster(w.path).worker_cgroup(w.port) + "/sandboxes")
     name = v2_name if cgroup.mode.name == "v2" else v1_name
     with open(os.path.join(cgroup.limit_dirs()["memory"], name)) as f:
         return int(f.read())
@@ -761,6 +761,27 @@ def test_an_oom_kill_at_the_sandboxes_total_says_so(own_worker):
     assert killed and all(b["errorType"] == "Runtime.OutOfMemory" for b in killed), answers
     assert all("all sandboxes together reached their 300 MB" in b["errorMessage"]
                for b in killed), killed
+
+
+def test_memory_held_in_files_never_gets_the_zygote_oom_killed(own_worker):
+    """Memory in a memfd is charged to its sandbox but counts in no
+    process's size, by which the OOM killer picks: at the sandboxes' total,
+    it had picked the zygote, and every sandbox died with it."""
+    w = own_worker(sandboxes_mem_mb=300, limits={"mem_mb": 160})
+    w.add_function("filehog", "import os, time\n"
+                              "def handler(event):\n"
+                              "    for i in range(120):  # under limits.fsize_mb per file\n"
+                              "        if i % 40 == 0:\n"
+                              "            fd = os.memfd_create('hoard')\n"
+                              "        os.write(fd, b'x' * (1 << 20))\n"
+                              "    time.sleep(1)\n"
+                              "    return 'held'\n")
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: Worker(w.path, w.port).call("filehog", {}), range(3)))
+    assert not [a for a in answers if "zygote" in str(a[2])], answers
+    assert any(status == 502 and body["errorType"] == "Runtime.OutOfMemory"
+               for status, _, body in answers), answers
+    assert w.call("hello", {"name": "x"})[0] == 200
 
 
 def test_kill_of_a_moved_cluster_whose_worker_was_sigkilled_removes_its_cgroups(own_worker,
