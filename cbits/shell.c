@@ -263,17 +263,6 @@ static int netns_untouched(const struct ol_netns_snapshot *pristine)
     return 1;
 }
 
-static int write_file(const char *path, const char *text)
-{
-    int fd = (int)syscall(SYS_openat, AT_FDCWD, path, O_WRONLY | O_CLOEXEC);
-    long n;
-    if (fd < 0)
-        return -1;
-    n = syscall(SYS_write, fd, text, strlen(text));
-    close_keeping_errno(fd);
-    return n < 0 ? -1 : 0;
-}
-
 int ol_enter_shell(struct ol_shell *shell, struct ol_failure *failure, double *stamps)
 {
     int null_fd, make_netns;
@@ -289,14 +278,6 @@ int ol_enter_shell(struct ol_shell *shell, struct ol_failure *failure, double *s
     for (int i = 0; i < shell->ncgroup_fds; i++)
         if (syscall(SYS_write, shell->cgroup_fds[i], "0", 1) < 0)
             FAIL(failure, -1, "join cgroup");
-    /* On a host out of memory, the OOM killer's first pick is a sandbox,
-     * not a service of the host's nor the zygote.  A preference, not a
-     * guarantee: a program the handler runs (dumpable again) may lower its
-     * own rank back to 0, and only CAP_SYS_RESOURCE, which root may lack
-     * (a container's does), could forbid that.  The zygote is kept safe
-     * from the sandboxes' own total otherwise (sandbox/manager.py). */
-    if (write_file("/proc/self/oom_score_adj", "1000") < 0)
-        FAIL(failure, -1, "write /proc/self/oom_score_adj");
     /* Output to its own pipe, which the worker reads: never the worker's log
      * or terminal, which it could reopen through /proc/self/fd. */
     if (syscall(SYS_dup2, shell->output_fd, 1) < 0 || syscall(SYS_dup2, shell->output_fd, 2) < 0)
@@ -370,6 +351,17 @@ int ol_fork_shells(int n, int own_pidns, int *pids, struct ol_failure *failures)
             return -errno;
     }
     return 0;
+}
+
+static int write_file(const char *path, const char *text)
+{
+    int fd = (int)syscall(SYS_openat, AT_FDCWD, path, O_WRONLY | O_CLOEXEC);
+    long n;
+    if (fd < 0)
+        return -1;
+    n = syscall(SYS_write, fd, text, strlen(text));
+    close_keeping_errno(fd);
+    return n < 0 ? -1 : 0;
 }
 
 int ol_before_assignment(int last_cap, struct ol_failure *failure)

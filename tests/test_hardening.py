@@ -204,18 +204,3 @@ def test_stdout_and_stderr_reach_the_log_in_the_order_written(worker):
     lines = log_lines(worker, marker, 6)
     said = [line.split(marker, 1)[1].strip() for line in lines]
     assert said == ["out 0", "err 0", "out 1", "err 1", "out 2", "err 2"], lines
-
-
-
-def test_a_sandbox_is_the_oom_killers_first_pick_on_the_host(worker):
-    worker.add_function("oomrank", "def handler(event):\n"
-                        "    out = {'adj': open('/proc/self/oom_score_adj').read().strip()}\n"
-                        "    try:\n"
-                        "        with open('/proc/self/oom_score_adj', 'w') as f:\n"
-                        "            f.write('0')\n"
-                        "    except OSError as e:\n"
-                        "        out['lower'] = e.__class__.__name__\n"
-                        "    out['after'] = open('/proc/self/oom_score_adj').read().strip()\n"
-                        "    return out\n")
-    status, _, out = worker.call("oomrank", {})
-    assert (status, out) == (200, {"adj": "1000", "lower": "PermissionError", "after": "1000"})
