@@ -95,6 +95,20 @@ class ChannelClosed(Exception):
     pass
 
 
+class ReplyShape:
+    """Counts the maps and lists of the message being unpacked, and refuses
+    one more than a reply has (proto.unpacker says why)."""
+
+    def __init__(self):
+        self.containers = 0
+
+    def count(self, container):
+        self.containers += 1
+        if self.containers > proto.REPLY_CONTAINERS_MAX:
+            raise ValueError("more maps and lists than a reply has")
+        return container
+
+
 class Channel:
     """The worker's end of a handler's msgpack stream: one call at a time.
 
@@ -113,8 +127,11 @@ class Channel:
     def __init__(self, sock, max_message=proto.MAX_MESSAGE):
         self.sock = sock
         self.loop = asyncio.get_running_loop()
-        self.unpacker = proto.unpacker(max_message, self._count_container)
-        self.containers = 0      # maps and lists of the message being unpacked
+        # The hook is the shape's, not this channel's: a bound method of the
+        # channel in its own unpacker would make a cycle, which only the
+        # worker's rare full collections free, with the unpacker's buffer.
+        self.shape = ReplyShape()
+        self.unpacker = proto.unpacker(max_message, self.shape.count)
         self.overflowed = False  # it sent more than a reply may hold
         self.malformed = False   # it sent what no runtime sends
         self.asked = False       # a call was made: from now on it speaks only when asked
@@ -138,7 +155,7 @@ class Channel:
         try:
             self.unpacker.feed(self.READ_VIEW[:size])
             for msg in self.unpacker:
-                self.containers = 0
+                self.shape.containers = 0
                 waiter, self.waiter = self.waiter, None
                 if waiter is not None and not waiter.done():
                     waiter.set_result(msg)
@@ -157,12 +174,6 @@ class Channel:
             self.close()
             return False
         return True
-
-    def _count_container(self, container):
-        self.containers += 1
-        if self.containers > proto.REPLY_CONTAINERS_MAX:
-            raise ValueError("more maps and lists than a reply has")
-        return container
 
     def close(self):
         if not self.closed:

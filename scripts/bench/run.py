@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -473,6 +474,8 @@ def main():
 
 
 if __name__ == "__main__":
+    # `kill` stops it as Ctrl-C does: its workers stopped, its clusters removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
     except KeyboardInterrupt:
