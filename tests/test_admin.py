@@ -178,12 +178,17 @@ def test_setconf_merges_and_validates(tmp_path):
     assert "limits.runtime_sec must be at most 86400, not 1" in done.stderr, done.stderr
 
 
+def _set_rootfs_by_hand(cluster, rootfs):
+    """A template whose rootfs is missing, as setconf would never write it."""
+    template = json.loads((cluster / "config" / "template.json").read_text())
+    template["rootfs"] = str(rootfs)
+    (cluster / "config" / "template.json").write_text(json.dumps(template))
+
+
 def test_setconf_on_a_template_invalid_before_fails_not_as_a_usage_error(tmp_path):
     d = tmp_path / "c"
     admin("new", "-cluster", d)
-    template = json.loads((d / "config" / "template.json").read_text())
-    template["rootfs"] = str(tmp_path / "gone")  # by hand: setconf would refuse it
-    (d / "config" / "template.json").write_text(json.dumps(template))
+    _set_rootfs_by_hand(d, tmp_path / "gone")
     done = admin("setconf", "-cluster", d, '{"max_sandboxes": 7}', check=False)
     assert done.returncode == 1 and "gone" in done.stderr and done.stderr.count("\n") == 1
 
@@ -318,9 +323,7 @@ def test_several_workers(tmp_path):
 def test_worker_failing_to_start_is_reported(tmp_path):
     d = tmp_path / "c"
     admin("new", "-cluster", d)
-    template = json.loads((d / "config" / "template.json").read_text())
-    template["rootfs"] = str(tmp_path / "no-such-rootfs")  # by hand: setconf would refuse it
-    (d / "config" / "template.json").write_text(json.dumps(template))
+    _set_rootfs_by_hand(d, tmp_path / "no-such-rootfs")
     done = admin("workers", "-cluster", d, "-p", free_port(), check=False)
     assert done.returncode == 1
     assert "no-such-rootfs" in done.stderr and "does not exist" in done.stderr
@@ -746,6 +749,12 @@ def test_the_sandboxes_together_have_a_memory_limit(own_worker):
             min(300 << 20, host_tcp_pressure_bytes() // 2)
 
 
+def _at_once(w, name, count):
+    """The answers to `count` calls of `name` made at once."""
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: Worker(w.path, w.port).call(name, {}), range(count)))
+
+
 def test_an_oom_kill_at_the_sandboxes_total_says_so(own_worker):
     """Two calls that each fit their own limit, but not the total: the one
     the kernel kills is told which limit it met."""
@@ -755,8 +764,7 @@ def test_an_oom_kill_at_the_sandboxes_total_says_so(own_worker):
                           "    hoard = bytearray(200 << 20)\n"
                           "    time.sleep(1)\n"
                           "    return len(hoard)\n")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(lambda _: Worker(w.path, w.port).call("hog", {}), range(2)))
+    answers = _at_once(w, "hog", 2)
     killed = [body for status, _, body in answers if status == 502]
     assert killed and all(b["errorType"] == "Runtime.OutOfMemory" for b in killed), answers
     assert all("all sandboxes together reached their 300 MB" in b["errorMessage"]
@@ -776,8 +784,7 @@ def test_memory_held_in_files_never_gets_the_zygote_oom_killed(own_worker):
                               "        os.write(fd, b'x' * (1 << 20))\n"
                               "    time.sleep(1)\n"
                               "    return 'held'\n")
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        answers = list(pool.map(lambda _: Worker(w.path, w.port).call("filehog", {}), range(3)))
+    answers = _at_once(w, "filehog", 3)
     assert not [a for a in answers if "zygote" in str(a[2])], answers
     assert any(status == 502 and body["errorType"] == "Runtime.OutOfMemory"
                for status, _, body in answers), answers

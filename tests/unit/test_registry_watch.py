@@ -94,10 +94,15 @@ def test_a_directory_made_or_moved_in_later_is_watched_and_one_moved_out_is_not(
         registry.close()
 
 
-def test_a_function_directory_replaced_is_walked_again(tmp_path):
+def registry_of_one(tmp_path):
+    """A registry at tmp_path/reg with one function, fn."""
     (tmp_path / "reg" / "fn").mkdir(parents=True)
     (tmp_path / "reg" / "fn" / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
-    registry = Registry(str(tmp_path / "reg"), LIMITS)
+    return Registry(str(tmp_path / "reg"), LIMITS)
+
+
+def test_a_function_directory_replaced_is_walked_again(tmp_path):
+    registry = registry_of_one(tmp_path)
     try:
         registry.lookup("fn")
         (tmp_path / "reg" / "fn").rename(tmp_path / "old")
@@ -248,9 +253,7 @@ def test_an_overflowed_queue_is_logged_and_retires_every_function(tmp_path, capl
 
 
 def test_a_deleted_registry_is_told_once_and_a_moved_one_is_not(tmp_path):
-    (tmp_path / "reg" / "fn").mkdir(parents=True)
-    (tmp_path / "reg" / "fn" / "lambda_func.py").write_text("def handler(event):\n    return 1\n")
-    registry = Registry(str(tmp_path / "reg"), LIMITS)
+    registry = registry_of_one(tmp_path)
     try:
         gone = []
         registry.on_gone = lambda: gone.append(1)
