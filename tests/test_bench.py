@@ -3,6 +3,7 @@ run without the peers, and a short soak: the numbers are not checked, only
 that it works)."""
 import json
 import os
+import signal
 import subprocess
 
 from conftest import REPO, cluster_leftovers
@@ -32,3 +33,25 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path):
     assert (out / "soak.png").read_bytes()[:4] == b"\x89PNG"
     assert [line for line in open("/proc/self/mountinfo") if "olbench" in line] == []
     assert cluster_leftovers("/nonexistent") == []  # no process left in another root
+
+
+def test_a_bench_stopped_with_sigterm_leaves_nothing(tmp_path):
+    bench = subprocess.Popen([os.path.join(REPO, ".venv/bin/python"), "scripts/bench/run.py",
+                              "--quick", "--no-peers", "--out", str(tmp_path)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"))  # its progress as it goes
+    try:
+        for line in bench.stdout:
+            if line.startswith("[3/"):  # its workers are up and being called
+                break
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == 130 and "interrupted; its workers are stopped" in err, err
+    assert os.listdir(tmp_path) == []  # no results
+    assert [line for line in open("/proc/self/mountinfo") if "olbench" in line] == []
+    assert cluster_leftovers("/nonexistent") == []
+    assert subprocess.run(["pgrep", "-f", "olbench-"], capture_output=True).stdout == b""
