@@ -77,6 +77,9 @@ ESCAPES = {code: "\\x%02x" % code if code < 0x100 else "\\u%04x" % code for code
 # Bytes that are not UTF-8, as "surrogateescape" decodes them: U+DC80 is 0x80.
 ESCAPES.update({0xdc00 + byte: "\\x%02x" % byte for byte in range(0x80, 0x100)})
 TO_ESCAPE = re.compile("[%s]+" % "".join(re.escape(chr(code)) for code in ESCAPES))
+# The same, one character at a time: a lone class is what the regex engine
+# scans for fastest, half the time of the runs' pattern on clean text.
+ANY_TO_ESCAPE = re.compile("[%s]" % "".join(re.escape(chr(code)) for code in ESCAPES))
 
 
 class OutputBudget:
@@ -125,7 +128,10 @@ def _escape_run(match):
 
 def escape_line(line):
     """A line of a handler's output as it may be written to the log."""
-    return TO_ESCAPE.sub(_escape_run, line.decode("utf-8", "surrogateescape")).encode()
+    text = line.decode("utf-8", "surrogateescape")
+    if ANY_TO_ESCAPE.search(text) is None:  # most lines: UTF-8, nothing to escape
+        return line
+    return TO_ESCAPE.sub(_escape_run, text).encode()
 
 
 # A shell builds its sandbox in milliseconds.  One still not ready after

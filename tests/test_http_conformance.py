@@ -249,6 +249,8 @@ def test_request_targets_a_server_must_refuse_or_take(worker):
     status, headers = status_of(b"OPTIONS * HTTP/1.1")
     assert (status, headers["allow"]) == (200, "GET, HEAD, POST")
     assert status_of(b"GET * HTTP/1.1")[0] == 400
+    assert status_of(b"GET *?x HTTP/1.1")[0] == 400
+    assert status_of(b"OPTIONS *?x HTTP/1.1")[0] == 400
     assert status_of(b"POST /run/hello#frag HTTP/1.1")[0] == 400
     assert status_of(b"CONNECT example.com:443 HTTP/1.1")[0] == 501
 

@@ -295,10 +295,15 @@ class HttpProtocol(asyncio.Protocol):
     def _head_in(self, data):
         """Bytes of an unfinished head that began in `data`, a chunk that may
         also end earlier requests: from its request line, found by its
-        method and its target's first piece, to the chunk's end."""
+        method and its target's first piece, to the chunk's end.  Searched
+        from the chunk's last blank line on, which no unfinished head holds:
+        the last match could be a copy of that text in the head's own
+        header value, and the head would be counted short."""
         if not self.first_url:
             return 0  # the method alone so far, a few bytes
-        start = data.rfind(self.parser.get_method() + b" " + self.first_url)
+        after = data.rfind(b"\r\n\r\n")
+        start = data.find(self.parser.get_method() + b" " + self.first_url,
+                          after + 4 if after >= 0 else 0)
         return len(data) - start if start >= 0 else len(data)
 
     # -- httptools callbacks ----------------------------------------------------
@@ -385,8 +390,8 @@ class HttpProtocol(asyncio.Protocol):
                          "this is no proxy")
         if b"#" in self.url:
             self._refuse(400, "Http.BadRequest", "a request target has no fragment (#)")
-        if self.url == b"*" and method != b"OPTIONS":
-            self._refuse(400, "Http.BadRequest", "the target * is only for OPTIONS")
+        if self.url.startswith(b"*") and (self.url != b"*" or method != b"OPTIONS"):
+            self._refuse(400, "Http.BadRequest", "the target * is only for OPTIONS, and alone")
 
     def on_body(self, chunk):
         self.size += len(chunk)

@@ -31,6 +31,9 @@ def _finite(text):
 
 # An event as RFC 8259 has it (the worker's check and the handler's parse):
 # UTF-8, and without Python's NaN and Infinity, spelt out or overflowed.
+# _finite costs a Python call per float (JSON of nothing but floats parses
+# 60% slower, 0.4 ms more for the worker's 64 KiB at most); telling which
+# texts may overflow without it took a regex slower still.
 STRICT_JSON = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
 
 
