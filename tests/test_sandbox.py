@@ -91,7 +91,9 @@ def test_destroy_leaves_no_process_cgroup_mount_or_socket(tmp_path, manager_conf
         assert pid and os.readlink("/proc/%d/ns/mnt" % pid) != os.readlink("/proc/self/ns/mnt")
         dirs = sandbox.cgroup.dirs()
         assert all(os.path.isdir(d) for d in dirs)
-        await manager.destroy(sandbox)
+        # Time enough for its zygote's exit report on a loaded host: the
+        # default 2 s was once too little with a debootstrap running beside.
+        await manager.destroy(sandbox, timeout=30)
         assert not os.path.exists("/proc/%d" % pid)
         # Its cgroup is empty and back in the pool, for the next sandbox.
         assert sandbox.cgroup.pids() == [] and sandbox.cgroup in manager.cgroups.free
