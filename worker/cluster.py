@@ -228,19 +228,26 @@ class Cluster:
         return template
 
     def write_template(self, template):
-        """Through a temporary file renamed over it: a reader (a worker
-        starting) sees the old template or the new one, whole.  If it
-        cannot be written (a full disk), the old one stays, and the
-        temporary file goes."""
-        tmp = self.template + ".tmp"
         try:
-            with open(tmp, "w") as f:
-                json.dump(template, f, indent=2, sort_keys=True)
-                f.write("\n")
-            os.replace(tmp, self.template)
+            write_json(self.template, template)
         except OSError as e:
-            remove_file(tmp)
             raise ClusterError("write %s: %s" % (self.template, e.strerror)) from None
+
+
+def write_json(path, value):
+    """`value` as JSON at `path`, through a temporary file renamed over it:
+    a reader (a worker starting) sees the old file or the new one, whole.
+    If it cannot be written (a full disk), the old one stays, the temporary
+    file goes, and the OSError is raised."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError:
+        remove_file(tmp)
+        raise
 
 
 def remove_file(path):

@@ -349,12 +349,16 @@ class ConfigLoader(yaml.SafeLoader):
     strings, whose repr (in an error message) stalled the worker for 14 s
     and went to the caller as 722 MB.  ol.yaml needs neither."""
 
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0  # of the node being composed
+
     def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise Refused(problem="anchors and aliases are not supported",
                           problem_mark=event.start_mark)
-        self.depth = getattr(self, "depth", 0) + 1
+        self.depth += 1
         try:
             if self.depth > MAX_NESTING:
                 raise Refused(problem="nested more than %d deep" % MAX_NESTING,
