@@ -12,7 +12,11 @@ sandbox.network).  The rules, all keyed by a short tag naming the worker:
   HTTP port nor any service, published through DNAT or not, is reachable;
 - so are other sandboxes (this worker's or another's: any bridge named
   BRIDGE_PREFIX...; port isolation stops the direct, bridged path), cloud
-  metadata services, and anything a DNAT rule redirected.
+  metadata services, and anything a DNAT rule redirected;
+- nothing leaves with a source address outside the subnet;
+- the host's conntrack table is shared, and a full one drops every new
+  connection of the host's: the worker's sandboxes together may hold a
+  quarter of it, and one sandbox a sixteenth of that (FlowLimits).
 
 Two backends do the same with the tool the host has: Nftables (a table of
 its own, replaced in one transaction) and Iptables (chains of its own,
@@ -32,8 +36,10 @@ import re
 import shlex
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 PROC_IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+PROC_CONNTRACK_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
 
 # The iptables backend names chains "OL-<tag>-FWD": iptables allows 28
 # characters, which leaves 21 for the tag.
@@ -58,6 +64,28 @@ def worker_tag(port):
 # Cloud metadata services, which hand out the host's credentials: the
 # link-local range (AWS, GCP, OpenStack...), Azure's WireServer, Alibaba's.
 METADATA = ("169.254.0.0/16", "168.63.129.16/32", "100.100.100.200/32")
+
+
+@dataclass(frozen=True)
+class FlowLimits:
+    """Most connections (conntrack entries) at once: of one sandbox (one
+    source address), and of all the worker's sandboxes."""
+    per_sandbox: int
+    per_worker: int
+
+    @classmethod
+    def for_host(cls):
+        """A quarter of the host's table for the worker, a sixteenth of
+        that for a sandbox: 65,536 and 4,096 for the usual 262,144.  UDP to
+        15,000 ports fills 15,000 entries in under 0.1 s, so without a limit
+        one sandbox fills the whole table in seconds."""
+        try:
+            with open(PROC_CONNTRACK_MAX) as f:
+                size = int(f.read())
+        except (OSError, ValueError):
+            size = 65536  # the kernel's smallest default
+        per_worker = max(size // 4, 64)
+        return cls(max(per_worker // 16, 16), per_worker)
 
 
 class NatError(Exception):
@@ -117,9 +145,10 @@ class Nftables:
     def table(tag):
         return "openlambda_%s" % tag
 
-    def install(self, tag, bridge, subnet):
+    def install(self, tag, bridge, subnet, limits=None):
         what = "install nftables rules for %s (bridge %s, %s)" % (tag, bridge, subnet)
         subnet = _check(what, tag, bridge, subnet)
+        limits = limits or FlowLimits.for_host()
         table = self.table(tag)
         # One `nft -f` is one transaction: the old table (declared first so
         # that deleting it cannot fail) goes and the new one comes at once.
@@ -128,6 +157,9 @@ class Nftables:
 table ip {table} {{}}
 delete table ip {table}
 table ip {table} {{
+    # Connections counted by source (ct count), for FlowLimits.
+    set sandbox_flows {{ type ipv4_addr; size 65535; flags dynamic; }}
+    set worker_flows {{ type ifname; size 16; flags dynamic; }}
     chain prerouting {{
         type filter hook prerouting priority raw; policy accept;
         # Sandboxes must not reach the host: none of its addresses, and
@@ -143,6 +175,9 @@ table ip {table} {{
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
+        # A sandbox cannot forge its source address (no raw sockets, no
+        # IP_TRANSPARENT); if it ever could, it would not leave with one.
+        iifname "{bridge}" ip saddr != {subnet} drop
         # Sandboxes must not reach each other through the host, nor the
         # sandboxes of another worker.  With br_netfilter, bridged traffic
         # between ports also comes here with the bridge as both interfaces.
@@ -152,6 +187,9 @@ table ip {table} {{
         iifname "{bridge}" ip daddr {{ {metadata} }} drop
         # Nor anything a DNAT rule redirected.
         iifname "{bridge}" ct status dnat drop
+        # Nor take more than their share of the host's conntrack table.
+        iifname "{bridge}" ct state new add @sandbox_flows {{ ip saddr ct count over {limits.per_sandbox} }} drop
+        iifname "{bridge}" ct state new add @worker_flows {{ iifname ct count over {limits.per_worker} }} drop
         # Sandboxes may go out...
         iifname "{bridge}" accept
         # ...and get the replies...
@@ -198,9 +236,10 @@ class Iptables:
         """The comment on our jump rules, by which remove finds them."""
         return "openlambda-%s" % tag
 
-    def install(self, tag, bridge, subnet):
+    def install(self, tag, bridge, subnet, limits=None):
         what = "install iptables rules for %s (bridge %s, %s)" % (tag, bridge, subnet)
         subnet = _check(what, tag, bridge, subnet)
+        limits = limits or FlowLimits.for_host()
         # The jumps of an earlier install, to delete (iptables-restore skips
         # the blank line there is when there are none).
         found = self._found(what, tag)
@@ -208,6 +247,8 @@ class Iptables:
         PRE, IN, FWD, NAT = (self.chain(tag, s) for s in ("PRE", "IN", "FWD", "NAT"))
         metadata = "\n".join("-A %s -i %s -d %s -j DROP" % (FWD, bridge, net) for net in METADATA)
         jump = "-m comment --comment %s -j" % self.mark(tag)
+        new = "-m conntrack --ctstate NEW -m connlimit --connlimit-saddr --connlimit-above"
+
         # --noflush leaves everything else alone, and each table is
         # committed whole or not at all: declaring a chain that exists
         # empties it, and the old jumps are deleted, in the same commit
@@ -232,6 +273,9 @@ COMMIT
 # The same, for whatever came past prerouting: not the worker's HTTP port,
 # nor any other service, on any of the host's addresses.
 -A {IN} -i {bridge} -j DROP
+# A sandbox cannot forge its source address (no raw sockets, no
+# IP_TRANSPARENT); if it ever could, it would not leave with one.
+-A {FWD} -i {bridge} ! -s {subnet} -j DROP
 # Sandboxes must not reach each other through the host, nor the sandboxes
 # of another worker.  With br_netfilter, bridged traffic between ports also
 # comes here with the bridge as both interfaces.
@@ -241,6 +285,10 @@ COMMIT
 {metadata}
 # Nor anything a DNAT rule redirected.
 -A {FWD} -i {bridge} -m conntrack --ctstate DNAT -j DROP
+# Nor take more than their share of the host's conntrack table (mask 32:
+# counted by source; mask 0: all together).
+-A {FWD} -i {bridge} {new} {limits.per_sandbox} --connlimit-mask 32 -j DROP
+-A {FWD} -i {bridge} {new} {limits.per_worker} --connlimit-mask 0 -j DROP
 # Sandboxes may go out...
 -A {FWD} -i {bridge} -j ACCEPT
 # ...and get the replies...

@@ -10,6 +10,10 @@ here ahead of time:
 - the host masquerades its traffic to the uplink and drops whatever it
   sends to the host itself (sandbox.nat).
 
+Before a namespace serves another sandbox, what the last one left that the
+next could see is deleted: the host's conntrack entries of its address
+(sandbox.conntrack) and the namespace's neighbour cache.
+
 Namespaces are made in the background, kept ready, and recycled when their
 sandbox is gone: no namespace or veth is made or deleted on a request.  A
 shell joins one with setns when it is given its function.
@@ -36,6 +40,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import filelock, nat
+from .conntrack import Flows
 from .errors import CapacityError, SandboxError
 from .pools import Refill, wait_for_item
 from .runtime import syscalls as sc
@@ -90,6 +95,18 @@ class Lease:
     """A prepared namespace; holding its fd keeps it (and its veth) alive."""
     address: str
     fd: int
+    veth: str       # the host's end
+    sent: int = -1  # packets it had sent when it was last clean (-1: unknown)
+
+
+def packets_sent(veth):
+    """How many packets the namespace behind `veth` has sent (the host's
+    end receives them); -1 if it cannot be read."""
+    try:
+        with open("/sys/class/net/%s/statistics/rx_packets" % veth) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return -1
 
 
 def nameservers(path):
@@ -123,6 +140,7 @@ class EgressNetwork:
         self.free = collections.deque()     # leases ready for a sandbox, oldest first
         self.unused = list(range(len(self.addresses)))[::-1]  # address indexes never made
         self.making = 0
+        self.scrubbing = 0                  # released leases being cleaned for reuse
         self.waiters = collections.deque()  # futures of acquire() calls
         self.refill_later = Refill(self._refill)
         self.closing = False
@@ -130,6 +148,7 @@ class EgressNetwork:
         self.ipr = None       # the thread's netlink socket, in the host's namespace
         self.host_ns = None   # the host's network namespace, for the thread to return to
         self.backend = None   # the host's NAT tool (sandbox.nat)
+        self.flows = None     # the thread's conntrack socket, in the host's namespace
         self.lock = None      # network_lock's fd, while the bridge and rules are ours
 
     def describe(self):
@@ -156,8 +175,10 @@ class EgressNetwork:
             backend = self.backend = nat.detect()
         except nat.NatError as e:
             raise SandboxError("enable egress", self.subnet, str(e)) from None
-        # A worker on this port that was SIGKILLed left its bridge and rules.
-        remove_leftovers(self.ipr, self.port, backend)
+        self.flows = Flows()
+        # A worker on this port that was SIGKILLed left its bridge, rules
+        # and flows.
+        remove_leftovers(self.ipr, self.port, backend, self.flows, self.subnet)
         self._check_subnet_is_free()
         try:
             # A fixed MAC.  A bridge without one takes the lowest MAC of its
@@ -177,7 +198,7 @@ class EgressNetwork:
             self.ipr.addr("add", index=index, address=self.gateway, prefixlen=24)
             self.ipr.link("set", index=index, state="up")
         except (NetlinkError, OSError) as e:
-            remove_leftovers(self.ipr, self.port, backend)
+            remove_leftovers(self.ipr, self.port, backend, self.flows, self.subnet)
             raise SandboxError("create bridge", self.bridge, str(e)) from None
         try:
             backend.install(self.tag, self.bridge, str(self.subnet))
@@ -185,7 +206,7 @@ class EgressNetwork:
                 self.log("egress: turned on IPv4 forwarding (net.ipv4.ip_forward) for the whole "
                          "host; it stays on after the worker stops")
         except nat.NatError as e:
-            remove_leftovers(self.ipr, self.port, backend)
+            remove_leftovers(self.ipr, self.port, backend, self.flows, self.subnet)
             raise SandboxError("enable egress", self.subnet, str(e)) from None
 
     def _check_subnet_is_free(self):
@@ -233,8 +254,13 @@ class EgressNetwork:
     def _teardown(self):
         """What _setup made, all or in part."""
         if self.ipr is not None:
-            remove_leftovers(self.ipr, self.port, self.backend)
+            try:
+                remove_leftovers(self.ipr, self.port, self.backend, self.flows, self.subnet)
+            except SandboxError as e:
+                self.log(str(e))  # the next start, or `admin kill`, tries again
             self.ipr.close()
+        if self.flows is not None:
+            self.flows.close()
         if self.host_ns is not None:
             os.close(self.host_ns)
         filelock.release(network_lock(self.port), self.lock)
@@ -248,7 +274,7 @@ class EgressNetwork:
             lease = self.free.popleft()
             self.refill_later.after_take(len(self.free) + self.making, self.spare)
             return lease
-        if not self.unused and not self.making:
+        if not self.unused and not self.making and not self.scrubbing:
             raise CapacityError("give egress", self.subnet, "all %d addresses are in use"
                                 % len(self.addresses))
         waiter = asyncio.get_running_loop().create_future()
@@ -260,13 +286,57 @@ class EgressNetwork:
     def release(self, lease, reusable):
         """Its sandbox is gone.  A namespace a process may still be in is
         not handed out again; its address is not reused until restart.
-        Reused oldest first: what the last sandbox left in the kernel
-        (TIME_WAIT sockets, conntrack entries) has the longest to expire."""
-        if reusable and not self.closing:
-            self.free.append(lease)
-            self._give_waiters()
-        else:
+        One that sent anything is scrubbed first (in the thread).  Reused
+        oldest first: what the last sandbox left in the kernel (TIME_WAIT
+        sockets) has the longest to expire."""
+        if not reusable or self.closing:
             os.close(lease.fd)
+        elif lease.sent >= 0 and packets_sent(lease.veth) == lease.sent:
+            self._reuse(lease)  # it sent nothing: it left nothing outside
+        else:
+            self.scrubbing += 1
+            future = asyncio.get_running_loop().run_in_executor(self.thread, self._scrub, lease)
+            future.add_done_callback(lambda f, lease=lease: self._scrubbed(lease, f))
+
+    def _reuse(self, lease):
+        self.free.append(lease)
+        self._give_waiters()
+
+    def _scrub(self, lease):
+        """In the thread: forget what the namespace's last sandbox left that
+        the next one could see or be reached by: the host's conntrack
+        entries of its address (they would lead a server it talked to into
+        the next sandbox), and its neighbour cache (up to 253 entries of the
+        sandbox's choosing: a channel to the next tenant).  The gateway's
+        entry stays: every sandbox has it, and it saves the next an ARP."""
+        self.flows.forget(lease.address)
+        sc.setns(lease.fd, sc.CLONE_NEWNET)
+        try:
+            with IPRoute() as inside:
+                for entry in inside.neigh("dump"):
+                    if entry.get_attr("NDA_DST") != self.gateway:
+                        inside.neigh("del", dst=entry.get_attr("NDA_DST"),
+                                     ifindex=entry["ifindex"])
+        except (NetlinkError, OSError) as e:
+            raise SandboxError("flush neighbours", "%s (%s)" % (lease.veth, lease.address),
+                               str(e)) from None
+        finally:
+            sc.setns(self.host_ns, sc.CLONE_NEWNET)
+        lease.sent = packets_sent(lease.veth)
+
+    def _scrubbed(self, lease, future):
+        self.scrubbing -= 1
+        try:
+            future.result()
+        except Exception as e:  # the thread's own failures, named or not
+            self.log(str(e) if isinstance(e, SandboxError) else
+                     "scrub egress namespace %s: %r" % (lease.address, e))
+            os.close(lease.fd)  # not reused: its address waits for a restart
+            return
+        if self.closing:
+            os.close(lease.fd)
+        else:
+            self._reuse(lease)
 
     def _give_waiters(self):
         while self.free and self.waiters:
@@ -315,6 +385,11 @@ class EgressNetwork:
             try:
                 sc.unshare(sc.CLONE_NEWNET)
                 fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                # No IPv6 on the eth0 made below either (egress is IPv4
+                # only): it would send router solicitations and the like of
+                # its own accord, and a namespace that sent nothing is
+                # reused without a scrub.
+                set_sysctl("ipv6/conf/default/disable_ipv6", "1")
             finally:
                 sc.setns(self.host_ns, sc.CLONE_NEWNET)
             try:
@@ -353,7 +428,7 @@ class EgressNetwork:
                 raise SandboxError("prepare egress namespace", "%s (%s)" % (veth, address),
                                    str(e)) from None
             raise
-        return Lease(address, fd)
+        return Lease(address, fd, veth, packets_sent(veth))
 
 
 def bridge_mac(port):
@@ -362,7 +437,7 @@ def bridge_mac(port):
 
 
 def set_sysctl(name, value):
-    """A net sysctl of the thread's current namespace (the host's)."""
+    """A net sysctl of the thread's current network namespace."""
     try:
         with open("/proc/sys/net/" + name, "w") as f:
             f.write(value)
@@ -378,9 +453,23 @@ def detect_nat():
         return None
 
 
-def remove_leftovers(ipr, port, backend):
-    """The rules (of NAT tool `backend`, if any) and the bridge of a worker
-    on `port`, if any.  Its namespaces and veths went with its process."""
+def bridge_subnet(ipr, port):
+    """The /24 of the bridge of the worker on `port`, None if it has none."""
+    try:
+        index = socket.if_nametoindex(nat.bridge_name(port))
+    except OSError:
+        return None
+    for addr in ipr.get_addr(family=socket.AF_INET, index=index):
+        return ipaddress.IPv4Network((addr.get_attr("IFA_ADDRESS"), 24), strict=False)
+    return None
+
+
+def remove_leftovers(ipr, port, backend, flows, subnet=None):
+    """The rules (of NAT tool `backend`, if any), the bridge and the
+    conntrack entries (through `flows`) of a worker on `port` whose egress
+    addresses are in `subnet` (if None: the bridge's).  Its namespaces and
+    veths went with its process."""
+    subnet = subnet or bridge_subnet(ipr, port)
     try:
         if backend is not None:
             backend.remove(nat.worker_tag(port))
@@ -391,21 +480,28 @@ def remove_leftovers(ipr, port, backend):
     except NetlinkError as e:
         if e.code != 19:  # ENODEV: there was none
             raise SandboxError("delete bridge", nat.bridge_name(port), str(e)) from None
+    if flows is not None and subnet is not None:
+        # Last: with the rules and the bridge gone, nothing makes new ones.
+        flows.forget_subnet(subnet)
 
 
 def cleanup(ports):
     """Remove what workers on `ports` left, but for a port whose network a
     running worker has (network_lock)."""
     backend = detect_nat()
-    with IPRoute() as ipr:
-        for port in ports:
-            lock = claim_network(port)
-            if lock is None:
-                continue
-            try:
-                remove_leftovers(ipr, port, backend)
-            finally:
-                filelock.release(network_lock(port), lock)
+    flows = Flows()
+    try:
+        with IPRoute() as ipr:
+            for port in ports:
+                lock = claim_network(port)
+                if lock is None:
+                    continue
+                try:
+                    remove_leftovers(ipr, port, backend, flows)
+                finally:
+                    filelock.release(network_lock(port), lock)
+    finally:
+        flows.close()
 
 
 if __name__ == "__main__":

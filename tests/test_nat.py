@@ -327,6 +327,85 @@ def test_policy(net, backend):
         assert s.recv(100)
 
 
+UDP_FLOWS = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if sys.argv[4] != "-":
+    s.bind((sys.argv[4], 0))  # a source address of the caller's choosing
+for port in range(int(sys.argv[2]), int(sys.argv[2]) + int(sys.argv[3])):
+    s.sendto(b"x", (sys.argv[1], port))  # one conntrack entry each, if forwarded
+"""
+
+
+def udp_flows(ns, address, first_port, count, source="-"):
+    run("ip", "netns", "exec", ns, sys.executable, "-c", UDP_FLOWS, address, str(first_port),
+        str(count), source)
+
+
+def flows_from(address):
+    """How many conntrack entries the host has from `address`: the packets
+    it forwarded (one it drops leaves none)."""
+    from pyroute2 import Conntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+    with Conntrack() as ct:
+        return len(list(ct.dump_entries(tuple_orig=NFCTAttrTuple(saddr=address))))
+
+
+@pytest.fixture
+def no_flows(net):
+    """The sandboxes' conntrack entries are forgotten before and after."""
+    from sandbox.conntrack import Flows
+    flows = Flows()
+    spoofed = "10.251.%s.9" % net.subnet.split(".")[2]
+    try:
+        for address in (net.a1, net.a2, spoofed):
+            flows.forget(address)
+        yield spoofed
+        for address in (net.a1, net.a2, spoofed):
+            flows.forget(address)
+    finally:
+        flows.close()
+
+
+def test_a_sandbox_and_the_worker_hold_at_most_their_share_of_flows(net, backend, no_flows):
+    b, tag = backend
+    # Control: with the host's limits, 30 flows pass.  (The host tracks
+    # connections only once some rule needs it: ours do.)
+    b.install(tag, net.bridge, net.subnet)
+    udp_flows(net.s1, net.inet_addr, 20000, 30)
+    assert flows_from(net.a1) == 30
+    # A new install counts afresh, from the next connection.
+    b.install(tag, net.bridge, net.subnet, nat.FlowLimits(per_sandbox=10, per_worker=15))
+    udp_flows(net.s1, net.inet_addr, 21000, 30)
+    assert flows_from(net.a1) == 30 + 10
+    # The other sandbox gets what is left of the worker's share.
+    udp_flows(net.s2, net.inet_addr, 21000, 30)
+    assert flows_from(net.a2) == 5
+
+
+def test_nothing_leaves_with_a_source_outside_the_subnet(net, backend, no_flows):
+    b, tag = backend
+    spoofed = no_flows
+    run("ip", "-n", net.s1, "addr", "add", spoofed + "/32", "dev", "eth0")
+    try:
+        # Control: forwarded under rules that do not check the source (the
+        # host tracks connections only once some rule needs it).
+        run("nft", "-f", "-", input_="table ip oltrack {\n chain f {\n  type filter hook "
+            "forward priority 0;\n  ct state new accept\n }\n}\n")
+        try:
+            udp_flows(net.s1, net.inet_addr, 22000, 1, source=spoofed)
+            assert flows_from(spoofed) == 1
+        finally:
+            run("nft", "delete", "table", "ip", "oltrack")
+        b.install(tag, net.bridge, net.subnet)
+        udp_flows(net.s1, net.inet_addr, 22001, 1, source=spoofed)
+        assert flows_from(spoofed) == 1
+        udp_flows(net.s1, net.inet_addr, 22001, 1)
+        assert flows_from(net.a1) == 1  # its own address still goes out
+    finally:
+        run("ip", "-n", net.s1, "addr", "del", spoofed + "/32", "dev", "eth0")
+
+
 def test_install_twice_leaves_one_set_of_rules(net, backend):
     b, tag = backend
     b.install(tag, net.bridge, net.subnet)

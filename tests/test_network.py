@@ -61,14 +61,28 @@ def handler(event):
         return _fetch(event["host"], event["port"])
     if op == "serve":
         return _serve(event["port"])
+    if op == "udp":  # a flow out that the server answers: a conntrack entry
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            s.sendto(b"hello", (event["host"], event["port"]))
+            return s.recvfrom(100)[0].decode()
     if op == "arp":  # {address: MAC} of the namespace's ARP cache
         with open("/proc/net/arp") as f:
             return {line.split()[0]: line.split()[3] for line in f.readlines()[1:]}
 '''
 
-# The internet's server answers with the address it saw the client come from.
+# The internet's server answers with the address it saw the client come
+# from, over TCP and UDP.
 INTERNET_SERVER = '''
-import socket, sys
+import socket, sys, threading
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("0.0.0.0", int(sys.argv[1])))
+
+def echo():
+    while True:
+        data, peer = udp.recvfrom(100)
+        udp.sendto(peer[0].encode(), peer)
+threading.Thread(target=echo, daemon=True).start()
 server = socket.socket()
 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 server.bind(("0.0.0.0", int(sys.argv[1])))
@@ -263,6 +277,82 @@ def test_200_cold_starts_recycle_namespaces_and_leak_nothing(egress_worker, inte
     time.sleep(0.5)
     veths = [name for name in network_leftovers(egress_worker.port) if name.startswith("olv")]
     assert len(veths) <= 12, veths
+
+
+def flows_from(address):
+    """The host's conntrack entries whose original source is `address`."""
+    from pyroute2 import Conntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+    with Conntrack() as ct:
+        return list(ct.dump_entries(tuple_orig=NFCTAttrTuple(saddr=address)))
+
+
+def test_a_released_address_keeps_no_flow_open_to_the_outside(egress_worker, internet):
+    """A flow a sandbox opened is forgotten before its address changes
+    hands: else the server it talked to could send into the next sandbox
+    with that address (a UDP entry lives as long as the server sends)."""
+    path = os.path.join(egress_worker.registry, "out", "lambda_func.py")
+    source = open(path).read()
+    _, _, address = egress_worker.call("out", {"op": "address"})
+    _, _, seen = egress_worker.call("out", {"op": "udp", "host": internet["address"],
+                                            "port": INTERNET_PORT})
+    assert seen == internet["host_side"]  # masqueraded, and answered
+    assert flows_from(address)  # control: the host tracks the flow
+    with open(path, "w") as f:
+        f.write(source + "\n# retired\n")  # the next call is cold: the sandbox goes
+    try:
+        assert egress_worker.call("out", {"op": "interfaces"})[0] == 200
+        deadline = time.monotonic() + 5
+        while flows_from(address) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert flows_from(address) == []
+    finally:
+        with open(path, "w") as f:
+            f.write(source)
+
+
+def test_a_recycled_namespace_is_scrubbed_and_an_unused_one_is_not(internet):
+    """What a sandbox left in its namespace's neighbour cache (entries of
+    its choosing, a channel to the next tenant) and in the host's
+    conntrack table is gone before the namespace serves again; a namespace
+    that sent nothing is reused at once."""
+    import asyncio
+    from sandbox.network import EgressNetwork
+
+    def inside(lease, *argv):
+        return subprocess.run(["nsenter", "--net=/proc/%d/fd/%d" % (os.getpid(), lease.fd),
+                               *argv], check=True, capture_output=True, text=True).stdout
+
+    async def scenario(network):
+        await network.start()
+        try:
+            lease = await network.acquire()
+            network.release(lease, reusable=True)
+            assert network.scrubbing == 0 and lease in network.free  # it sent nothing
+            lease = await network.acquire()
+            prefix = lease.address.rsplit(".", 1)[0]
+            inside(lease, sys.executable, "-c", (
+                "import socket\n"
+                "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "s.sendto(b'x', (%r, %d))\n" % (internet["address"], INTERNET_PORT) +
+                "for n in (77, 78, 79): s.sendto(b'x', ('%s.%%d' %% n, 9))\n" % prefix))
+            neighbours = inside(lease, "ip", "-4", "neigh", "show")
+            assert prefix + ".77 " in neighbours and prefix + ".1 " in neighbours, neighbours
+            # (pyroute2's own loop cannot run inside this one: a thread)
+            assert await asyncio.to_thread(flows_from, lease.address)
+            network.release(lease, reusable=True)
+            assert network.scrubbing == 1
+            while lease not in network.free:
+                await asyncio.sleep(0.01)
+            neighbours = inside(lease, "ip", "-4", "neigh", "show")
+            assert [line.split()[0] for line in neighbours.splitlines()] == [prefix + ".1"]
+            assert await asyncio.to_thread(flows_from, lease.address) == []
+        finally:
+            await network.close()
+
+    port = free_port()
+    asyncio.run(scenario(EgressNetwork(port, "10.215.0.0/16", 1)))
+    assert settled_leftovers(port) == []
 
 
 def test_unknown_egress_value_and_egress_on_a_cluster_without_it(worker):
