@@ -225,6 +225,12 @@ class Cgroup:
         if os.path.exists(tcp):
             _write(tcp, str(min(mem_mb << 20, host_tcp_pressure_bytes() // 2)))
 
+    def cap_procs(self, procs):
+        """A limit on the processes and threads in this cgroup and under
+        it: the sandboxes' total, so that together they cannot take the
+        host's pids (kernel.pid_max is 32,768 on many hosts)."""
+        _write(os.path.join(self.limit_dirs()["pids"], "pids.max"), str(procs))
+
     def set_idle(self, idle):
         """cpu.idle (Linux 5.15+; a no-op before): an idle cgroup runs only
         when nothing else wants the CPU, and yields to any other at once.
@@ -410,6 +416,13 @@ def default_total_mb():
     """Three quarters of the host's memory: what sandboxes may take
     together unless the worker's config says otherwise."""
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4 >> 20
+
+
+def default_total_procs(path="/proc/sys/kernel/pid_max"):
+    """A quarter of the host's pids: what sandboxes may have together
+    unless the worker's config says otherwise."""
+    with open(path) as f:
+        return int(f.read()) // 4
 
 
 def _read_pids(d):

@@ -22,7 +22,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from .cgroups import Cgroup, Limits, default_total_mb
+from .cgroups import Cgroup, Limits, default_total_mb, default_total_procs
 from .errors import SandboxError
 from .loopback import LoopbackPool
 from .pools import Refill, wait_for_item
@@ -48,6 +48,7 @@ class SandboxConfig:
     netns: bool = True   # a network namespace of its own (False: the host's, unsafe)
     uid_base: int = DEFAULT_FLOOR  # sandbox n runs as host uid uid_base + n (sandbox.uids)
     total_mem_mb: int = None  # all sandboxes together; None: cgroups.default_total_mb
+    total_procs: int = None   # all sandboxes together; None: cgroups.default_total_procs
 
 
 # What the worker copies of one sandbox's stdout and stderr into its log;
@@ -320,6 +321,7 @@ class SandboxManager:
         self.root.remove()
         self.all_sandboxes.create()
         self.all_sandboxes.cap_memory(self.config.total_mem_mb or default_total_mb())
+        self.all_sandboxes.cap_procs(self.config.total_procs or default_total_procs())
         started = time.monotonic()
         # Every sandbox that can be alive at once (plus a few dying) gets its
         # cgroup now: a cgroup mkdir takes ~0.5 ms, which calls must not wait

@@ -728,7 +728,7 @@ def test_egress_on_a_port_whose_network_another_worker_has_is_refused(tmp_path):
 
 
 def _memory_file(w, v1_name, v2_name):
-    cgroup = Cgroup(Cluster(w.path).worker_cgroup(w.port) + "/sandboxes")
+    cgroup = _sandboxes_cgroup(w)
     name = v2_name if cgroup.mode.name == "v2" else v1_name
     with open(os.path.join(cgroup.limit_dirs()["memory"], name)) as f:
         return int(f.read())
@@ -747,6 +747,38 @@ def test_the_sandboxes_together_have_a_memory_limit(own_worker):
     if Cgroup("x").mode.name != "v2":
         assert _memory_file(w, "memory.kmem.tcp.limit_in_bytes", "") == \
             min(300 << 20, host_tcp_pressure_bytes() // 2)
+
+
+def test_the_sandboxes_together_have_a_process_limit(own_worker):
+    """Without one, a worker's sandboxes could have (max_sandboxes + 2 x
+    pool_size) x limits.procs tasks, 9,216 at the defaults: four workers
+    would take every pid of a host with kernel.pid_max 32,768.  Threads a
+    sandbox keeps count against the others."""
+    from sandbox.cgroups import default_total_procs
+    w = own_worker()
+    with open(os.path.join(_sandboxes_cgroup(w).limit_dirs()["pids"], "pids.max")) as f:
+        assert int(f.read()) == default_total_procs()
+    w = own_worker(sandboxes_procs=40, limits={"procs": 30})
+    hold = ("import threading, time\n"
+            "def handler(event):\n"
+            "    started = 0\n"
+            "    try:\n"
+            "        for _ in range(event['threads']):\n"
+            "            threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+            "            started += 1\n"
+            "    except RuntimeError:\n"
+            "        pass  # can't start new thread: a pids limit\n"
+            "    return started\n")
+    w.add_function("hold", hold)
+    w.add_function("hold2", hold)
+    status, _, started = w.call("hold", {"threads": 20})
+    assert (status, started) == (200, 20)  # under its own 30
+    status, _, started = w.call("hold2", {"threads": 20})
+    assert status == 200 and started < 20, started  # the other's 20 count against the 40
+
+
+def _sandboxes_cgroup(w):
+    return Cgroup(Cluster(w.path).worker_cgroup(w.port) + "/sandboxes")
 
 
 def _at_once(w, name, count):

@@ -35,6 +35,7 @@ def template_defaults():
         "host": "127.0.0.1",
         "max_sandboxes": 128,
         "sandboxes_mem_mb": None,
+        "sandboxes_procs": None,
         "pool_size": 8,
         "max_connections": None,
         "zygote": True,

@@ -53,6 +53,7 @@ class WorkerConfig:
     rootfs: str
     max_sandboxes: int
     sandboxes_mem_mb: int  # None: sandbox.cgroups.default_total_mb
+    sandboxes_procs: int   # None: sandbox.cgroups.default_total_procs
     pool_size: int
     max_connections: int  # None: as many as the open-file limit leaves (worker.server)
     zygote: bool
@@ -103,6 +104,23 @@ def _positive_int(where, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError("%s must be a positive integer, not %s" % (where, shown(value)))
     return value
+
+
+def _total(source, raw, name, limits, limit):
+    """A limit on all sandboxes together (`name`, None for the default),
+    which must leave one sandbox its own `limits.<limit>` and has the same
+    upper bound."""
+    total = raw[name]
+    if total is None:
+        return None
+    _positive_int("%s: %s" % (source, name), total)
+    if total > LIMIT_MAX[limit]:
+        raise ConfigError("%s: %s must be at most %d, not %s"
+                          % (source, name, LIMIT_MAX[limit], shown(total)))
+    if total < limits[limit]:
+        raise ConfigError("%s: %s (%d) is below limits.%s (%d): no sandbox could use its "
+                          "own limit" % (source, name, total, limit, limits[limit]))
+    return total
 
 
 # Upper bounds, where the kernel or the worker has one: a reply is buffered
@@ -252,16 +270,8 @@ def from_dict(raw, source):
     max_connections = raw["max_connections"]
     if max_connections is not None:
         _positive_int("%s: max_connections" % source, max_connections)
-    sandboxes_mem_mb = raw["sandboxes_mem_mb"]
-    if sandboxes_mem_mb is not None:
-        _positive_int("%s: sandboxes_mem_mb" % source, sandboxes_mem_mb)
-        if sandboxes_mem_mb > MAX_MB:  # a byte count, as limits.mem_mb (LIMIT_MAX)
-            raise ConfigError("%s: sandboxes_mem_mb must be at most %d, not %s"
-                              % (source, MAX_MB, shown(sandboxes_mem_mb)))
-        if sandboxes_mem_mb < limits["mem_mb"]:
-            raise ConfigError("%s: sandboxes_mem_mb (%d) is below limits.mem_mb (%d): no "
-                              "sandbox could use its own limit"
-                              % (source, sandboxes_mem_mb, limits["mem_mb"]))
+    sandboxes_mem_mb = _total(source, raw, "sandboxes_mem_mb", limits, "mem_mb")
+    sandboxes_procs = _total(source, raw, "sandboxes_procs", limits, "procs")
     uid_base = raw.get("uid_base")
     if uid_base is None:
         uid_base = default_base(port)
@@ -277,6 +287,7 @@ def from_dict(raw, source):
         rootfs=os.path.abspath(raw["rootfs"]),
         max_sandboxes=max_sandboxes,
         sandboxes_mem_mb=sandboxes_mem_mb,
+        sandboxes_procs=sandboxes_procs,
         pool_size=pool_size,
         max_connections=max_connections,
         zygote=_flag("%s: zygote" % source, raw["zygote"]),

@@ -116,7 +116,7 @@ async def run(config):
         limits=Limits(limits.mem_mb, limits.procs, limits.cpu_percent),
         scratch_mb=limits.scratch_mb, pool_size=config.pool_size, max_live=config.max_sandboxes,
         fresh=not config.zygote, netns=config.network_isolation, uid_base=config.uid_base,
-        total_mem_mb=config.sandboxes_mem_mb),
+        total_mem_mb=config.sandboxes_mem_mb, total_procs=config.sandboxes_procs),
         network)
     try:
         registry = Registry(config.registry, config.limits, egress=network is not None)

@@ -53,6 +53,9 @@ def test_defaults_fill_in():
     ({"cluster": "/c", "limits": {"procs": 99999999999}}, "limits.procs must be at most 4194304"),
     ({"cluster": "/c", "sandboxes_mem_mb": 0}, "sandboxes_mem_mb must be a positive integer"),
     ({"cluster": "/c", "sandboxes_mem_mb": 100}, r"sandboxes_mem_mb \(100\) is below limits.mem_mb"),
+    ({"cluster": "/c", "sandboxes_procs": "many"}, "sandboxes_procs must be a positive integer"),
+    ({"cluster": "/c", "sandboxes_procs": 10}, r"sandboxes_procs \(10\) is below limits.procs \(64\)"),
+    ({"cluster": "/c", "sandboxes_procs": 1 << 23}, "sandboxes_procs must be at most 4194304"),
     ({"cluster": "/c", "limits": {"cpu_percent": 1 << 40}}, "limits.cpu_percent must be at most"),
 ])
 def test_bad_configs_name_the_key(raw, words):
