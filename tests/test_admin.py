@@ -662,6 +662,27 @@ def test_a_zygote_death_is_a_platform_error_and_idle_slots_come_back(own_worker)
     assert w.call("hello", {"name": "again"})[2] == "Hello, again!"  # a new zygote serves
 
 
+def test_an_idle_sandbox_expires_after_idle_sec_and_a_used_one_does_not(own_worker):
+    w = own_worker(idle_sec=1.5)
+
+    def listed():
+        return {s["function"]: s for s in json.loads(w.request("GET", "/sandboxes")[2])}
+    w.call("hello", {})
+    w.call("probe", {"op": "echo"})
+    sandbox = listed()["hello"]
+    for _ in range(4):  # used every 0.5 s: it stays, warm
+        time.sleep(0.5)
+        assert w.call("probe", {"op": "echo"})[0] == 200
+    assert listed().keys() == {"probe"}  # hello's expired meanwhile
+    assert not os.path.exists("/proc/%d" % sandbox["pid"]) or \
+        open("/proc/%d/stat" % sandbox["pid"]).read().split()[2] == "Z"
+    deadline = time.monotonic() + 5
+    while listed() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert listed() == {}
+    assert w.call("hello", {"name": "again"})[2] == "Hello, again!"  # a cold start, as usual
+
+
 def test_kill_of_a_moved_cluster_stops_its_worker(own_worker, tmp_path):
     """The worker is known by the lock file it holds, which follows its
     cluster's directory: not by the path it was started with."""

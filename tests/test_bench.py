@@ -22,7 +22,8 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path):
     assert {"zygote", "hostnet", "egress", "warm", "fresh"} <= ways
     zygote = [r for r in results["runs"] if r["way"] == "zygote" and r["summary"]]
     assert all(r["summary"]["n"] > 0 for r in zygote)
-    assert results["throughput"]["requests_per_s"] > 0 or "error" in results["throughput"]
+    throughput = results["throughput"]  # an error where wrk is not installed
+    assert throughput.get("requests_per_s", 0) > 0 or "wrk is not installed" in throughput["error"]
     assert len(results["stalls"]) == 2 and results["stalls"][0]["cpus"] == len(os.sched_getaffinity(0))
     summary = (out / "summary.md").read_text()
     assert "| zygote |" in summary and "- before the scenarios: " in summary

@@ -36,6 +36,7 @@ def template_defaults():
         "max_sandboxes": 128,
         "sandboxes_mem_mb": None,
         "sandboxes_procs": None,
+        "idle_sec": 600,
         "pool_size": 8,
         "max_connections": None,
         "zygote": True,

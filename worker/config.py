@@ -52,6 +52,7 @@ class WorkerConfig:
     host: str
     rootfs: str
     max_sandboxes: int
+    idle_sec: float        # None: idle sandboxes live until evicted
     sandboxes_mem_mb: int  # None: sandbox.cgroups.default_total_mb
     sandboxes_procs: int   # None: sandbox.cgroups.default_total_procs
     pool_size: int
@@ -272,6 +273,13 @@ def from_dict(raw, source):
         _positive_int("%s: max_connections" % source, max_connections)
     sandboxes_mem_mb = _total(source, raw, "sandboxes_mem_mb", limits, "mem_mb")
     sandboxes_procs = _total(source, raw, "sandboxes_procs", limits, "procs")
+    idle_sec = raw["idle_sec"]
+    if idle_sec is not None and (isinstance(idle_sec, bool)
+                                 or not isinstance(idle_sec, (int, float))
+                                 or not 0 < idle_sec <= LIMIT_MAX["runtime_sec"]):
+        # The event loop's timers take a float: bounded like runtime_sec.
+        raise ConfigError("%s: idle_sec must be null or a number of seconds above 0 and at "
+                          "most %d, not %s" % (source, LIMIT_MAX["runtime_sec"], shown(idle_sec)))
     uid_base = raw.get("uid_base")
     if uid_base is None:
         uid_base = default_base(port)
@@ -288,6 +296,7 @@ def from_dict(raw, source):
         max_sandboxes=max_sandboxes,
         sandboxes_mem_mb=sandboxes_mem_mb,
         sandboxes_procs=sandboxes_procs,
+        idle_sec=idle_sec,
         pool_size=pool_size,
         max_connections=max_connections,
         zygote=_flag("%s: zygote" % source, raw["zygote"]),

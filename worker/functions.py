@@ -219,17 +219,18 @@ class Instance:
         self.channel = channel
         self.busy = True
         self.frozen = False
-        self.freeze_timer = None
+        self.freeze_timer = None    # freezes it, then (idle_sec) expires it
         self.timed_out = False
         self.calls = 0
         self.last_used = time.monotonic()
 
 
 class FunctionTable:
-    def __init__(self, manager, registry, max_sandboxes):
+    def __init__(self, manager, registry, max_sandboxes, idle_sec=None):
         self.manager = manager
         self.registry = registry
         self.max_sandboxes = max_sandboxes
+        self.idle_sec = idle_sec  # an idle instance is destroyed after this; None: never
         self.idle = collections.defaultdict(list)   # function name -> [Instance]
         self.instances = {}                          # sandbox id -> Instance
         self.pending = 0                             # cold starts under way
@@ -469,6 +470,20 @@ class FunctionTable:
                 instance.frozen = True
             except SandboxError:
                 pass  # no freezer on this host: it stays awake
+            if self.idle_sec is not None:
+                # Set here, not at each release: back-to-back calls never
+                # get this far, so they pay for one timer, not two.
+                instance.freeze_timer = asyncio.get_running_loop().call_later(
+                    max(self.idle_sec - FREEZE_AFTER, 0), self._expire, instance)
+
+    def _expire(self, instance):
+        """Idle for idle_sec: what it holds (memory, files, a uid, a slot)
+        goes back to the host, not only when max_sandboxes needs the slot."""
+        instance.freeze_timer = None
+        idle = self.idle.get(instance.function.name, ())
+        if not instance.busy and instance in idle:
+            idle.remove(instance)
+            self._retire(instance)
 
     def _thaw(self, instance):
         if instance.freeze_timer is not None:

@@ -122,7 +122,7 @@ async def run(config):
         registry = Registry(config.registry, config.limits, egress=network is not None)
     except OSError as e:
         raise StartError("watch registry %s: %s" % (config.registry, e.strerror)) from None
-    table = FunctionTable(manager, registry, config.max_sandboxes)
+    table = FunctionTable(manager, registry, config.max_sandboxes, config.idle_sec)
     stop = asyncio.Event()
 
     def registry_gone():

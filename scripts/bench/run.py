@@ -100,6 +100,9 @@ class Cluster:
         admin("new", "-cluster", self.path)
         if egress:
             settings["egress"] = {"enabled": True, "spare": 8}
+        # A run is longer than idle_sec: a handler kept for its warm calls
+        # must not expire while the peers are measured.
+        settings.setdefault("idle_sec", None)
         admin("setconf", "-cluster", self.path, json.dumps(settings))
         for handler in ("hello", "heavy"):
             src = os.path.join(HANDLERS, handler)

@@ -53,6 +53,10 @@ def test_defaults_fill_in():
     ({"cluster": "/c", "limits": {"procs": 99999999999}}, "limits.procs must be at most 4194304"),
     ({"cluster": "/c", "sandboxes_mem_mb": 0}, "sandboxes_mem_mb must be a positive integer"),
     ({"cluster": "/c", "sandboxes_mem_mb": 100}, r"sandboxes_mem_mb \(100\) is below limits.mem_mb"),
+    ({"cluster": "/c", "idle_sec": 0}, "idle_sec must be null or a number of seconds above 0"),
+    ({"cluster": "/c", "idle_sec": True}, "idle_sec must be null or a number"),
+    ({"cluster": "/c", "idle_sec": 1e300}, "idle_sec must be null or a number of seconds above 0 "
+                                           "and at most 86400"),
     ({"cluster": "/c", "sandboxes_procs": "many"}, "sandboxes_procs must be a positive integer"),
     ({"cluster": "/c", "sandboxes_procs": 10}, r"sandboxes_procs \(10\) is below limits.procs \(64\)"),
     ({"cluster": "/c", "sandboxes_procs": 1 << 23}, "sandboxes_procs must be at most 4194304"),
