@@ -140,7 +140,8 @@ class Zygote:
             return "no answer within %.0f s" % timeout
         self._close()
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        return "%s; see the worker log" % (BOOT_FAILURES.get(code) or describe_status(status))
+        return "%s; its own message is in the worker's log just before" % (
+            BOOT_FAILURES.get(code) or describe_status(status))
 
     def fork(self, shells, scratch_mb, fresh=False, netns=True, rehearse=False):
         """Ask for shells, in one message: `shells` holds (sandbox_id, uid,

@@ -99,6 +99,11 @@ def test_new_makes_the_layout_and_refuses_an_existing_dir(tmp_path):
     other.write_text("keep me")
     assert admin("new", "-cluster", other, check=False).returncode == 1
     assert other.read_text() == "keep me"
+    # A typo in a parent's name makes no tree of directories.
+    done = admin("new", "-cluster", tmp_path / "typo" / "c", check=False)
+    assert done.returncode == 1 and "its parent directory %s does not exist" % (
+        tmp_path / "typo") in done.stderr
+    assert not (tmp_path / "typo").exists()
 
 
 @pytest.mark.parametrize("command", ["workers", "status", "kill", "setconf"])
@@ -124,6 +129,46 @@ def test_invalid_template_is_one_line_and_does_not_stop_kill_or_status(own_worke
     assert "=> ready [200 OK]" in admin("status", "-cluster", w.path).stdout
     admin("kill", "-cluster", w.path)  # the running worker goes, and all it made
     assert cluster_leftovers(w.path) == []
+
+
+def test_kill_and_status_find_the_workers_of_a_cluster_whose_template_was_deleted(own_worker):
+    w = own_worker()
+    os.unlink(os.path.join(w.path, "config", "template.json"))
+    assert "=> ready [200 OK]" in admin("status", "-cluster", w.path).stdout
+    admin("kill", "-cluster", w.path)
+    assert cluster_leftovers(w.path) == []
+
+
+def test_two_workers_commands_racing_for_a_port_start_one_worker(tmp_path):
+    d, port = tmp_path / "c", free_port()
+    admin("new", "-cluster", d)
+    try:
+        racers = [subprocess.Popen([ADMIN, "workers", "-cluster", str(d), "-p", str(port)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for _ in range(2)]
+        outs = [r.communicate(timeout=60) for r in racers]
+        assert [r.returncode for r in racers] == [0, 0], outs
+        said = sorted(out for out, _ in outs)
+        assert said[0].startswith("worker on port %d is already running (pid " % port), said
+        assert said[1].startswith("worker ready on "), said
+        assert "=> ready [200 OK]" in admin("status", "-cluster", d).stdout
+    finally:
+        admin("kill", "-cluster", d)
+    assert cluster_leftovers(d) == []
+
+
+def test_setconf_needs_the_rootfs_only_when_it_changes_it(tmp_path):
+    """A cluster made before `make` built the default rootfs can still be
+    configured: given another port, say."""
+    d = tmp_path / "c"
+    admin("new", "-cluster", d)
+    template = d / "config" / "template.json"
+    missing = str(tmp_path / "not-built-yet")
+    _set_rootfs_by_hand(d, missing)
+    admin("setconf", "-cluster", d, '{"port": 7391}')
+    assert json.loads(template.read_text())["port"] == 7391
+    done = admin("setconf", "-cluster", d, json.dumps({"rootfs": missing + "2"}), check=False)
+    assert done.returncode == 2 and "does not exist" in done.stderr, done.stderr
 
 
 def test_a_template_needs_only_the_keys_it_changes(tmp_path):
@@ -188,9 +233,11 @@ def _set_rootfs_by_hand(cluster, rootfs):
 def test_setconf_on_a_template_invalid_before_fails_not_as_a_usage_error(tmp_path):
     d = tmp_path / "c"
     admin("new", "-cluster", d)
-    _set_rootfs_by_hand(d, tmp_path / "gone")
-    done = admin("setconf", "-cluster", d, '{"max_sandboxes": 7}', check=False)
-    assert done.returncode == 1 and "gone" in done.stderr and done.stderr.count("\n") == 1
+    template = d / "config" / "template.json"
+    template.write_text(json.dumps(dict(json.loads(template.read_text()), max_sandboxes=0)))
+    done = admin("setconf", "-cluster", d, '{"port": 9000}', check=False)
+    assert done.returncode == 1 and "max_sandboxes must be a positive integer" in done.stderr
+    assert done.stderr.count("\n") == 1
 
 
 def test_setconf_null_puts_a_key_back_to_its_default(tmp_path):
@@ -349,6 +396,8 @@ def test_kill_cleans_up_after_a_sigkilled_worker(own_worker):
     os.kill(pid, signal.SIGKILL)
     wait_gone(pid)
     done = admin("kill", "-cluster=" + w.path)
+    assert "removed the record of the worker on port %d, which was not running" % w.port \
+        in done.stdout
     assert "no workers, sandboxes, cgroups or networks left" in done.stdout
     assert cluster_leftovers(w.path) == []
     assert os.listdir(os.path.join(w.path, "workers")) == []  # its record and its lock
@@ -493,7 +542,8 @@ def test_status_says_when_a_worker_cannot_list_its_sandboxes(own_worker):
     done = admin("status", "-cluster", w.path, check=False)
     assert done.returncode == 1 and "(none)" not in done.stdout, done.stdout
     assert "the worker has its most connections open" in done.stdout
-    assert done.stderr == "admin: 1 of 1 not ready; 1 of 1 not listing their sandboxes\n"
+    assert done.stderr == "admin: 1 of 1 worker(s) not ready; 1 of 1 worker(s) not listing " \
+        "their sandboxes\n"
 
 
 def test_without_zygote_each_sandbox_gets_a_fresh_interpreter(own_worker):

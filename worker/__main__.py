@@ -14,9 +14,19 @@ import logging  # noqa: E402
 
 import uvloop  # noqa: E402
 
-from .cluster import Cluster, ClusterError  # noqa: E402
+from .cluster import ALREADY_RUNNING, Cluster, ClusterError  # noqa: E402
 from .config import ConfigError, load  # noqa: E402
 from .server import StartError, run  # noqa: E402
+
+LOG_FORMAT = "%(asctime)s worker[%(process)d] %(message)s"
+
+
+def _failed(why, status=1):
+    """Say why the worker does not start, as its log lines are (workers
+    share their port's log: `admin` finds this one by the pid), and exit."""
+    logging.error("cannot start: %s", why)
+    return status
+
 
 
 def main(argv=None):
@@ -24,28 +34,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="worker", description=__doc__)
     parser.add_argument("-c", "--config", required=True, help="the worker's JSON config")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s worker[%(process)d] %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
     try:
         config = load(args.config)
     except ConfigError as e:
-        print("worker: %s" % e, file=sys.stderr)
-        return 1
+        return _failed(e)
     cluster = Cluster(config.cluster)
     try:
         claimed = cluster.claim_port(config.port)
     except ClusterError as e:
-        print("worker: %s" % e, file=sys.stderr)
-        return 1
+        return _failed(e)
     if claimed is None:
-        print("worker: a worker of cluster %s already runs on port %d"
-              % (cluster.path, config.port), file=sys.stderr)
-        return 1
+        return _failed("a worker of cluster %s already runs on port %d"
+                       % (cluster.path, config.port), ALREADY_RUNNING)
     try:
         uvloop.run(run(config))
     except StartError as e:
-        print("worker: %s" % e, file=sys.stderr)
-        return 1
+        return _failed(e)
     except KeyboardInterrupt:
         pass
     finally:

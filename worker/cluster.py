@@ -25,6 +25,10 @@ MARKER = os.path.join("config", "template.json")
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
+# A worker's exit status when a worker of its cluster has its port already.
+ALREADY_RUNNING = 3
+
+
 class ClusterError(Exception):
     """A cluster directory is missing, invalid, or cannot be created."""
 
@@ -76,16 +80,20 @@ class Cluster:
     def log_file(self, port):
         return os.path.join(self.path, "logs", "worker-%d.log" % port)
 
+    @property
+    def workers_dir(self):
+        return os.path.join(self.path, "workers")
+
     def worker_dir(self, port):
-        return os.path.join(self.path, "workers", str(port))
+        return os.path.join(self.workers_dir, str(port))
 
     def lock_file(self, port):
-        return os.path.join(self.path, "workers", "%d.lock" % port)
+        return os.path.join(self.workers_dir, "%d.lock" % port)
 
     def worker_ports(self):
         """Ports of the workers this cluster has state for."""
         try:
-            names = os.listdir(os.path.join(self.path, "workers"))
+            names = os.listdir(self.workers_dir)
         except FileNotFoundError:
             return []
         return sorted(int(n) for n in names if n.isdigit())
@@ -98,7 +106,7 @@ class Cluster:
         else, and the holder alone writes the record's pid, and removes
         the record when it stops.  Held until the process exits."""
         self.check()
-        os.makedirs(os.path.join(self.path, "workers"), exist_ok=True)
+        os.makedirs(self.workers_dir, exist_ok=True)
         # Its holder removes the file as it stops (forget_worker).
         fd = filelock.claim(self.lock_file(port))
         if fd is None:
@@ -133,7 +141,7 @@ class Cluster:
 
     def remove_stale_locks(self):
         """Remove the lock files no worker holds (a SIGKILLed worker's)."""
-        workers = os.path.join(self.path, "workers")
+        workers = self.workers_dir
         try:
             names = os.listdir(workers)
         except FileNotFoundError:
@@ -162,11 +170,15 @@ class Cluster:
             template["rootfs"] = os.path.abspath(rootfs)
         try:
             # Its own mkdir, which fails if anything is there: then what
-            # is there is not ours to remove below.
-            os.makedirs(self.path)
+            # is there is not ours to remove below.  Not its parents: a typo
+            # in a path must not make a tree of directories somewhere.
+            os.mkdir(self.path)
         except FileExistsError:
             raise ClusterError("cluster %s already exists; nothing was changed" % self.path
                                ) from None
+        except FileNotFoundError:
+            raise ClusterError("create cluster %s: its parent directory %s does not exist"
+                               % (self.path, os.path.dirname(self.path))) from None
         except OSError as e:
             raise ClusterError("create cluster %s: %s" % (self.path, e.strerror)) from None
         try:
@@ -189,7 +201,9 @@ class Cluster:
         if not os.path.isdir(self.path):
             raise ClusterError("no cluster at %s (create one with: admin new -cluster %s)"
                                % (self.path, self.path))
-        if not os.path.isfile(self.template):
+        # Its records of workers are enough for `kill` and `status` to find
+        # them when the template was deleted.
+        if not os.path.isfile(self.template) and not os.path.isdir(self.workers_dir):
             raise ClusterError("%s is not a cluster: it has no %s" % (self.path, MARKER))
 
     def check_path(self, operation):
@@ -240,8 +254,9 @@ def write_json(path, value):
     """`value` as JSON at `path`, through a temporary file renamed over it:
     a reader (a worker starting) sees the old file or the new one, whole.
     If it cannot be written (a full disk), the old one stays, the temporary
-    file goes, and the OSError is raised."""
-    tmp = path + ".tmp"
+    file goes, and the OSError is raised.  The temporary file is this
+    process's own: two `admin` commands may write one record at once."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
     try:
         with open(tmp, "w") as f:
             json.dump(value, f, indent=2, sort_keys=True)

@@ -7,6 +7,7 @@ import re
 import reprlib
 from dataclasses import dataclass, fields
 
+from sandbox.cgroups import default_total_mb, default_total_procs
 from sandbox.uids import UID_MAX, UID_SLOTS, default_base
 
 from .cluster import Cluster, merge, template_defaults
@@ -107,12 +108,23 @@ def _positive_int(where, value):
     return value
 
 
+# The totals on all sandboxes together, and what null means for each (on
+# this host, where the worker runs).
+TOTAL_DEFAULTS = {"sandboxes_mem_mb": (default_total_mb, "three quarters of the host's memory"),
+                  "sandboxes_procs": (default_total_procs, "a quarter of kernel.pid_max")}
+
+
 def _total(source, raw, name, limits, limit):
     """A limit on all sandboxes together (`name`, None for the default),
     which must leave one sandbox its own `limits.<limit>` and has the same
     upper bound."""
     total = raw[name]
     if total is None:
+        default, meaning = TOTAL_DEFAULTS[name]
+        if limits[limit] > default():
+            raise ConfigError("%s: limits.%s (%d) is above what all sandboxes together may "
+                              "have (%d: %s is null, %s): no sandbox could use its own limit"
+                              % (source, limit, limits[limit], default(), name, meaning))
         return None
     _positive_int("%s: %s" % (source, name), total)
     if total > LIMIT_MAX[limit]:

@@ -57,6 +57,12 @@ def test_defaults_fill_in():
     ({"cluster": "/c", "idle_sec": True}, "idle_sec must be null or a number"),
     ({"cluster": "/c", "idle_sec": 1e300}, "idle_sec must be null or a number of seconds above 0 "
                                            "and at most 86400"),
+    # Null totals mean a share of this host's pids and memory: a limit
+    # above it could never be used either.
+    ({"cluster": "/c", "limits": {"procs": 1 << 22}}, r"limits.procs \(4194304\) is above what "
+     r"all sandboxes together may have \(\d+: sandboxes_procs is null, a quarter of kernel"),
+    ({"cluster": "/c", "limits": {"mem_mb": 1 << 30}}, r"limits.mem_mb \(1073741824\) is above "
+     r"what all sandboxes together may have \(\d+: sandboxes_mem_mb is null, three quarters"),
     ({"cluster": "/c", "sandboxes_procs": "many"}, "sandboxes_procs must be a positive integer"),
     ({"cluster": "/c", "sandboxes_procs": 10}, r"sandboxes_procs \(10\) is below limits.procs \(64\)"),
     ({"cluster": "/c", "sandboxes_procs": 1 << 23}, "sandboxes_procs must be at most 4194304"),
@@ -144,7 +150,7 @@ def test_a_template_that_cannot_be_written_leaves_the_old_one_and_no_temporary_f
     cluster.create()
     before = open(cluster.template).read()
     # Its temporary file cannot be made (a full disk is tested in test_admin.py).
-    os.symlink(str(tmp_path / "no" / "such" / "dir"), cluster.template + ".tmp")
+    os.symlink(str(tmp_path / "no" / "such" / "dir"), "%s.%d.tmp" % (cluster.template, os.getpid()))
     with pytest.raises(ClusterError, match=r"^write %s: No such file or directory$"
                                            % cluster.template):
         cluster.write_template({"port": 1})
