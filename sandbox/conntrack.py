@@ -8,7 +8,6 @@ whichever sandbox gets the address next, another tenant's.  So an address
 changes hands only once the entries it opened are deleted.
 """
 import errno
-import ipaddress
 import socket
 
 from pyroute2 import Conntrack
@@ -63,8 +62,12 @@ class Flows:
         except (NetlinkError, OSError) as e:
             raise SandboxError("delete conntrack entries", "from %s" % address, str(e)) from None
 
-    def forget_subnet(self, subnet):
-        """forget() every host address of a /24 (a worker's, at its start and
-        stop: after a SIGKILL nobody knows which of them were used)."""
-        for address in ipaddress.IPv4Network(subnet).hosts():
-            self.forget(str(address))
+    def forget_marked(self, mark):
+        """Delete every entry with conntrack mark `mark` (a worker's
+        sandboxes' flows, nat.worker_mark): one walk of the table, at a
+        worker's start and stop, and in `admin kill`."""
+        try:
+            self.ct.flush(mark=mark, mark_mask=0xFFFFFFFF)
+        except (NetlinkError, OSError) as e:
+            raise SandboxError("delete conntrack entries", "marked 0x%08x" % mark,
+                               str(e)) from None

@@ -13,10 +13,10 @@ sandbox.network).  The rules, all keyed by a short tag naming the worker:
 - so are other sandboxes (this worker's or another's: any bridge named
   BRIDGE_PREFIX...; port isolation stops the direct, bridged path), cloud
   metadata services, and anything a DNAT rule redirected;
-- nothing leaves with a source address outside the subnet;
-- the host's conntrack table is shared, and a full one drops every new
-  connection of the host's: the worker's sandboxes together may hold a
-  quarter of it, and one sandbox a sixteenth of that (FlowLimits).
+- nothing leaves with a source address outside the subnet, nor what
+  conntrack cannot place (it would leave without NAT);
+- the sandboxes take a bounded share of the host's conntrack table
+  (FlowLimits), and their entries carry the worker's mark (worker_mark).
 
 Two backends do the same with the tool the host has: Nftables (a table of
 its own, replaced in one transaction) and Iptables (chains of its own,
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 PROC_IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 PROC_CONNTRACK_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
+PROC_TIME_WAIT = "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_time_wait"
 
 # The iptables backend names chains "OL-<tag>-FWD": iptables allows 28
 # characters, which leaves 21 for the tag.
@@ -68,24 +69,50 @@ METADATA = ("169.254.0.0/16", "168.63.129.16/32", "100.100.100.200/32")
 
 @dataclass(frozen=True)
 class FlowLimits:
-    """Most connections (conntrack entries) at once: of one sandbox (one
-    source address), and of all the worker's sandboxes."""
+    """What the worker's egress sandboxes may hold of the host's conntrack
+    table, which the whole host shares and whose being full drops every new
+    connection of the host's.  `ct count` counts open connections and flows
+    (at most per_sandbox from one source, per_worker in all), not TCP ones
+    that ended (TIME_WAIT, CLOSE): those linger for the backend's closing
+    timeout, and only a limit on new connections a second bounds them (one
+    sandbox opening and closing 13,000 connections a second filled 84% of
+    the table in 40 s).  Over a limit, a new connection is refused at once
+    (ICMP admin-prohibited), not left to time out."""
     per_sandbox: int
     per_worker: int
+    new_per_sandbox: int  # a second, after a burst of per_sandbox // 4
+    new_per_worker: int   # a second, after a burst of per_worker // 4
 
     @classmethod
-    def for_host(cls):
-        """A quarter of the host's table for the worker, a sixteenth of
-        that for a sandbox: 65,536 and 4,096 for the usual 262,144.  UDP to
-        15,000 ports fills 15,000 entries in under 0.1 s, so without a limit
-        one sandbox fills the whole table in seconds."""
+    def for_host(cls, closing_timeout):
+        """An eighth of the host's table for the worker's open connections,
+        a sixteenth of that for one sandbox's (32,768 and 2,048 for the
+        usual 262,144), and as many closed ones over `closing_timeout`
+        seconds: all told, under 30% of the table for one worker."""
         try:
             with open(PROC_CONNTRACK_MAX) as f:
                 size = int(f.read())
         except (OSError, ValueError):
             size = 65536  # the kernel's smallest default
-        per_worker = max(size // 4, 64)
-        return cls(max(per_worker // 16, 16), per_worker)
+        per_worker = max(size // 8, 64)
+        per_sandbox = max(per_worker // 16, 16)
+        return cls(per_sandbox, per_worker, max(per_sandbox // closing_timeout, 1),
+                   max(per_worker // closing_timeout, 1))
+
+    @property
+    def burst_per_sandbox(self):
+        return max(self.per_sandbox // 4, 1)
+
+    @property
+    def burst_per_worker(self):
+        return max(self.per_worker // 4, 1)
+
+
+def worker_mark(port):
+    """The conntrack mark of the flows of the worker on `port`'s sandboxes,
+    by which the kernel finds them all (a flush at start and stop): "ol"
+    and the port."""
+    return 0x6f6c0000 | port
 
 
 class NatError(Exception):
@@ -145,11 +172,23 @@ class Nftables:
     def table(tag):
         return "openlambda_%s" % tag
 
-    def install(self, tag, bridge, subnet, limits=None):
+    # How long the sandboxes' TCP entries stay in TIME_WAIT or CLOSE (a
+    # timeout policy of our own; the host's TIME_WAIT is 120 s): the
+    # shorter, the more new connections a second FlowLimits can allow.  A
+    # late segment of such a connection then finds no entry: from outside,
+    # the host's own stack answers it; from the bridge, it is dropped.
+    CLOSING_TIMEOUT = 10
+
+    def install(self, tag, bridge, subnet, ct_mark=None, limits=None):
+        """The rules; `ct_mark` (if any) marks the sandboxes' flows."""
         what = "install nftables rules for %s (bridge %s, %s)" % (tag, bridge, subnet)
         subnet = _check(what, tag, bridge, subnet)
-        limits = limits or FlowLimits.for_host()
+        limits = limits or FlowLimits.for_host(self.CLOSING_TIMEOUT)
         table = self.table(tag)
+        refuse = "reject with icmp type admin-prohibited"
+        marking = 'iifname "%s" ct state new ct mark set 0x%08x' % (bridge, ct_mark) \
+            if ct_mark is not None else ""
+        closing = self.CLOSING_TIMEOUT
         # One `nft -f` is one transaction: the old table (declared first so
         # that deleting it cannot fail) goes and the new one comes at once.
         metadata = ", ".join(METADATA)
@@ -157,9 +196,16 @@ class Nftables:
 table ip {table} {{}}
 delete table ip {table}
 table ip {table} {{
-    # Connections counted by source (ct count), for FlowLimits.
+    # Connections counted (ct count) and new ones a second, by source,
+    # for FlowLimits.
     set sandbox_flows {{ type ipv4_addr; size 65535; flags dynamic; }}
     set worker_flows {{ type ifname; size 16; flags dynamic; }}
+    set sandbox_new {{ type ipv4_addr; size 65535; flags dynamic; }}
+    ct timeout closing {{
+        protocol tcp;
+        l3proto ip;
+        policy = {{ time_wait: {closing}, close: {closing} }}
+    }}
     chain prerouting {{
         type filter hook prerouting priority raw; policy accept;
         # Sandboxes must not reach the host: none of its addresses, and
@@ -178,6 +224,10 @@ table ip {table} {{
         # A sandbox cannot forge its source address (no raw sockets, no
         # IP_TRANSPARENT); if it ever could, it would not leave with one.
         iifname "{bridge}" ip saddr != {subnet} drop
+        # Nor with what conntrack cannot place, such as a segment an
+        # orphaned socket sends once its connection's entry is deleted:
+        # it would leave without NAT, with the sandbox's own address.
+        iifname "{bridge}" ct state invalid drop
         # Sandboxes must not reach each other through the host, nor the
         # sandboxes of another worker.  With br_netfilter, bridged traffic
         # between ports also comes here with the bridge as both interfaces.
@@ -188,8 +238,12 @@ table ip {table} {{
         # Nor anything a DNAT rule redirected.
         iifname "{bridge}" ct status dnat drop
         # Nor take more than their share of the host's conntrack table.
-        iifname "{bridge}" ct state new add @sandbox_flows {{ ip saddr ct count over {limits.per_sandbox} }} drop
-        iifname "{bridge}" ct state new add @worker_flows {{ iifname ct count over {limits.per_worker} }} drop
+        iifname "{bridge}" ct state new add @sandbox_flows {{ ip saddr ct count over {limits.per_sandbox} }} {refuse}
+        iifname "{bridge}" ct state new add @worker_flows {{ iifname ct count over {limits.per_worker} }} {refuse}
+        iifname "{bridge}" ct state new add @sandbox_new {{ ip saddr limit rate over {limits.new_per_sandbox}/second burst {limits.burst_per_sandbox} packets }} {refuse}
+        iifname "{bridge}" ct state new limit rate over {limits.new_per_worker}/second burst {limits.burst_per_worker} packets {refuse}
+        iifname "{bridge}" ct state new ct timeout set "closing"
+        {marking}
         # Sandboxes may go out...
         iifname "{bridge}" accept
         # ...and get the replies...
@@ -236,10 +290,13 @@ class Iptables:
         """The comment on our jump rules, by which remove finds them."""
         return "openlambda-%s" % tag
 
-    def install(self, tag, bridge, subnet, limits=None):
+    def install(self, tag, bridge, subnet, ct_mark=None, limits=None):
+        """The rules; `ct_mark` (if any) marks the sandboxes' flows.  No
+        timeout policy of our own here (iptables needs the nfct tool to
+        make one): FlowLimits allows fewer new connections a second."""
         what = "install iptables rules for %s (bridge %s, %s)" % (tag, bridge, subnet)
         subnet = _check(what, tag, bridge, subnet)
-        limits = limits or FlowLimits.for_host()
+        limits = limits or FlowLimits.for_host(host_closing_timeout())
         # The jumps of an earlier install, to delete (iptables-restore skips
         # the blank line there is when there are none).
         found = self._found(what, tag)
@@ -247,7 +304,12 @@ class Iptables:
         PRE, IN, FWD, NAT = (self.chain(tag, s) for s in ("PRE", "IN", "FWD", "NAT"))
         metadata = "\n".join("-A %s -i %s -d %s -j DROP" % (FWD, bridge, net) for net in METADATA)
         jump = "-m comment --comment %s -j" % self.mark(tag)
-        new = "-m conntrack --ctstate NEW -m connlimit --connlimit-saddr --connlimit-above"
+        new = "-m conntrack --ctstate NEW"
+        count = new + " -m connlimit --connlimit-saddr --connlimit-above"
+        rate = new + " -m hashlimit --hashlimit-above"
+        refuse = "REJECT --reject-with icmp-admin-prohibited"
+        marking = "-A %s -i %s %s -j CONNMARK --set-xmark 0x%08x/0xffffffff" % (
+            FWD, bridge, new, ct_mark) if ct_mark is not None else ""
 
         # --noflush leaves everything else alone, and each table is
         # committed whole or not at all: declaring a chain that exists
@@ -276,6 +338,10 @@ COMMIT
 # A sandbox cannot forge its source address (no raw sockets, no
 # IP_TRANSPARENT); if it ever could, it would not leave with one.
 -A {FWD} -i {bridge} ! -s {subnet} -j DROP
+# Nor with what conntrack cannot place, such as a segment an orphaned socket
+# sends once its connection's entry is deleted: it would leave without NAT,
+# with the sandbox's own address.
+-A {FWD} -i {bridge} -m conntrack --ctstate INVALID -j DROP
 # Sandboxes must not reach each other through the host, nor the sandboxes
 # of another worker.  With br_netfilter, bridged traffic between ports also
 # comes here with the bridge as both interfaces.
@@ -286,9 +352,13 @@ COMMIT
 # Nor anything a DNAT rule redirected.
 -A {FWD} -i {bridge} -m conntrack --ctstate DNAT -j DROP
 # Nor take more than their share of the host's conntrack table (mask 32:
-# counted by source; mask 0: all together).
--A {FWD} -i {bridge} {new} {limits.per_sandbox} --connlimit-mask 32 -j DROP
--A {FWD} -i {bridge} {new} {limits.per_worker} --connlimit-mask 0 -j DROP
+# counted by source; mask 0: all together), nor open more new connections
+# a second than it has room for once they end.
+-A {FWD} -i {bridge} {count} {limits.per_sandbox} --connlimit-mask 32 -j {refuse}
+-A {FWD} -i {bridge} {count} {limits.per_worker} --connlimit-mask 0 -j {refuse}
+-A {FWD} -i {bridge} {rate} {limits.new_per_sandbox}/sec --hashlimit-burst {limits.burst_per_sandbox} --hashlimit-mode srcip --hashlimit-name {FWD}-s -j {refuse}
+-A {FWD} -i {bridge} {rate} {limits.new_per_worker}/sec --hashlimit-burst {limits.burst_per_worker} --hashlimit-name {FWD}-w -j {refuse}
+{marking}
 # Sandboxes may go out...
 -A {FWD} -i {bridge} -j ACCEPT
 # ...and get the replies...
@@ -349,6 +419,15 @@ COMMIT
         what = "list iptables rules for %s" % tag
         _check(what, tag)
         return any(jumps or chains for jumps, chains in self._found(what, tag).values())
+
+
+def host_closing_timeout():
+    """How long the host keeps a TCP entry in TIME_WAIT (CLOSE is shorter)."""
+    try:
+        with open(PROC_TIME_WAIT) as f:
+            return max(int(f.read()), 1)
+    except (OSError, ValueError):
+        return 120  # the kernel's default
 
 
 def detect():

@@ -10,9 +10,9 @@ here ahead of time:
 - the host masquerades its traffic to the uplink and drops whatever it
   sends to the host itself (sandbox.nat).
 
-Before a namespace serves another sandbox, what the last one left that the
-next could see is deleted: the host's conntrack entries of its address
-(sandbox.conntrack) and the namespace's neighbour cache.
+A namespace whose sandbox sent nothing is reused; one that sent anything is
+deleted, with the host's conntrack entries of its address
+(sandbox.conntrack), and its address is given to a new one.
 
 Namespaces are made in the background, kept ready, and recycled when their
 sandbox is gone: no namespace or veth is made or deleted on a request.  A
@@ -96,7 +96,8 @@ class Lease:
     address: str
     fd: int
     veth: str       # the host's end
-    sent: int = -1  # packets it had sent when it was last clean (-1: unknown)
+    index: int      # of the address in the worker's /24
+    sent: int = -1  # packets it had sent when it was made (-1: unknown)
 
 
 def packets_sent(veth):
@@ -140,7 +141,7 @@ class EgressNetwork:
         self.free = collections.deque()     # leases ready for a sandbox, oldest first
         self.unused = list(range(len(self.addresses)))[::-1]  # address indexes never made
         self.making = 0
-        self.scrubbing = 0                  # released leases being cleaned for reuse
+        self.discarding = 0                 # used namespaces being deleted
         self.waiters = collections.deque()  # futures of acquire() calls
         self.refill_later = Refill(self._refill)
         self.closing = False
@@ -178,7 +179,7 @@ class EgressNetwork:
         self.flows = Flows()
         # A worker on this port that was SIGKILLed left its bridge, rules
         # and flows.
-        remove_leftovers(self.ipr, self.port, backend, self.flows, self.subnet)
+        remove_leftovers(self.ipr, self.port, backend, self.flows)
         self._check_subnet_is_free()
         try:
             # A fixed MAC.  A bridge without one takes the lowest MAC of its
@@ -198,15 +199,15 @@ class EgressNetwork:
             self.ipr.addr("add", index=index, address=self.gateway, prefixlen=24)
             self.ipr.link("set", index=index, state="up")
         except (NetlinkError, OSError) as e:
-            remove_leftovers(self.ipr, self.port, backend, self.flows, self.subnet)
+            remove_leftovers(self.ipr, self.port, backend, self.flows)
             raise SandboxError("create bridge", self.bridge, str(e)) from None
         try:
-            backend.install(self.tag, self.bridge, str(self.subnet))
+            backend.install(self.tag, self.bridge, str(self.subnet), nat.worker_mark(self.port))
             if nat.enable_forwarding():
                 self.log("egress: turned on IPv4 forwarding (net.ipv4.ip_forward) for the whole "
                          "host; it stays on after the worker stops")
         except nat.NatError as e:
-            remove_leftovers(self.ipr, self.port, backend, self.flows, self.subnet)
+            remove_leftovers(self.ipr, self.port, backend, self.flows)
             raise SandboxError("enable egress", self.subnet, str(e)) from None
 
     def _check_subnet_is_free(self):
@@ -255,7 +256,7 @@ class EgressNetwork:
         """What _setup made, all or in part."""
         if self.ipr is not None:
             try:
-                remove_leftovers(self.ipr, self.port, self.backend, self.flows, self.subnet)
+                remove_leftovers(self.ipr, self.port, self.backend, self.flows)
             except SandboxError as e:
                 self.log(str(e))  # the next start, or `admin kill`, tries again
             self.ipr.close()
@@ -274,7 +275,7 @@ class EgressNetwork:
             lease = self.free.popleft()
             self.refill_later.after_take(len(self.free) + self.making, self.spare)
             return lease
-        if not self.unused and not self.making and not self.scrubbing:
+        if not self.unused and not self.making and not self.discarding:
             raise CapacityError("give egress", self.subnet, "all %d addresses are in use"
                                 % len(self.addresses))
         waiter = asyncio.get_running_loop().create_future()
@@ -284,59 +285,50 @@ class EgressNetwork:
                                    lambda lease: self.release(lease, reusable=True))
 
     def release(self, lease, reusable):
-        """Its sandbox is gone.  A namespace a process may still be in is
-        not handed out again; its address is not reused until restart.
-        One that sent anything is scrubbed first (in the thread).  Reused
-        oldest first: what the last sandbox left in the kernel (TIME_WAIT
-        sockets) has the longest to expire."""
-        if not reusable or self.closing:
-            os.close(lease.fd)
-        elif lease.sent >= 0 and packets_sent(lease.veth) == lease.sent:
-            self._reuse(lease)  # it sent nothing: it left nothing outside
+        """Its sandbox is gone.  A namespace that sent nothing since it was
+        made is handed out again, oldest first.  Any other is discarded:
+        what a sandbox can leave in a namespace it used is more than anyone
+        can list and scrub (orphaned TCP sockets that go on sending,
+        neighbour and path-MTU caches, TCP metrics, TIME_WAIT sockets), and
+        none of it may reach the next tenant of its address."""
+        if self.closing:
+            os.close(lease.fd)  # the teardown deletes its veth
+        elif reusable and lease.sent >= 0 and packets_sent(lease.veth) == lease.sent:
+            self.free.append(lease)
+            self._give_waiters()
         else:
-            self.scrubbing += 1
-            future = asyncio.get_running_loop().run_in_executor(self.thread, self._scrub, lease)
-            future.add_done_callback(lambda f, lease=lease: self._scrubbed(lease, f))
+            self.discarding += 1
+            future = asyncio.get_running_loop().run_in_executor(self.thread, self._discard, lease)
+            future.add_done_callback(lambda f, lease=lease: self._discarded(lease, f))
 
-    def _reuse(self, lease):
-        self.free.append(lease)
-        self._give_waiters()
-
-    def _scrub(self, lease):
-        """In the thread: forget what the namespace's last sandbox left that
-        the next one could see or be reached by: the host's conntrack
-        entries of its address (they would lead a server it talked to into
-        the next sandbox), and its neighbour cache (up to 253 entries of the
-        sandbox's choosing: a channel to the next tenant).  The gateway's
-        entry stays: every sandbox has it, and it saves the next an ARP."""
-        self.flows.forget(lease.address)
-        sc.setns(lease.fd, sc.CLONE_NEWNET)
+    def _discard(self, lease):
+        """In the thread: delete the namespace's veth, so that nothing left
+        in it can send any more (a namespace outlives its last process while
+        a socket holds it), then the host's conntrack entries of its address
+        (else a server it talked to could go on sending into the next
+        sandbox at that address: each packet renews a UDP entry)."""
         try:
-            with IPRoute() as inside:
-                for entry in inside.neigh("dump"):
-                    if entry.get_attr("NDA_DST") != self.gateway:
-                        inside.neigh("del", dst=entry.get_attr("NDA_DST"),
-                                     ifindex=entry["ifindex"])
-        except (NetlinkError, OSError) as e:
-            raise SandboxError("flush neighbours", "%s (%s)" % (lease.veth, lease.address),
-                               str(e)) from None
+            self.ipr.link("del", index=socket.if_nametoindex(lease.veth))
+        except OSError:
+            pass  # gone already (if_nametoindex), with its namespace
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise SandboxError("delete veth", lease.veth, str(e)) from None
         finally:
-            sc.setns(self.host_ns, sc.CLONE_NEWNET)
-        lease.sent = packets_sent(lease.veth)
+            os.close(lease.fd)
+        self.flows.forget(lease.address)
 
-    def _scrubbed(self, lease, future):
-        self.scrubbing -= 1
+    def _discarded(self, lease, future):
+        self.discarding -= 1
         try:
             future.result()
         except Exception as e:  # the thread's own failures, named or not
-            self.log(str(e) if isinstance(e, SandboxError) else
-                     "scrub egress namespace %s: %r" % (lease.address, e))
-            os.close(lease.fd)  # not reused: its address waits for a restart
+            self.log("discard egress namespace %s: %s; the address is not used again until "
+                     "restart" % (lease.address, e))
             return
-        if self.closing:
-            os.close(lease.fd)
-        else:
-            self._reuse(lease)
+        if not self.closing:
+            self.unused.insert(0, lease.index)  # made anew last: its entries expire meanwhile
+            self._refill()
 
     def _give_waiters(self):
         while self.free and self.waiters:
@@ -388,7 +380,7 @@ class EgressNetwork:
                 # No IPv6 on the eth0 made below either (egress is IPv4
                 # only): it would send router solicitations and the like of
                 # its own accord, and a namespace that sent nothing is
-                # reused without a scrub.
+                # reused as it is.
                 set_sysctl("ipv6/conf/default/disable_ipv6", "1")
             finally:
                 sc.setns(self.host_ns, sc.CLONE_NEWNET)
@@ -428,7 +420,7 @@ class EgressNetwork:
                 raise SandboxError("prepare egress namespace", "%s (%s)" % (veth, address),
                                    str(e)) from None
             raise
-        return Lease(address, fd, veth, packets_sent(veth))
+        return Lease(address, fd, veth, index, packets_sent(veth))
 
 
 def bridge_mac(port):
@@ -453,36 +445,36 @@ def detect_nat():
         return None
 
 
-def bridge_subnet(ipr, port):
-    """The /24 of the bridge of the worker on `port`, None if it has none."""
+def remove_leftovers(ipr, port, backend, flows):
+    """What a worker on `port` left, if anything: veths that a namespace
+    kept (an orphaned TCP socket holds one after its last process), the
+    bridge, the rules (of NAT tool `backend`, if any) and the conntrack
+    entries its sandboxes opened (through `flows`, if any).  In that order:
+    a veth left without the bridge, or the bridge without the rules, would
+    have what a namespace sends routed out as it is."""
+    prefix = "olv%d-" % port
+    for link in ipr.get_links():  # every link of the host: at start and stop only
+        if link.get_attr("IFLA_IFNAME", "").startswith(prefix):
+            _delete_link(ipr, link["index"], link.get_attr("IFLA_IFNAME"))
     try:
-        index = socket.if_nametoindex(nat.bridge_name(port))
+        _delete_link(ipr, socket.if_nametoindex(nat.bridge_name(port)), nat.bridge_name(port))
     except OSError:
-        return None
-    for addr in ipr.get_addr(family=socket.AF_INET, index=index):
-        return ipaddress.IPv4Network((addr.get_attr("IFA_ADDRESS"), 24), strict=False)
-    return None
-
-
-def remove_leftovers(ipr, port, backend, flows, subnet=None):
-    """The rules (of NAT tool `backend`, if any), the bridge and the
-    conntrack entries (through `flows`) of a worker on `port` whose egress
-    addresses are in `subnet` (if None: the bridge's).  Its namespaces and
-    veths went with its process."""
-    subnet = subnet or bridge_subnet(ipr, port)
+        pass  # there was none
     try:
         if backend is not None:
             backend.remove(nat.worker_tag(port))
     except nat.NatError:
         pass  # the tool refused; the next start or kill tries again
+    if flows is not None:
+        flows.forget_marked(nat.worker_mark(port))
+
+
+def _delete_link(ipr, index, name):
     try:
-        ipr.link("del", ifname=nat.bridge_name(port))
+        ipr.link("del", index=index)
     except NetlinkError as e:
-        if e.code != 19:  # ENODEV: there was none
-            raise SandboxError("delete bridge", nat.bridge_name(port), str(e)) from None
-    if flows is not None and subnet is not None:
-        # Last: with the rules and the bridge gone, nothing makes new ones.
-        flows.forget_subnet(subnet)
+        if e.code != errno.ENODEV:  # gone meanwhile
+            raise SandboxError("delete link", name, str(e)) from None
 
 
 def cleanup(ports):

@@ -12,6 +12,7 @@ import socketserver
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -375,12 +376,117 @@ def test_a_sandbox_and_the_worker_hold_at_most_their_share_of_flows(net, backend
     udp_flows(net.s1, net.inet_addr, 20000, 30)
     assert flows_from(net.a1) == 30
     # A new install counts afresh, from the next connection.
-    b.install(tag, net.bridge, net.subnet, nat.FlowLimits(per_sandbox=10, per_worker=15))
+    b.install(tag, net.bridge, net.subnet, limits=nat.FlowLimits(
+        per_sandbox=10, per_worker=15, new_per_sandbox=100000, new_per_worker=100000))
     udp_flows(net.s1, net.inet_addr, 21000, 30)
     assert flows_from(net.a1) == 30 + 10
     # The other sandbox gets what is left of the worker's share.
     udp_flows(net.s2, net.inet_addr, 21000, 30)
     assert flows_from(net.a2) == 5
+
+
+@pytest.mark.parametrize("limits", [
+    nat.FlowLimits(per_sandbox=40, per_worker=1000, new_per_sandbox=1, new_per_worker=100000),
+    nat.FlowLimits(per_sandbox=1000, per_worker=40, new_per_sandbox=100000, new_per_worker=1)],
+    ids=["per-sandbox", "per-worker"])
+def test_new_connections_a_second_are_limited(net, backend, no_flows, limits):
+    """ct count leaves out TCP connections that ended (TIME_WAIT, CLOSE),
+    which stay in the table: only a rate bounds them.  After a burst of a
+    quarter of the count, one new flow a second."""
+    b, tag = backend
+    b.install(tag, net.bridge, net.subnet, limits=limits)
+    udp_flows(net.s1, net.inet_addr, 23000, 30)
+    assert 10 <= flows_from(net.a1) <= 12
+
+
+def test_ended_connections_leave_the_table_soon_and_flows_carry_the_mark(net, backend, no_flows):
+    from sandbox.conntrack import Flows
+    b, tag = backend
+    mark = 0x6f6c0000 | random.randint(1, 0xffff)
+    b.install(tag, net.bridge, net.subnet, ct_mark=mark)
+    assert net.reach(net.s1, net.inet_addr) == net.host_inet  # the server closes at once
+    (entry,) = tcp_entries_from(net.a1)
+    assert entry["mark"] == mark
+    deadline = time.monotonic() + 5
+    while entry["state"] != "TIME_WAIT" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        (entry,) = tcp_entries_from(net.a1)
+    assert entry["state"] == "TIME_WAIT"
+    closing = nat.Nftables.CLOSING_TIMEOUT if b.name == "nftables" \
+        else nat.host_closing_timeout()
+    assert entry["timeout"] <= closing
+    flows = Flows()
+    try:
+        flows.forget_marked(mark)  # what a worker's start and stop do
+    finally:
+        flows.close()
+    assert tcp_entries_from(net.a1) == []
+
+
+def tcp_entries_from(address):
+    from pyroute2 import Conntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+    with Conntrack() as ct:
+        return [{"mark": e.mark, "timeout": e.timeout, "state": e.protoinfo.state_name()}
+                for e in ct.dump_entries(tuple_orig=NFCTAttrTuple(saddr=address,
+                                                                  proto=socket.IPPROTO_TCP))]
+
+
+STRAY_SEGMENT = """
+import socket, struct, sys
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# A FIN|ACK of no connection conntrack knows: what an orphaned socket sends
+# once its connection's entry was deleted.
+header = struct.pack("!HHIIBBHHH", 40000, port, 1, 1, 5 << 4, 0x11, 1024, 0, 0)
+pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(header))
+total = sum(struct.unpack("!%dH" % ((len(pseudo) + len(header)) // 2), pseudo + header))
+while total >> 16:
+    total = (total & 0xffff) + (total >> 16)
+header = header[:16] + struct.pack("!H", ~total & 0xffff) + header[18:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+for _ in range(3):
+    s.sendto(header, (dst, 0))
+"""
+
+SEGMENT_COUNTER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+s.settimeout(0.2)
+print("ready", flush=True)
+seen, deadline = 0, time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    try:
+        data = s.recv(100)
+    except socket.timeout:
+        continue
+    if data[20:22] == (40000).to_bytes(2, "big"):
+        seen += 1
+print(seen, flush=True)
+"""
+
+
+def stray_segments_out(net):
+    """How many of 3 stray TCP segments from sandbox 1 reach the internet."""
+    counter = subprocess.Popen(["ip", "netns", "exec", net.inet, sys.executable, "-c",
+                                SEGMENT_COUNTER, "1.5"], stdout=subprocess.PIPE, text=True)
+    assert counter.stdout.readline().strip() == "ready"
+    run("ip", "netns", "exec", net.s1, sys.executable, "-c", STRAY_SEGMENT, net.a1,
+        net.inet_addr, "9")
+    return int(counter.communicate(timeout=10)[0])
+
+
+def test_what_conntrack_cannot_place_does_not_leave(net, backend):
+    """Such a segment would leave without NAT, with the sandbox's own
+    address: conntrack marks it invalid, and masquerading skips it."""
+    b, tag = backend
+    run("nft", "-f", "-", input_="table ip oltrack {\n chain f {\n  type filter hook "
+        "forward priority 0;\n  ct state new accept\n }\n}\n")
+    try:
+        assert stray_segments_out(net) == 3  # control: conntrack on, nothing drops it
+    finally:
+        run("nft", "delete", "table", "ip", "oltrack")
+    b.install(tag, net.bridge, net.subnet)
+    assert stray_segments_out(net) == 0
 
 
 def test_nothing_leaves_with_a_source_outside_the_subnet(net, backend, no_flows):
