@@ -667,6 +667,9 @@ def test_ol_yaml_is_read_only_as_a_file_of_its_own(worker, tmp_path):
     ("limits: false\n", "limits must be a mapping of names to values"),
     # Past what the kernel takes: not a platform error at each cold start.
     ("limits:\n  procs: 99999999999\n", "limits.procs must be at most 4194304"),
+    # Past what all sandboxes together may have (a share of the host's pids).
+    ("limits:\n  procs: 4194304\n", "limits.procs (4194304) is above what all sandboxes "
+     "together may have ("),
     ("limits:\n  cpu_percent: 99999999999\n", "limits.cpu_percent must be at most 819200"),
     ("limits:\n  runtime_sec: %d\n" % 10 ** 23, "limits.runtime_sec must be at most 86400"),
     ("limits:\n  scratch_mb: %d\n" % 10 ** 23, "limits.scratch_mb must be at most 1073741824"),

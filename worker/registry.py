@@ -59,10 +59,12 @@ class Function:
 
 
 class Registry:
-    def __init__(self, root, limits, egress=False):
+    def __init__(self, root, limits, egress=False, totals=None):
         self.root = root
         self.limits = limits  # the cluster's defaults
         self.egress = egress  # whether functions may ask for egress
+        # {limit: (what all sandboxes together may have, the key that says so)}
+        self.totals = totals or {}
         self.inotify = INotify(nonblocking=True)
         # DELETE_SELF: the registry itself was deleted (its cluster with it,
         # its workers' lock files too).  It comes once nothing holds the
@@ -172,6 +174,11 @@ class Registry:
                                 resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         except ConfigError as e:
             raise InitFailed(str(e), "Runtime.ConfigError") from None
+        for name, (total, key) in self.totals.items():
+            if limits.get(name, 0) > total:
+                raise InitFailed("%s: limits.%s (%d) is above what all sandboxes together may "
+                                 "have (%d, %s): no sandbox could use it"
+                                 % (where, name, limits[name], total, key), "Runtime.ConfigError")
         return dataclasses.replace(self.limits, **limits), egress
 
     def _watch(self, name, path):
