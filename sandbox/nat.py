@@ -185,9 +185,13 @@ class Nftables:
         subnet = _check(what, tag, bridge, subnet)
         limits = limits or FlowLimits.for_host(self.CLOSING_TIMEOUT)
         table = self.table(tag)
-        refuse = "reject with icmp type admin-prohibited"
-        marking = 'iifname "%s" ct state new ct mark set 0x%08x' % (bridge, ct_mark) \
-            if ct_mark is not None else ""
+        refuse = "goto refuse"
+        # A flow that has its mark was counted at its first packet: until a
+        # reply comes, each of its packets is "new" again, and must not use
+        # up the limits a second (a one-way UDP sender would be held to them).
+        counted, marking = ("", "") if ct_mark is None else (
+            'iifname "%s" ct mark 0x%08x accept' % (bridge, ct_mark),
+            'iifname "%s" ct state new ct mark set 0x%08x' % (bridge, ct_mark))
         closing = self.CLOSING_TIMEOUT
         # One `nft -f` is one transaction: the old table (declared first so
         # that deleting it cannot fail) goes and the new one comes at once.
@@ -205,6 +209,13 @@ table ip {table} {{
         protocol tcp;
         l3proto ip;
         policy = {{ time_wait: {closing}, close: {closing} }}
+    }}
+    chain refuse {{
+        # At once, so that a connection over a limit fails rather than
+        # times out: a TCP reset (an ICMP error would be held to the host's
+        # ICMP rate limit, a few a second), an ICMP error for the rest.
+        meta l4proto tcp reject with tcp reset
+        reject with icmp type admin-prohibited
     }}
     chain prerouting {{
         type filter hook prerouting priority raw; policy accept;
@@ -238,6 +249,7 @@ table ip {table} {{
         # Nor anything a DNAT rule redirected.
         iifname "{bridge}" ct status dnat drop
         # Nor take more than their share of the host's conntrack table.
+        {counted}
         iifname "{bridge}" ct state new add @sandbox_flows {{ ip saddr ct count over {limits.per_sandbox} }} {refuse}
         iifname "{bridge}" ct state new add @worker_flows {{ iifname ct count over {limits.per_worker} }} {refuse}
         iifname "{bridge}" ct state new add @sandbox_new {{ ip saddr limit rate over {limits.new_per_sandbox}/second burst {limits.burst_per_sandbox} packets }} {refuse}
@@ -279,7 +291,7 @@ class Iptables:
     name = "iptables"
 
     # Our chains (by suffix), by table.
-    CHAINS = {"raw": ("PRE",), "filter": ("IN", "FWD"), "nat": ("NAT",)}
+    CHAINS = {"raw": ("PRE",), "filter": ("IN", "FWD", "REF"), "nat": ("NAT",)}
 
     @staticmethod
     def chain(tag, suffix):
@@ -301,15 +313,19 @@ class Iptables:
         # the blank line there is when there are none).
         found = self._found(what, tag)
         old_raw, old_filter, old_nat = ("\n".join(found[t][0]) for t in ("raw", "filter", "nat"))
-        PRE, IN, FWD, NAT = (self.chain(tag, s) for s in ("PRE", "IN", "FWD", "NAT"))
+        PRE, IN, FWD, REF, NAT = (self.chain(tag, s) for s in ("PRE", "IN", "FWD", "REF", "NAT"))
         metadata = "\n".join("-A %s -i %s -d %s -j DROP" % (FWD, bridge, net) for net in METADATA)
         jump = "-m comment --comment %s -j" % self.mark(tag)
         new = "-m conntrack --ctstate NEW"
         count = new + " -m connlimit --connlimit-saddr --connlimit-above"
         rate = new + " -m hashlimit --hashlimit-above"
-        refuse = "REJECT --reject-with icmp-admin-prohibited"
-        marking = "-A %s -i %s %s -j CONNMARK --set-xmark 0x%08x/0xffffffff" % (
-            FWD, bridge, new, ct_mark) if ct_mark is not None else ""
+        refuse = REF
+        # A flow that has its mark was counted at its first packet (see
+        # Nftables.install).
+        counted, marking = ("", "") if ct_mark is None else (
+            "-A %s -i %s -m connmark --mark 0x%08x -j ACCEPT" % (FWD, bridge, ct_mark),
+            "-A %s -i %s %s -j CONNMARK --set-xmark 0x%08x/0xffffffff" % (
+                FWD, bridge, new, ct_mark))
 
         # --noflush leaves everything else alone, and each table is
         # committed whole or not at all: declaring a chain that exists
@@ -331,7 +347,13 @@ COMMIT
 *filter
 :{IN} - [0:0]
 :{FWD} - [0:0]
+:{REF} - [0:0]
 {old_filter}
+# At once, so that a connection over a limit fails rather than times out: a
+# TCP reset (an ICMP error would be held to the host's ICMP rate limit, a
+# few a second), an ICMP error for the rest.
+-A {REF} -p tcp -j REJECT --reject-with tcp-reset
+-A {REF} -j REJECT --reject-with icmp-admin-prohibited
 # The same, for whatever came past prerouting: not the worker's HTTP port,
 # nor any other service, on any of the host's addresses.
 -A {IN} -i {bridge} -j DROP
@@ -354,6 +376,7 @@ COMMIT
 # Nor take more than their share of the host's conntrack table (mask 32:
 # counted by source; mask 0: all together), nor open more new connections
 # a second than it has room for once they end.
+{counted}
 -A {FWD} -i {bridge} {count} {limits.per_sandbox} --connlimit-mask 32 -j {refuse}
 -A {FWD} -i {bridge} {count} {limits.per_worker} --connlimit-mask 0 -j {refuse}
 -A {FWD} -i {bridge} {rate} {limits.new_per_sandbox}/sec --hashlimit-burst {limits.burst_per_sandbox} --hashlimit-mode srcip --hashlimit-name {FWD}-s -j {refuse}

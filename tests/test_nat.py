@@ -399,6 +399,77 @@ def test_new_connections_a_second_are_limited(net, backend, no_flows, limits):
     assert 10 <= flows_from(net.a1) <= 12
 
 
+REFUSED = """
+import errno, socket, sys, time
+for port in range(24000, 24008):  # the sandbox's whole count, held 30 s by UDP
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", (sys.argv[1], port))
+    time.sleep(0.01)  # under the rate (hashlimit refills each jiffy)
+for _ in range(10):
+    start = time.monotonic()
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()
+        print("connected")
+    except socket.timeout:
+        print("timeout")
+    except OSError as e:
+        print(errno.errorcode[e.errno], round(time.monotonic() - start, 2))
+"""
+
+
+def test_a_connection_over_a_limit_is_refused_at_once(net, backend, no_flows):
+    """By a TCP reset: ICMP errors would be held to the host's ICMP rate
+    limit, and most connections would time out instead."""
+    b, tag = backend
+    b.install(tag, net.bridge, net.subnet, limits=nat.FlowLimits(
+        per_sandbox=8, per_worker=1000, new_per_sandbox=100000, new_per_worker=100000))
+    out = run("ip", "netns", "exec", net.s1, sys.executable, "-c", REFUSED, net.inet_addr,
+              str(net.port)).split("\n")[:-1]
+    assert len(out) == 10 and all(line.startswith("ECONNREFUSED ") for line in out), out
+    assert max(float(line.split()[1]) for line in out) < 0.5, out
+
+
+UDP_COUNTER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(0.2)
+print("ready", flush=True)
+seen, deadline = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    try:
+        s.recv(100)
+        seen += 1
+    except socket.timeout:
+        pass
+print(seen, flush=True)
+"""
+
+ONE_WAY = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(300):
+    s.sendto(b"metric:1|c", (sys.argv[1], int(sys.argv[2])))
+    time.sleep(0.001)
+"""
+
+
+def test_a_flow_without_replies_counts_once_against_the_rate(net, backend, no_flows):
+    """Until a reply comes each of its packets is "new" to conntrack: a
+    one-way sender (statsd, syslog) must not be held to the new
+    connections a second."""
+    b, tag = backend
+    b.install(tag, net.bridge, net.subnet, ct_mark=0x6f6c0000 | random.randint(1, 0xffff),
+              limits=nat.FlowLimits(per_sandbox=40, per_worker=1000, new_per_sandbox=1,
+                                    new_per_worker=100000))
+    counter = subprocess.Popen(["ip", "netns", "exec", net.inet, sys.executable, "-c",
+                                UDP_COUNTER, str(net.port + 2), "2"], stdout=subprocess.PIPE,
+                               text=True)
+    assert counter.stdout.readline().strip() == "ready"
+    run("ip", "netns", "exec", net.s1, sys.executable, "-c", ONE_WAY, net.inet_addr,
+        str(net.port + 2))
+    assert int(counter.communicate(timeout=10)[0]) == 300  # not the burst of 10
+
+
 def test_ended_connections_leave_the_table_soon_and_flows_carry_the_mark(net, backend, no_flows):
     from sandbox.conntrack import Flows
     b, tag = backend
