@@ -131,6 +131,7 @@ class Cgroup:
         self.path = path.strip("/")
         self.mode = mode_ or mode()
         self.frozen = False  # by freeze(); a frozen cgroup stays so with no process in it
+        self.cpu_share = "normal"  # by set_cpu_share(): what its files say now
 
     def __repr__(self):
         return "Cgroup(%r, %s)" % (self.path, self.mode.name)
@@ -231,18 +232,33 @@ class Cgroup:
         host's pids (kernel.pid_max is 32,768 on many hosts)."""
         _write(os.path.join(self.limit_dirs()["pids"], "pids.max"), str(procs))
 
-    def set_idle(self, idle):
-        """cpu.idle (Linux 5.15+; a no-op before): an idle cgroup runs only
-        when nothing else wants the CPU, and yields to any other at once.
-        Not nice(2): every sandbox is a cgroup of its own, and the scheduler
-        shares the CPUs between cgroups first, so a process's niceness only
-        orders it against the processes of its own cgroup."""
-        path = os.path.join(self.limit_dirs()["cpu"], "cpu.idle")
-        try:
-            _write(path, "1" if idle else "0")
-        except CgroupError:
-            if os.path.exists(path):
-                raise
+    # cpu.weight (v2) or cpu.shares (v1) of a "first" cgroup, against the
+    # normal 100 or 1024 of every other sandbox's.
+    FIRST_WEIGHT = 8
+
+    def set_cpu_share(self, share):
+        """How this cgroup competes for the CPUs with its siblings (every
+        sandbox is one): "idle" runs only when nothing else wants the CPU,
+        and yields to any other at once (cpu.idle, Linux 5.15+; normal
+        before); "normal"; or "first", with FIRST_WEIGHT times the normal
+        weight.  Not nice(2): the scheduler shares the CPUs between cgroups
+        first, so a process's niceness only orders it against the processes
+        of its own cgroup.  Only the files that change are written."""
+        if share == self.cpu_share:
+            return
+        d = self.limit_dirs()["cpu"]
+        if "idle" in (share, self.cpu_share):
+            path = os.path.join(d, "cpu.idle")
+            try:
+                _write(path, "1" if share == "idle" else "0")
+            except CgroupError:
+                if os.path.exists(path):
+                    raise
+        if "first" in (share, self.cpu_share):
+            name, normal = ("cpu.weight", 100) if self.mode.name == "v2" else ("cpu.shares", 1024)
+            _write(os.path.join(d, name),
+                   str(normal * (self.FIRST_WEIGHT if share == "first" else 1)))
+        self.cpu_share = share
 
     def memory_limit_mb(self):
         name = "memory.max" if self.mode.name == "v2" else "memory.limit_in_bytes"

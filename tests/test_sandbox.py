@@ -231,7 +231,7 @@ def test_a_shell_that_cannot_get_fds_says_so_and_gives_its_cgroup_back(tmp_path,
                 while True:
                     fillers.append(os.open(os.devnull, os.O_RDONLY))
             with pytest.raises(SandboxError, match="fork shell sb-.*Too many open files"):
-                manager._new_shell(pooled=False)
+                manager._new_shell("first")
             assert len(manager.cgroups.free) == free
         finally:
             for fd in fillers:
