@@ -658,6 +658,8 @@ class StubApp:
         self.connections = 0
         self.unread = set()
         self.bodies = 0
+        self.uploading = set()
+        self.shedding = None
 
     def handle_now(self, request):
         if request.path == "/slow":
@@ -745,6 +747,23 @@ def test_too_many_unread_answers_cut_off_their_stalled_clients_or_refuse_the_cal
         assert "do not read" in json.loads(rest)["errorMessage"]
         time.sleep(1.0)
         assert call()[0] == 200  # stalled for over UNREAD_GRACE: the hog is cut off
+        with pytest.raises(ConnectionResetError):
+            while hog.recv(1 << 20):
+                pass
+
+
+def test_clients_that_do_not_read_are_cut_off_without_waiting_for_a_new_call(
+        local_server, monkeypatch):
+    """Answers of calls already under way can pile up with no call after
+    them to check the budget (150 of 6 MiB took the worker past a GB)."""
+    monkeypatch.setattr("worker.http.UNREAD_MAX", 1 << 20)
+    port, protocols = local_server
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as hog:
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        time.sleep(0.1)
+        protocols[-1].idle_timeout = 60  # not cut off as idle: the budget's doing
+        hog.sendall(b"GET /huge HTTP/1.1\r\nHost: x\r\n\r\n")  # 16 MiB, never read
+        time.sleep(2.5)  # UNREAD_GRACE, and the shedding's own second
         with pytest.raises(ConnectionResetError):
             while hog.recv(1 << 20):
                 pass

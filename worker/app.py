@@ -65,6 +65,8 @@ class App:
         self.connections = 0  # open now: counted by the HTTP layer
         self.unread = set()   # connections with answers their clients do not read: the same
         self.bodies = 0       # bytes of request bodies held: the same
+        self.uploading = set()  # connections that hold some of them: the same
+        self.shedding = None  # a timer that cuts off clients not reading (the HTTP layer's)
         self.ready = False
 
     def handle_now(self, request):

@@ -56,6 +56,12 @@ UNREAD_GRACE = 1.0
 # bodies still pass, so that big uploads cannot refuse everyone's calls.
 BODIES_MAX = 128 << 20
 SMALL_BODY = 64 << 10
+# While bodies are over that, uploads that have come slower than this since
+# their head (or brought nothing for a second) are answered 408 and dropped,
+# largest first, before a new body is refused: else 22 clients that sent
+# 6 MiB of 6 MiB + 1 and stopped refused every body over SMALL_BODY for
+# BODY_TIMEOUT, and again as soon as they reconnected.
+SLOW_BODY = 1 << 20  # bytes a second
 
 log = logging.getLogger("worker")
 
@@ -139,6 +145,33 @@ def _unknown_method(data):
     return None
 
 
+def _shed_slow_bodies(app, now, budget):
+    """Answer 408 to the uploads that are too slow (SLOW_BODY) while the
+    bodies held are over `budget`, largest first, and forget their bytes."""
+    for protocol in sorted(app.uploading, key=lambda p: p.holding, reverse=True):
+        if app.bodies <= budget:
+            return
+        if protocol.phase != "body" or protocol.closing:
+            continue  # its body is whole: its call holds it
+        elapsed = now - protocol.body_began
+        if elapsed >= 1.0 and (now - protocol.body_at >= 1.0 or
+                               protocol.size < SLOW_BODY * elapsed):
+            protocol._fail(early_error(408, "Http.RequestTimeout", "request body too slow "
+                                       "(%d bytes in %.1f s) while the worker was short of room "
+                                       "for bodies" % (protocol.size, elapsed)))
+            protocol.body = []
+            protocol._release(protocol.holding)
+
+
+def _shed_unread_later(app, loop):
+    """_shed_unread, again a moment later while some clients are not
+    reading."""
+    app.shedding = None
+    _shed_unread(app, loop.time())
+    if app.unread:
+        app.shedding = loop.call_later(UNREAD_GRACE, _shed_unread_later, app, loop)
+
+
 def _shed_unread(app, now):
     """What is held for clients that do not read, once those that have
     taken nothing for UNREAD_GRACE s are cut off while it is over
@@ -165,8 +198,9 @@ class HttpProtocol(asyncio.Protocol):
     also has `max_connections`, and `connections`, which this class counts:
     a connection over the limit is answered 503 at once and closed; and
     `unread`, the set of connections whose answers wait for their client
-    to read them, which this class keeps (see UNREAD_MAX); and `bodies`,
-    the bytes of request bodies held (see BODIES_MAX).
+    to read them, which this class keeps (see UNREAD_MAX), and `shedding`,
+    its timer for them; and `bodies`, the bytes of request bodies held
+    (see BODIES_MAX), and `uploading`, the connections that hold them.
 
     Requests on one connection are answered one at a time, in order: a
     client that pipelines them gets its answers in the order it asked, and
@@ -187,6 +221,8 @@ class HttpProtocol(asyncio.Protocol):
         self.queue = collections.deque()  # parsed requests waiting their turn
         self.busy = False
         self.holding = 0       # bytes of request bodies counted in app.bodies
+        self.body_began = 0    # when the body being read began (loop time)
+        self.body_at = 0       # when its last bytes came
         self.write_paused = False  # the client is not reading its answers
         self.paused_at = 0     # since when (loop time)
         self.unsent = 0        # bytes of answers not yet sent, at the last deadline check
@@ -242,6 +278,12 @@ class HttpProtocol(asyncio.Protocol):
         self.write_paused = True
         self.paused_at = self.loop.time()
         self.app.unread.add(self)
+        if self.app.shedding is None:
+            # Not only when the next call comes: answers of calls already
+            # under way (150 of 6 MiB, to clients that read none) took the
+            # worker past a GB, with no call after them.
+            self.app.shedding = self.loop.call_later(UNREAD_GRACE, _shed_unread_later, self.app,
+                                                     self.loop)
         self.since = self.loop.time()
         self.transport.pause_reading()
 
@@ -334,6 +376,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self):
         self.phase = "body"
+        self.body_began = self.body_at = self.loop.time()
         version = self.parser.get_http_version()
         if not version.startswith("1."):  # llhttp reads 0.9 and 2.0 too
             self._refuse(505, "Http.VersionNotSupported",
@@ -398,7 +441,10 @@ class HttpProtocol(asyncio.Protocol):
         if self.size > self.app.max_body:  # chunked bodies have no length up front
             self._refuse_too_large()
         self._hold(len(chunk))
-        if self.size > SMALL_BODY and self.app.bodies > max(BODIES_MAX, 2 * self.app.max_body):
+        budget = max(BODIES_MAX, 2 * self.app.max_body)
+        if self.size > SMALL_BODY and self.app.bodies > budget:
+            _shed_slow_bodies(self.app, self.loop.time(), budget)
+        if self.size > SMALL_BODY and self.app.bodies > budget:
             self._refuse(503, "Worker.Unavailable", "the worker holds %d MiB of request bodies:"
                          " try again" % (self.app.bodies >> 20), ((b"Retry-After", b"1"),))
         self.body.append(chunk)
@@ -407,6 +453,8 @@ class HttpProtocol(asyncio.Protocol):
         """`size` more bytes of request bodies are held (BODIES_MAX)."""
         self.holding += size
         self.app.bodies += size
+        self.body_at = self.loop.time()
+        self.app.uploading.add(self)
 
     def _release(self, size):
         """`size` bytes of request bodies are no longer held (none once the
@@ -414,6 +462,8 @@ class HttpProtocol(asyncio.Protocol):
         size = min(size, self.holding)
         self.holding -= size
         self.app.bodies -= size
+        if not self.holding:
+            self.app.uploading.discard(self)
 
     def on_message_complete(self):
         self.phase = "idle"

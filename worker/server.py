@@ -2,6 +2,7 @@
 and on SIGTERM or SIGINT, or once its registry is deleted, drain and remove
 every sandbox and cgroup."""
 import asyncio
+import ctypes
 import gc
 import logging
 import os
@@ -72,6 +73,24 @@ def reserve_fds(count):
     return hard
 
 
+# glibc's mallopt: the size from which an allocation gets pages of its own.
+M_MMAP_THRESHOLD = -3
+
+
+def give_back_big_buffers():
+    """glibc serves an allocation over its mmap threshold (128 KiB) with
+    pages of its own and returns them when it is freed; but each such
+    block freed raises the threshold to its size (up to 32 MiB), and big
+    buffers then come from its heap, whose memory stays with the process
+    when they are freed.  A burst of 6 MiB answers left the worker at
+    896 MB after every connection had closed.  A fixed threshold keeps it
+    where it is.  (A no-op where the C library has no mallopt.)"""
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 256 << 10)
+    except (OSError, AttributeError):
+        pass
+
+
 def connection_cap(config, open_files):
     """How many client connections may be open at once: what the open-file
     limit leaves once every sandbox can have its fds, so that idle
@@ -89,6 +108,7 @@ def connection_cap(config, open_files):
 
 async def run(config):
     loop = asyncio.get_running_loop()
+    give_back_big_buffers()
     open_files = reserve_fds(fds_for_sandboxes(config) + 256)
     try:
         check_nofile_within("the worker's config", config.limits.nofile, open_files)
