@@ -268,6 +268,22 @@ class Cgroup:
         except (OSError, ValueError):
             return 0
 
+    def held_memory(self):
+        """Bytes this cgroup and those under it hold that the kernel cannot
+        reclaim but by killing (no swap): anonymous memory and shmem (tmpfs,
+        memfd), not the page cache of files.  0 if it cannot be read."""
+        keys = ("anon", "shmem") if self.mode.name == "v2" else ("total_rss", "total_shmem")
+        held = 0
+        try:
+            with open(os.path.join(self.limit_dirs()["memory"], "memory.stat")) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key in keys:
+                        held += int(value)
+        except (OSError, ValueError):
+            return 0
+        return held
+
     def oom_kills(self):
         """How many processes the kernel has killed here for lack of memory
         (v2's memory.events, v1's memory.oom_control: both say oom_kill)."""

@@ -897,6 +897,39 @@ def test_memory_held_in_files_never_gets_the_zygote_oom_killed(own_worker):
     assert w.call("hello", {"name": "x"})[0] == 200
 
 
+def test_idle_sandboxes_holding_memory_in_files_make_room_not_a_busy_neighbour(own_worker):
+    """Memory in tmpfs counts in no process's size, by which the kernel's
+    OOM killer picks: idle sandboxes that filled their /tmp and /dev/shm
+    got a busy neighbour's call killed at the sandboxes' total.  The worker
+    destroys idle ones first, those holding most first, once all hold over
+    90% of the total, down to 80%."""
+    w = own_worker(sandboxes_mem_mb=1000, limits={"mem_mb": 200, "scratch_mb": 80})
+    filler = ("def handler(event):\n"
+              "    for path in ('/tmp/a', '/tmp/b', '/dev/shm/a', '/dev/shm/b'):\n"
+              "        with open(path, 'wb') as f:\n"
+              "            f.write(b'x' * (event['mb'] << 20))\n"
+              "    return 'held'\n")
+    for i in range(7):
+        w.add_function("filler-%d" % i, filler)
+    w.add_function("fat", "def handler(event):\n"
+                          "    hoard = bytearray(150 << 20)\n"
+                          "    return len(hoard)\n")
+    for i in range(7):  # 7 idle sandboxes: 910 MB in files, one of them the most
+        assert w.call("filler-%d" % i, {"mb": 33 if i == 3 else 32})[0] == 200
+
+    def fillers():
+        return sorted(s["function"] for s in json.loads(w.request("GET", "/sandboxes")[2])
+                      if s["function"].startswith("filler"))
+    deadline = time.monotonic() + 5
+    while len(fillers()) == 7 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fillers() == ["filler-%d" % i for i in range(7) if i != 3]  # the largest went
+    status, _, body = w.call("fat", {})
+    assert status == 200, body
+    with open(os.path.join(w.path, "logs", "worker-%d.log" % w.port)) as f:
+        assert "destroyed 1 idle sandbox(es)" in f.read()
+
+
 def test_kill_of_a_moved_cluster_whose_worker_was_sigkilled_removes_its_cgroups(own_worker,
                                                                                tmp_path):
     w = own_worker()

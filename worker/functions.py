@@ -8,6 +8,7 @@ idle ones are evicted, least recently used first, to make room.
 """
 import asyncio
 import collections
+import logging
 import math
 import os
 import time
@@ -20,11 +21,24 @@ from sandbox.runtime import proto
 from .errors import (BadRequest, Busy, HandlerDied, HandlerRaised, InitFailed, NotFound,
                      ResponseTooLarge, SandboxFailed, TimedOut, Unavailable)
 
+log = logging.getLogger("worker")
+
 # An instance idle this long is frozen (its cgroup), and thawed when a call
 # takes it: a thread or child a handler leaves behind cannot keep running
 # between calls.  Not at once: back-to-back calls would pay two cgroup
 # writes each.
 FREEZE_AFTER = 0.1
+
+# While all sandboxes together hold more than MEMORY_HIGH of their memory
+# limit (sandboxes_mem_mb) in memory the kernel cannot reclaim, idle ones
+# are destroyed, those that hold most first, down to MEMORY_RELIEVED;
+# checked every MEMORY_CHECK s.  Else the kernel's OOM killer makes room at
+# the limit, and picks by process size, in which memory held in files
+# (tmpfs, memfd) does not count: idle sandboxes that had filled their /tmp
+# got a busy neighbour's call killed, every time.
+MEMORY_HIGH = 0.9
+MEMORY_RELIEVED = 0.8
+MEMORY_CHECK = 1.0
 
 
 # What a reply may hold beyond its body: an error's message and stack.
@@ -236,6 +250,7 @@ class FunctionTable:
         self.pending = 0                             # cold starts under way
         self.pending_by_name = collections.Counter()  # ...of each function
         self.closing = False
+        self.memory_timer = None
         registry.on_change = self._retire_idle
 
     def trouble(self):
@@ -517,10 +532,40 @@ class FunctionTable:
                         "network": instance.sandbox.network})
         return out
 
+    def watch_memory(self):
+        """Check every MEMORY_CHECK s, until close(), that the sandboxes
+        leave room under their memory limit (see MEMORY_HIGH)."""
+        self.relieve_memory()
+        self.memory_timer = asyncio.get_running_loop().call_later(MEMORY_CHECK,
+                                                                  self.watch_memory)
+
+    def relieve_memory(self):
+        total = self.manager.all_sandboxes
+        limit = total.memory_limit_mb() << 20
+        held = total.held_memory()
+        if not limit or held <= MEMORY_HIGH * limit:
+            return
+        idle = [i for i in self.instances.values() if not i.busy]
+        sizes = {instance: instance.sandbox.cgroup.held_memory() for instance in idle}
+        freed = []
+        for instance in sorted(idle, key=sizes.get, reverse=True):
+            if held - sum(freed) <= MEMORY_RELIEVED * limit:
+                break
+            idle_list = self.idle[instance.function.name]
+            if instance in idle_list:
+                idle_list.remove(instance)
+            self._retire(instance)
+            freed.append(sizes[instance])
+        log.warning("memory: all sandboxes hold %d of their %d MB (sandboxes_mem_mb); "
+                    "destroyed %d idle sandbox(es), which held %d MB", held >> 20, limit >> 20,
+                    len(freed), sum(freed) >> 20)
+
     async def close(self, drain_seconds=5.0):
         """Let calls in flight finish (for up to `drain_seconds`), then
         destroy every sandbox; calls still running then get 503."""
         self.closing = True
+        if self.memory_timer is not None:
+            self.memory_timer.cancel()
         deadline = time.monotonic() + drain_seconds
         while (self.pending or any(i.busy for i in self.instances.values())) \
                 and time.monotonic() < deadline:

@@ -179,6 +179,7 @@ async def run(config):
             await network.start()
             log.info("egress: %s", network.describe())
         await manager.start()
+        table.watch_memory()
         await server.start_serving()
         # A full collection walks every live object, and a busy worker holds
         # many (sandboxes, channels, futures): collect rarely, and never walk
