@@ -179,6 +179,7 @@ class Sandbox:
         self.egress_wait = 0.0      # ...and before that, for an egress namespace
         self.assigned_at = None     # when it was given its code
         self.oom_kills = 0          # its cgroup's OOM kills before it (cgroups are reused)
+        self.limit_hits = 0         # the times its cgroup had reached its own memory limit
         self.limits_customized = False
         self.out_of_memory = False
         self.lost_with_zygote = False  # it died because its zygote did: not its fault
@@ -291,7 +292,6 @@ class SandboxManager:
         # every function's sandboxes died with it.  The zygote's own memory
         # is what it imported, made once.
         self.all_sandboxes = Cgroup(config.cgroup_root + "/sandboxes")
-        self.total_limit_hits = 0           # all_sandboxes.limit_hits() at the last OOM kill
         self.cgroups = CgroupPool(self.all_sandboxes.path, config.limits)
         self.sandboxes = {}                 # id -> Sandbox, in every state
         self.pool = collections.deque()     # pooled shells, ready for a function
@@ -490,6 +490,7 @@ class SandboxManager:
         if not self.config.netns:
             sandbox.network = "host"
         sandbox.oom_kills = self.cgroups.oom_kills(sandbox.cgroup)
+        sandbox.limit_hits = sandbox.cgroup.limit_hits()
         self.sandboxes[sandbox.id] = sandbox
         self.starting += 1
         sandbox.channel.setblocking(False)
@@ -655,14 +656,15 @@ class SandboxManager:
 
     def _which_memory_limit(self, sandbox):
         """Which limit an OOM kill in `sandbox` came from, in words: its
-        own, or the one on all sandboxes together (cgroups.cap_memory), if
-        that was reached since the last kill."""
-        hits = self.all_sandboxes.limit_hits()
-        total, self.total_limit_hits = hits > self.total_limit_hits, hits
-        if total:
-            return "(all sandboxes together reached their %d MB, sandboxes_mem_mb)" % (
-                self.all_sandboxes.memory_limit_mb())
-        return "(its limit is %d MB)" % sandbox.cgroup.memory_limit_mb()
+        own, if its cgroup reached it since the sandbox began (a cgroup
+        counts the times its own limit is reached, not its parent's), else
+        the one on all sandboxes together (cgroups.cap_memory).  Not by the
+        total's count: one time it is reached may kill in several sandboxes,
+        and only the first would have been told."""
+        if sandbox.cgroup.limit_hits() > sandbox.limit_hits:
+            return "(its limit is %d MB)" % sandbox.cgroup.memory_limit_mb()
+        return "(all sandboxes together reached their %d MB, sandboxes_mem_mb)" % (
+            self.all_sandboxes.memory_limit_mb())
 
     def _next_waiter(self):
         """The oldest create() still waiting for a shell (cancelled ones skipped)."""
