@@ -385,15 +385,13 @@ class SandboxManager:
         the fds allow: it forks each message's shells in one go.  If one
         cannot be made, those before it still are, and the error is logged;
         it is raised if there are none."""
-        # A shell for the pool is built in the background, at cpu.idle,
-        # while the pool holds half its shells or more: it must not take the
-        # CPUs from the calls being served (and their replies).  Below that,
-        # or for a call that waits, it goes first: at cpu.idle, or even at
-        # the same share as theirs, sandboxes busy with CPU-bound calls held
-        # other functions' cold starts back by seconds (32 of them: p99
-        # 5.4 s, the shells' own build 2.9 s).
-        share = "idle" if pooled and not self.waiters and \
-            len(self.pool) >= self.config.pool_size // 2 else "first"
+        # A shell for the pool is built in the background, at cpu.idle: it
+        # must not take the CPUs from the calls being served (and their
+        # replies).  One that a call waits for goes first (see _take_shell):
+        # at cpu.idle, or even at the same share as theirs, sandboxes busy
+        # with CPU-bound calls held other functions' cold starts back by
+        # seconds (32 of them: p99 5.4 s, the shells' own build 2.9 s).
+        share = "idle" if pooled and not self.waiters else "first"
         made, error = [], None
         try:
             while len(made) < count:
@@ -693,7 +691,20 @@ class SandboxManager:
             except BaseException:
                 self.waiters.remove(waiter)
                 raise
+        else:
+            self._hurry_a_shell()
         return await wait_for_item(waiter, self.waiters, self._back_to_pool)
+
+    def _hurry_a_shell(self):
+        """A call waits for a shell being built for the pool: the oldest of
+        those still at cpu.idle goes first from now on."""
+        for sandbox in self.sandboxes.values():  # in the order they were forked
+            if sandbox.state == "starting" and sandbox.cgroup.cpu_share == "idle":
+                try:
+                    sandbox.cgroup.set_cpu_share("first")
+                except SandboxError as e:
+                    log.warning(str(e))
+                return
 
     def _back_to_pool(self, shell):
         """A shell handed to a caller that gave up: it would otherwise stay

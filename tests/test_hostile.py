@@ -371,10 +371,10 @@ def test_a_huge_error_is_clipped_to_under_a_mib(worker):
 
 
 def test_cpu_bound_calls_do_not_hold_back_other_functions_cold_starts(own_worker):
-    """Shells for the pool are built at cpu.idle while the pool is at least
-    half full; below that they go first.  Built at cpu.idle (or at the
-    busy sandboxes' own share), the shells got next to no CPU while
-    sandboxes spun, and other functions' cold starts waited seconds."""
+    """Shells for the pool are built at cpu.idle; one that a call waits
+    for goes first.  Built at cpu.idle to the end (or at the busy
+    sandboxes' own share), the shells got next to no CPU while sandboxes
+    spun, and other functions' cold starts waited seconds."""
     w = own_worker()
     w.add_function("hog", "import time\n"
                           "def handler(event):\n"
