@@ -248,8 +248,8 @@ table ip {table} {{
         iifname "{bridge}" ip daddr {{ {metadata} }} drop
         # Nor anything a DNAT rule redirected.
         iifname "{bridge}" ct status dnat drop
-        # Nor take more than their share of the host's conntrack table.
         {counted}
+        # Nor take more than their share of the host's conntrack table.
         iifname "{bridge}" ct state new add @sandbox_flows {{ ip saddr ct count over {limits.per_sandbox} }} {refuse}
         iifname "{bridge}" ct state new add @worker_flows {{ iifname ct count over {limits.per_worker} }} {refuse}
         iifname "{bridge}" ct state new add @sandbox_new {{ ip saddr limit rate over {limits.new_per_sandbox}/second burst {limits.burst_per_sandbox} packets }} {refuse}

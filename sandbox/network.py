@@ -247,7 +247,7 @@ class EgressNetwork:
                 waiter.set_exception(SandboxError("give egress", self.subnet,
                                                   "the worker is shutting down"))
         for lease in self.free:
-            os.close(lease.fd)  # the kernel deletes the namespace and its veth, in batches
+            os.close(lease.fd)  # its veth goes with the namespace, or at the teardown
         self.free.clear()
         if self.lock is not None:
             await self._in_thread(self._teardown)
@@ -293,7 +293,7 @@ class EgressNetwork:
         neighbour and path-MTU caches, TCP metrics, TIME_WAIT sockets), and
         none of it may reach the next tenant of its address."""
         if self.closing:
-            os.close(lease.fd)  # the teardown deletes its veth
+            os.close(lease.fd)  # the teardown, under way, deletes its veth
         elif reusable and self._unused(lease):
             self.free.append(lease)
             self._give_waiters()
@@ -320,6 +320,16 @@ class EgressNetwork:
         future = asyncio.get_running_loop().run_in_executor(self.thread, self._discard, lease)
         future.add_done_callback(lambda f, lease=lease: self._discarded(lease, f))
 
+    def _fail_waiters_beyond_capacity(self, error):
+        """Say why rather than leave a call waiting, unless a namespace
+        still being made or discarded (its address then made anew) can
+        serve it."""
+        while self.waiters and self.making + self.discarding < len(self.waiters):
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+                break
+
     def _discard(self, lease):
         """In the thread: set the namespace's veth down, so that nothing left
         in it can send any more (a namespace outlives its last process while
@@ -345,8 +355,10 @@ class EgressNetwork:
         try:
             future.result()
         except Exception as e:  # the thread's own failures, named or not
-            self.log("discard egress namespace %s: %s; the address is not used again until "
-                     "restart" % (lease.address, e))
+            error = e if isinstance(e, SandboxError) else SandboxError(
+                "discard egress namespace", lease.address, repr(e))
+            self.log("%s; the address is not used again until restart" % error)
+            self._fail_waiters_beyond_capacity(error)
             return
         if not self.closing:
             self.unused.insert(0, lease.index)  # made anew last: its entries expire meanwhile
@@ -375,13 +387,7 @@ class EgressNetwork:
             error = e if isinstance(e, SandboxError) else SandboxError(
                 "prepare egress namespace", self.addresses[index], repr(e))
             self.log(str(error))
-            # Say why rather than leave a call waiting, unless a namespace
-            # still being made can serve it.
-            while self.waiters and self.making < len(self.waiters):
-                waiter = self.waiters.popleft()
-                if not waiter.done():
-                    waiter.set_exception(error)
-                    break
+            self._fail_waiters_beyond_capacity(error)
             return
         if self.closing:
             os.close(lease.fd)
@@ -418,8 +424,9 @@ class EgressNetwork:
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise
-                # Left by a worker on this port that just went: the kernel
-                # deletes its namespaces, and their veths, in the background.
+                # Left by a worker on this port that just went, or by a
+                # namespace of ours discarded 100 generations ago: the
+                # kernel deletes namespaces, and their veths, in the background.
                 self.ipr.link("del", ifname=veth)
                 self.ipr.link("add", ifname=veth, kind="veth",
                               peer={"ifname": "eth0", "net_ns_fd": fd})

@@ -23,10 +23,10 @@ LOG_FORMAT = "%(asctime)s worker[%(process)d] %(message)s"
 
 def _failed(why, status=1):
     """Say why the worker does not start, as its log lines are (workers
-    share their port's log: `admin` finds this one by the pid), and exit."""
+    share their port's log: `admin` finds this one by the pid); its exit
+    status."""
     logging.error("cannot start: %s", why)
     return status
-
 
 
 def main(argv=None):

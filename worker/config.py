@@ -121,10 +121,11 @@ def _total(source, raw, name, limits, limit):
     total = raw[name]
     if total is None:
         default, meaning = TOTAL_DEFAULTS[name]
-        if limits[limit] > default():
+        default = default()
+        if limits[limit] > default:
             raise ConfigError("%s: limits.%s (%d) is above what all sandboxes together may "
                               "have (%d: %s is null, %s): no sandbox could use its own limit"
-                              % (source, limit, limits[limit], default(), name, meaning))
+                              % (source, limit, limits[limit], default, name, meaning))
         return None
     _positive_int("%s: %s" % (source, name), total)
     if total > LIMIT_MAX[limit]:

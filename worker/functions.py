@@ -535,9 +535,9 @@ class FunctionTable:
     def watch_memory(self):
         """Check every MEMORY_CHECK s, until close(), that the sandboxes
         leave room under their memory limit (see MEMORY_HIGH)."""
-        self.relieve_memory()
         self.memory_timer = asyncio.get_running_loop().call_later(MEMORY_CHECK,
                                                                   self.watch_memory)
+        self.relieve_memory()
 
     def relieve_memory(self):
         total = self.manager.all_sandboxes
@@ -549,16 +549,17 @@ class FunctionTable:
         sizes = {instance: instance.sandbox.cgroup.held_memory() for instance in idle}
         freed = []
         for instance in sorted(idle, key=sizes.get, reverse=True):
-            if held - sum(freed) <= MEMORY_RELIEVED * limit:
-                break
+            if held - sum(freed) <= MEMORY_RELIEVED * limit or sizes[instance] < 1 << 20:
+                break  # enough, or what is left holds next to nothing: busy ones hold it
             idle_list = self.idle[instance.function.name]
             if instance in idle_list:
                 idle_list.remove(instance)
             self._retire(instance)
             freed.append(sizes[instance])
-        log.warning("memory: all sandboxes hold %d of their %d MB (sandboxes_mem_mb); "
-                    "destroyed %d idle sandbox(es), which held %d MB", held >> 20, limit >> 20,
-                    len(freed), sum(freed) >> 20)
+        if freed:
+            log.warning("memory: all sandboxes hold %d of their %d MB (sandboxes_mem_mb); "
+                        "destroyed %d idle sandbox(es), which held %d MB", held >> 20,
+                        limit >> 20, len(freed), sum(freed) >> 20)
 
     async def close(self, drain_seconds=5.0):
         """Let calls in flight finish (for up to `drain_seconds`), then
@@ -566,6 +567,11 @@ class FunctionTable:
         self.closing = True
         if self.memory_timer is not None:
             self.memory_timer.cancel()
+        for instance in self.instances.values():  # freezes and idle_sec expiries
+            if instance.freeze_timer is not None:
+                instance.freeze_timer.cancel()
+                instance.freeze_timer = None
+        self.idle.clear()
         deadline = time.monotonic() + drain_seconds
         while (self.pending or any(i.busy for i in self.instances.values())) \
                 and time.monotonic() < deadline:

@@ -145,22 +145,22 @@ def _unknown_method(data):
     return None
 
 
-def _shed_slow_bodies(app, now, budget):
+def _shed_slow_bodies(app, now, budget, asking):
     """Answer 408 to the uploads that are too slow (SLOW_BODY) while the
-    bodies held are over `budget`, largest first, and forget their bytes."""
+    bodies held are over `budget`, largest first (_fail forgets their
+    bytes); not `asking`'s, which the caller refuses if need be."""
     for protocol in sorted(app.uploading, key=lambda p: p.holding, reverse=True):
         if app.bodies <= budget:
             return
-        if protocol.phase != "body" or protocol.closing:
-            continue  # its body is whole: its call holds it
+        if protocol is asking or protocol.phase != "body" or protocol.closing \
+                or protocol.busy or protocol.write_paused:
+            continue  # a whole body (its call holds it), or one we stopped reading
         elapsed = now - protocol.body_began
         if elapsed >= 1.0 and (now - protocol.body_at >= 1.0 or
                                protocol.size < SLOW_BODY * elapsed):
             protocol._fail(early_error(408, "Http.RequestTimeout", "request body too slow "
                                        "(%d bytes in %.1f s) while the worker was short of room "
                                        "for bodies" % (protocol.size, elapsed)))
-            protocol.body = []
-            protocol._release(protocol.holding)
 
 
 def _shed_unread_later(app, loop):
@@ -443,7 +443,7 @@ class HttpProtocol(asyncio.Protocol):
         self._hold(len(chunk))
         budget = max(BODIES_MAX, 2 * self.app.max_body)
         if self.size > SMALL_BODY and self.app.bodies > budget:
-            _shed_slow_bodies(self.app, self.loop.time(), budget)
+            _shed_slow_bodies(self.app, self.loop.time(), budget, self)
         if self.size > SMALL_BODY and self.app.bodies > budget:
             self._refuse(503, "Worker.Unavailable", "the worker holds %d MiB of request bodies:"
                          " try again" % (self.app.bodies >> 20), ((b"Retry-After", b"1"),))
@@ -593,6 +593,9 @@ class HttpProtocol(asyncio.Protocol):
         then hang up."""
         self.closing = True
         self.held = None
+        if self.phase == "body":  # what came of a body refused is not held for it
+            self.body = []
+            self._release(self.size)
         self.queue.append(response)
         self._next()
 
