@@ -292,6 +292,9 @@ class SandboxManager:
         # every function's sandboxes died with it.  The zygote's own memory
         # is what it imported, made once.
         self.all_sandboxes = Cgroup(config.cgroup_root + "/sandboxes")
+        # What they may have together (cgroups.cap_memory, cap_procs).
+        self.total_mem_mb = config.total_mem_mb or default_total_mb()
+        self.total_procs = config.total_procs or default_total_procs()
         self.cgroups = CgroupPool(self.all_sandboxes.path, config.limits)
         self.sandboxes = {}                 # id -> Sandbox, in every state
         self.pool = collections.deque()     # pooled shells, ready for a function
@@ -319,8 +322,8 @@ class SandboxManager:
         # A worker that was SIGKILLed leaves cgroups behind; take them over.
         self.root.remove()
         self.all_sandboxes.create()
-        self.all_sandboxes.cap_memory(self.config.total_mem_mb or default_total_mb())
-        self.all_sandboxes.cap_procs(self.config.total_procs or default_total_procs())
+        self.all_sandboxes.cap_memory(self.total_mem_mb)
+        self.all_sandboxes.cap_procs(self.total_procs)
         started = time.monotonic()
         # Every sandbox that can be alive at once (plus a few dying) gets its
         # cgroup now: a cgroup mkdir takes ~0.5 ms, which calls must not wait
@@ -662,7 +665,7 @@ class SandboxManager:
         if sandbox.cgroup.limit_hits() > sandbox.limit_hits:
             return "(its limit is %d MB)" % sandbox.cgroup.memory_limit_mb()
         return "(all sandboxes together reached their %d MB, sandboxes_mem_mb)" % (
-            self.all_sandboxes.memory_limit_mb())
+            self.total_mem_mb)
 
     def _next_waiter(self):
         """The oldest create() still waiting for a shell (cancelled ones skipped)."""

@@ -451,18 +451,20 @@ class FunctionTable:
     def _on_channel_closed(self, instance):
         """An idle sandbox died (killed from outside, or its zygote died):
         it gives its slot back now, not when a call next finds it dead."""
-        if not instance.busy and instance in self.idle.get(instance.function.name, ()):
-            self.idle[instance.function.name].remove(instance)
+        self._retire_if_idle(instance)
+
+    def _retire_if_idle(self, instance):
+        """Out of its function's idle list and retired, if it is idle there."""
+        idle = self.idle.get(instance.function.name, ())
+        if not instance.busy and instance in idle:
+            idle.remove(instance)
             self._retire(instance)
 
     def _evict_one(self):
         candidates = [i for i in self.instances.values() if not i.busy]
         if not candidates:
             return False
-        victim = min(candidates, key=lambda i: i.last_used)
-        if victim in self.idle[victim.function.name]:
-            self.idle[victim.function.name].remove(victim)
-        self._retire(victim)
+        self._retire_if_idle(min(candidates, key=lambda i: i.last_used))
         return True
 
     def _release(self, instance):
@@ -495,10 +497,7 @@ class FunctionTable:
         """Idle for idle_sec: what it holds (memory, files, a uid, a slot)
         goes back to the host, not only when max_sandboxes needs the slot."""
         instance.freeze_timer = None
-        idle = self.idle.get(instance.function.name, ())
-        if not instance.busy and instance in idle:
-            idle.remove(instance)
-            self._retire(instance)
+        self._retire_if_idle(instance)
 
     def _thaw(self, instance):
         if instance.freeze_timer is not None:
@@ -540,10 +539,9 @@ class FunctionTable:
         self.relieve_memory()
 
     def relieve_memory(self):
-        total = self.manager.all_sandboxes
-        limit = total.memory_limit_mb() << 20
-        held = total.held_memory()
-        if not limit or held <= MEMORY_HIGH * limit:
+        limit = self.manager.total_mem_mb << 20
+        held = self.manager.all_sandboxes.held_memory()
+        if held <= MEMORY_HIGH * limit:
             return
         idle = [i for i in self.instances.values() if not i.busy]
         sizes = {instance: instance.sandbox.cgroup.held_memory() for instance in idle}
@@ -551,10 +549,7 @@ class FunctionTable:
         for instance in sorted(idle, key=sizes.get, reverse=True):
             if held - sum(freed) <= MEMORY_RELIEVED * limit or sizes[instance] < 1 << 20:
                 break  # enough, or what is left holds next to nothing: busy ones hold it
-            idle_list = self.idle[instance.function.name]
-            if instance in idle_list:
-                idle_list.remove(instance)
-            self._retire(instance)
+            self._retire_if_idle(instance)
             freed.append(sizes[instance])
         if freed:
             log.warning("memory: all sandboxes hold %d of their %d MB (sandboxes_mem_mb); "

@@ -9,7 +9,7 @@ import os
 import resource
 import signal
 
-from sandbox.cgroups import Limits, default_total_mb, default_total_procs, favor_moves
+from sandbox.cgroups import Limits, favor_moves
 from sandbox.errors import SandboxError
 from sandbox.manager import SandboxConfig, SandboxManager
 
@@ -131,22 +131,19 @@ async def run(config):
         network = EgressNetwork(config.port, config.egress.subnet, config.egress.spare,
                                 log=log.warning, resolv_confs=(
                                     "/etc/resolv.conf", os.path.join(rootfs, "etc/resolv.conf")))
-    # What all sandboxes together may have (null in the config: a share of
-    # the host's), for the manager to enforce and the registry to check
-    # functions' own limits against.
-    total_mem_mb = config.sandboxes_mem_mb or default_total_mb()
-    total_procs = config.sandboxes_procs or default_total_procs()
     manager = SandboxManager(SandboxConfig(
         rootfs=rootfs, cgroup_root=config.cgroup, log_fd=2, hostname="ol-%d" % config.port,
         limits=Limits(limits.mem_mb, limits.procs, limits.cpu_percent),
         scratch_mb=limits.scratch_mb, pool_size=config.pool_size, max_live=config.max_sandboxes,
         fresh=not config.zygote, netns=config.network_isolation, uid_base=config.uid_base,
-        total_mem_mb=total_mem_mb, total_procs=total_procs),
+        total_mem_mb=config.sandboxes_mem_mb, total_procs=config.sandboxes_procs),
         network)
     try:
         registry = Registry(config.registry, config.limits, egress=network is not None,
-                            totals={"mem_mb": (total_mem_mb, "sandboxes_mem_mb"),
-                                    "procs": (total_procs, "sandboxes_procs")})
+                            # Functions' own limits are checked against what
+                            # all sandboxes together may have.
+                            totals={"mem_mb": (manager.total_mem_mb, "sandboxes_mem_mb"),
+                                    "procs": (manager.total_procs, "sandboxes_procs")})
     except OSError as e:
         raise StartError("watch registry %s: %s" % (config.registry, e.strerror)) from None
     table = FunctionTable(manager, registry, config.max_sandboxes, config.idle_sec)
