@@ -19,7 +19,7 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path):
     out = tmp_path / run
     results = json.loads((out / "results.json").read_text())
     ways = {r["way"] for r in results["runs"]}
-    assert {"zygote", "hostnet", "egress", "warm", "fresh"} <= ways
+    assert {"zygote", "hostnet", "egress", "halting", "warm", "warm-halting", "fresh"} <= ways
     zygote = [r for r in results["runs"] if r["way"] == "zygote" and r["summary"]]
     assert all(r["summary"]["n"] > 0 for r in zygote)
     throughput = results["throughput"]  # an error where wrk is not installed

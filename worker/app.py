@@ -57,8 +57,9 @@ CHECKED_HERE = 64 << 10
 
 
 class App:
-    def __init__(self, table, max_body, max_connections):
+    def __init__(self, table, max_body, max_connections, cpu_latency=None):
         self.table = table
+        self.cpu_latency = cpu_latency  # worker.cpu_latency.CpuLatency, or None
         self.max_body = max_body
         self.max_connections = max_connections
         self.failures = FailureLog()
@@ -103,6 +104,8 @@ class App:
 
     async def handle(self, request):
         started = time.monotonic()
+        if self.cpu_latency is not None:
+            self.cpu_latency.call()
         request_id = uuid.uuid4().hex
         phases = []
         return timed(await self._run(request, request_id, phases), started, phases)

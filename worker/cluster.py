@@ -45,6 +45,7 @@ def template_defaults():
         "max_connections": None,
         "zygote": True,
         "favor_cgroup_moves": True,
+        "cpu_wake_latency_us": 0,
         "network_isolation": True,
         "uid_base": None,
         "egress": {"enabled": False, "subnet": "10.213.0.0/16", "spare": 2},
@@ -287,18 +288,26 @@ def merge(base, update):
     return out
 
 
-def merge_unsetting(base, update):
+# Keys for which null is a setting of its own, unlike their defaults: a
+# null given to setconf for them is written, not taken as "the default".
+NULL_IS_A_SETTING = ("idle_sec", "cpu_wake_latency_us")
+
+
+def merge_unsetting(base, update, top=True):
     """`merge` for setconf: a null in `update`, at any depth, removes its
     key, so that the key's default applies again (for max_connections and
-    uid_base, whose default is null, too).  No null is ever written, not
+    uid_base, whose default is null, too); but for a key of
+    NULL_IS_A_SETTING it is written.  No other null is ever written, not
     even inside an object `base` has no object for."""
     out = dict(base)
     for key, value in update.items():
-        if value is None:
+        if value is None and top and key in NULL_IS_A_SETTING:
+            out[key] = None
+        elif value is None:
             out.pop(key, None)
         elif isinstance(value, dict):
             below = out.get(key)
-            out[key] = merge_unsetting(below if isinstance(below, dict) else {}, value)
+            out[key] = merge_unsetting(below if isinstance(below, dict) else {}, value, top=False)
         else:
             out[key] = value
     return out

@@ -60,6 +60,7 @@ class WorkerConfig:
     max_connections: int  # None: as many as the open-file limit leaves (worker.server)
     zygote: bool
     favor_cgroup_moves: bool
+    cpu_wake_latency_us: int  # None: ask nothing of the kernel (worker.cpu_latency)
     network_isolation: bool
     uid_base: int
     egress: Egress
@@ -234,6 +235,10 @@ def _egress(source, raw):
     return Egress(_flag("%s: egress.enabled" % source, raw["enabled"]), str(net), spare)
 
 
+# A wake-up latency of a second is no constraint on any CPU's idle states.
+WAKE_US_MAX = 1_000_000
+
+
 HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?\Z")
 
 
@@ -293,6 +298,11 @@ def from_dict(raw, source):
         # The event loop's timers take a float: bounded like runtime_sec.
         raise ConfigError("%s: idle_sec must be null or a number of seconds above 0 and at "
                           "most %d, not %s" % (source, LIMIT_MAX["runtime_sec"], shown(idle_sec)))
+    wake_us = raw["cpu_wake_latency_us"]
+    if wake_us is not None and (isinstance(wake_us, bool) or not isinstance(wake_us, int)
+                                or not 0 <= wake_us <= WAKE_US_MAX):
+        raise ConfigError("%s: cpu_wake_latency_us must be null or a whole number of "
+                          "microseconds up to %d, not %s" % (source, WAKE_US_MAX, shown(wake_us)))
     uid_base = raw.get("uid_base")
     if uid_base is None:
         uid_base = default_base(port)
@@ -314,6 +324,7 @@ def from_dict(raw, source):
         max_connections=max_connections,
         zygote=_flag("%s: zygote" % source, raw["zygote"]),
         favor_cgroup_moves=_flag("%s: favor_cgroup_moves" % source, raw["favor_cgroup_moves"]),
+        cpu_wake_latency_us=wake_us,
         network_isolation=_flag("%s: network_isolation" % source, raw["network_isolation"]),
         uid_base=uid_base,
         egress=_egress(source, raw["egress"]),

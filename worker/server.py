@@ -18,6 +18,7 @@ from rootfs.prepare import RootfsError, prepare
 from .app import App
 from .cluster import Cluster
 from .config import EGRESS_ADDRESSES, ConfigError, check_nofile_within
+from .cpu_latency import CpuLatency
 from .functions import FunctionTable
 from .http import HttpProtocol
 from .registry import Registry
@@ -160,7 +161,14 @@ async def run(config):
     # Changes are applied as they come too, not only at the next lookup: a
     # deleted or edited function's idle sandboxes go at once.
     loop.add_reader(registry.inotify.fileno(), registry.drain_changes)
-    app = App(table, limits.request_kb * 1024, max_connections)
+    cpu_latency = None
+    if config.cpu_wake_latency_us is not None:
+        try:
+            cpu_latency = CpuLatency(config.cpu_wake_latency_us, loop)
+        except OSError as e:
+            log.warning("cpu_wake_latency_us: cannot ask the kernel to keep idle CPUs quick to "
+                        "wake (%s): they idle as deep as they like", e.strerror)
+    app = App(table, limits.request_kb * 1024, max_connections, cpu_latency)
     try:
         server = await loop.create_server(lambda: HttpProtocol(app), config.host, config.port,
                                           reuse_address=True, backlog=1024, start_serving=False)
@@ -184,8 +192,10 @@ async def run(config):
         gc.freeze()
         gc.set_threshold(50_000, 50, 1000)
         app.ready = True
-        log.info("ready on http://%s:%d (rootfs %s, cgroups %s, at most %d connections)",
-                 config.host, config.port, rootfs, manager.root.mode.name, max_connections)
+        log.info("ready on http://%s:%d (rootfs %s, cgroups %s, at most %d connections%s)",
+                 config.host, config.port, rootfs, manager.root.mode.name, max_connections,
+                 "" if cpu_latency is None else ", idle CPUs within %d us of waking while calls "
+                 "come in" % config.cpu_wake_latency_us)
         await stop.wait()
         log.info("stopping")
     except SandboxError as e:
@@ -199,4 +209,6 @@ async def run(config):
             await network.close()
         loop.remove_reader(registry.inotify.fileno())
         registry.close()
+        if cpu_latency is not None:
+            cpu_latency.close()
     log.info("stopped; every sandbox, cgroup and network removed")

@@ -18,6 +18,10 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from worker.cpu_latency import CpuLatency  # noqa: E402
+
 EVENT = '{"name": "bench"}'
 
 
@@ -65,9 +69,19 @@ def command(peer, rootfs, handlers, bundles, handler, serial):
     return [peer, "run", "--bundle", bundle, "olbench-%d-%d" % (os.getpid(), serial)]
 
 
-def measure(cmd):
+def measure(cmd, latency):
+    """Seconds from spawning `cmd` to its exit, with the same request that
+    idle CPUs be quick to wake as a worker makes while it serves a call
+    (`latency`, a CpuLatency, or None where the kernel has no such
+    request): the comparison is of sandboxes, not of CPU idle states."""
     start = time.perf_counter()
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if latency is not None:
+        latency.hold()
+    try:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    finally:
+        if latency is not None:
+            latency.relax()
     elapsed = time.perf_counter() - start
     if done.returncode != 0 or b"bench" not in done.stdout:
         raise RuntimeError("%s failed (%d): %s" % (cmd[0], done.returncode,
@@ -83,6 +97,13 @@ def main():
     if os.path.ismount("/sys/fs/cgroup/unified"):
         mount("-t", "tmpfs", "tmpfs", "/sys/fs/cgroup/unified")
     bundles = spec["bundles"]
+    latency = None
+    if spec["cpu_wake_latency_us"] is not None:
+        try:
+            latency = CpuLatency(spec["cpu_wake_latency_us"])
+        except OSError as e:
+            print("  peers run with idle CPUs as the host has them: %s" % e.strerror,
+                  file=sys.stderr, flush=True)
     results = []
     serial = 0
     for job in spec["jobs"]:  # {"peer", "handler", "scenario", "n", "gap"}
@@ -91,13 +112,14 @@ def main():
             continue
         samples = []
         try:
-            measure(command(job["peer"], rootfs, handlers, bundles, job["handler"], serial))
+            measure(command(job["peer"], rootfs, handlers, bundles, job["handler"], serial),
+                    latency)
             for _ in range(job["n"]):
                 serial += 1
                 if job["gap"]:
                     time.sleep(job["gap"])
                 samples.append(measure(command(job["peer"], rootfs, handlers, bundles,
-                                               job["handler"], serial)))
+                                               job["handler"], serial), latency))
         except RuntimeError as e:
             results.append(dict(job, error=str(e), samples=samples))
             continue

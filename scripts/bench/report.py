@@ -10,7 +10,8 @@ sys.path.insert(0, REPO)
 
 import stalls  # noqa: E402  (next to this file)
 
-WAYS = ("zygote", "hostnet", "egress", "warm", "fresh", "chroot", "bwrap", "crun", "runc")
+WAYS = ("zygote", "hostnet", "egress", "halting", "warm", "warm-halting", "fresh", "chroot",
+        "bwrap", "crun", "runc")
 PHASES = ("total", "worker", "egress", "wait", "fork", "cgroup", "mounts", "interpreter", "wake",
           "attach", "drop", "load", "handler", "ipc")
 
@@ -71,7 +72,8 @@ def phase_table(results):
                                    ("egress", "hello", "back-to-back"),
                                    ("zygote", "heavy", "back-to-back"),
                                    ("fresh", "hello", "back-to-back"),
-                                   ("warm", "hello", "back-to-back")):
+                                   ("warm", "hello", "back-to-back"),
+                                   ("warm-halting", "hello", "back-to-back")):
         run = find(results, way, handler, scenario)
         if not run or not run.get("timings"):
             continue
@@ -151,9 +153,12 @@ def markdown(results):
     host = results["host"]
     out = ["# Cold-start benchmark", "",
            "Host: %(cpus)d CPUs (%(cpu)s), Linux %(kernel)s, cgroups %(cgroups)s." % host,
-           "Latencies in ms. Ours (zygote, hostnet, egress, warm, fresh) are HTTP end to end "
-           "from a client on the same host; peers are spawn-to-exit of the tool running the "
-           "same handler on the same rootfs.%s" % (" QUICK RUN: few samples." if results["quick"] else ""),
+           "Latencies in ms. Ours (zygote, hostnet, egress, halting, warm, fresh) are HTTP end "
+           "to end from a client on the same host; peers are spawn-to-exit of the tool running "
+           "the same handler on the same rootfs. Idle CPUs are kept quick to wake while calls "
+           "come in (`cpu_wake_latency_us`, 0 by default), and while each peer runs; halting "
+           "and warm-halting are zygote and warm without that request.%s"
+           % (" QUICK RUN: few samples." if results["quick"] else ""),
            "", "## Targets", "", "| measure | target | measured | |", "|---|---|---|---|"]
     for measure, target, measured, met in targets(results):
         out.append("| %s | %s | %s | %s |" % (measure, target, measured,

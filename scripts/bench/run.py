@@ -14,6 +14,8 @@ Ways measured, for the hello and heavy-stdlib handlers:
   egress    the same with egress (ol.yaml `egress: true`): a pooled namespace
             with a veth, an address and NAT (hello only)
   warm      a call on a live handler
+  halting, warm-halting   zygote and warm with `cpu_wake_latency_us: null`:
+            idle CPUs left to halt while calls come in (hello only)
   bwrap, crun, runc   the peers, each running the same handler on the same rootfs
 
 Ours are measured end to end over HTTP from a client on this host; peers from
@@ -40,6 +42,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
+from worker.cluster import template_defaults  # noqa: E402
+from worker.cpu_latency import LINGER  # noqa: E402
 from client import Client, phases  # noqa: E402
 import stalls  # noqa: E402
 import report  # noqa: E402
@@ -149,6 +153,13 @@ def call(client, name):
     return seconds, phases(headers)
 
 
+def after_requests_lapse():
+    """Until the other workers' requests that idle CPUs be quick to wake
+    have lapsed (each withdraws its own LINGER after its last call): the
+    halting ways must measure halting CPUs."""
+    time.sleep(2 * LINGER)
+
+
 def run_sequential(cluster, handler, n, gap, warm=False):
     client = Client(cluster.port)
     samples, timings = [], []
@@ -189,7 +200,9 @@ def run_concurrent(cluster, handler, n, concurrency):
 
 def run_peers(jobs, tmp):
     spec = {"rootfs": ROOTFS, "handlers": HANDLERS, "bundles": os.path.join(tmp, "bundles"),
-            "jobs": jobs}
+            "jobs": jobs,
+            # What the zygote cluster's worker asks for while it serves calls.
+            "cpu_wake_latency_us": template_defaults()["cpu_wake_latency_us"]}
     path = os.path.join(tmp, "peers.json")
     with open(path, "w") as f:
         json.dump(spec, f)
@@ -375,7 +388,8 @@ def main():
         results["runs"].append(dict(way=way, handler=handler, scenario=scenario,
                                     samples=samples, timings=list(timings), **extra))
     try:
-        step(1, total, "starting four workers (zygote, no network namespace, egress, no zygote)")
+        step(1, total, "starting five workers (zygote, no network namespace, egress, "
+             "idle CPUs halting, no zygote)")
         zygote = Cluster(tmp, "zygote", copies, max_sandboxes=copies + 100, pool_size=16)
         clusters.append(zygote)
         fresh = Cluster(tmp, "fresh", n + n_idle, zygote=False, max_sandboxes=copies + 100)
@@ -387,6 +401,9 @@ def main():
         egress = Cluster(tmp, "egress", n + n_idle, egress=True, max_sandboxes=copies + 100,
                          pool_size=16)
         clusters.append(egress)
+        halting = Cluster(tmp, "halting", n + n_idle, cpu_wake_latency_us=None,
+                          max_sandboxes=copies + 100, pool_size=16)
+        clusters.append(halting)
         settle()
 
         step(2, total, "vCPU stalls before the scenarios (a spinning process per vCPU)")
@@ -397,26 +414,35 @@ def main():
         for handler in ("hello", "heavy"):
             ways = [("zygote", zygote), ("hostnet", hostnet), ("fresh", fresh)]
             if handler == "hello":
-                ways.insert(2, ("egress", egress))
+                ways[2:2] = [("egress", egress), ("halting", halting)]
             for way, cluster in ways:
+                if cluster is halting:
+                    after_requests_lapse()
                 samples, timings = run_sequential(cluster, handler, n, 0)
                 record(way, handler, "back-to-back", samples, timings)
             samples, timings = run_sequential(zygote, handler, n * 5, 0, warm=True)
             record("warm", handler, "back-to-back", samples, timings)
+            if handler == "hello":
+                after_requests_lapse()
+                samples, timings = run_sequential(halting, handler, n * 5, 0, warm=True)
+                record("warm-halting", handler, "back-to-back", samples, timings)
 
         step(4, total, "cold starts after 200 ms idle gaps (n=%d per handler and way)"
              % (n_idle // 2))
-        for cluster in (zygote, hostnet, egress, fresh):
+        for cluster in (zygote, hostnet, egress, halting, fresh):
             cluster.restart()
         for handler in ("hello", "heavy"):
             ways = [("zygote", zygote), ("hostnet", hostnet), ("fresh", fresh)]
             if handler == "hello":
-                ways.insert(2, ("egress", egress))
+                ways[2:2] = [("egress", egress), ("halting", halting)]
             for way, cluster in ways:
                 samples, timings = run_sequential(cluster, handler, n_idle // 2, 0.2)
                 record(way, handler, "idle-200ms", samples, timings)
             samples, timings = run_sequential(zygote, handler, n_idle // 2, 0.2, warm=True)
             record("warm", handler, "idle-200ms", samples, timings)
+            if handler == "hello":
+                samples, timings = run_sequential(halting, handler, n_idle // 2, 0.2, warm=True)
+                record("warm-halting", handler, "idle-200ms", samples, timings)
 
         step(5, total, "cold starts at concurrency 1, 2 and 8 (n=%d each)" % n)
         for c in (1, 2, 8):

@@ -67,6 +67,11 @@ def test_defaults_fill_in():
     ({"cluster": "/c", "sandboxes_procs": 10}, r"sandboxes_procs \(10\) is below limits.procs \(64\)"),
     ({"cluster": "/c", "sandboxes_procs": 1 << 23}, "sandboxes_procs must be at most 4194304"),
     ({"cluster": "/c", "limits": {"cpu_percent": 1 << 40}}, "limits.cpu_percent must be at most"),
+    ({"cluster": "/c", "cpu_wake_latency_us": -1}, "cpu_wake_latency_us must be null or a whole "
+                                                   "number of microseconds up to 1000000, not -1"),
+    ({"cluster": "/c", "cpu_wake_latency_us": 0.5}, "cpu_wake_latency_us must be null or a whole"),
+    ({"cluster": "/c", "cpu_wake_latency_us": False}, "cpu_wake_latency_us must be null or a whole"),
+    ({"cluster": "/c", "cpu_wake_latency_us": 1 << 31}, "cpu_wake_latency_us must be null or"),
 ])
 def test_bad_configs_name_the_key(raw, words):
     with pytest.raises(ConfigError, match=words):
@@ -115,6 +120,21 @@ def test_merge_unsetting_removes_the_keys_set_to_null():
     assert merge_unsetting({}, {"egress": {"spare": None, "enabled": True}}) == {
         "egress": {"enabled": True}}
     assert merge({"a": 1}, {"a": None}) == {"a": None}  # merge keeps a null
+
+
+def test_setconf_writes_a_null_that_is_a_setting_of_its_own():
+    """idle_sec and cpu_wake_latency_us have defaults of their own, and null
+    means something else: "never" and "ask nothing of the kernel"."""
+    update = {"idle_sec": None, "cpu_wake_latency_us": None, "max_connections": None}
+    template = merge_unsetting({"idle_sec": 5, "max_connections": 3}, update)
+    assert template == {"idle_sec": None, "cpu_wake_latency_us": None}
+    config = from_dict(dict(template, cluster="/c"), "test")
+    assert config.idle_sec is None and config.cpu_wake_latency_us is None
+    defaults = from_dict({"cluster": "/c"}, "test")
+    assert defaults.idle_sec == 600 and defaults.cpu_wake_latency_us == 0
+    # Only at the top: a nested key of that name is removed as any other.
+    assert merge_unsetting({"egress": {"idle_sec": 1}}, {"egress": {"idle_sec": None}}) == {
+        "egress": {}}
 
 
 def test_a_cluster_path_that_is_not_utf8_is_refused_in_one_line(tmp_path):
