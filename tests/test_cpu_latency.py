@@ -1,6 +1,7 @@
 """The worker's request that idle CPUs stay quick to wake (PM QoS,
 cpu_wake_latency_us), read back from the kernel: made while calls come in,
 withdrawn soon after, and gone with the worker however it ends."""
+import asyncio
 import os
 import signal
 import struct
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from worker.cpu_latency import DEVICE, LINGER, NO_CONSTRAINT
+from worker.cpu_latency import DEVICE, LINGER, NO_CONSTRAINT, CpuLatency
 
 from conftest import admin
 
@@ -68,3 +69,26 @@ def test_the_request_ends_with_a_killed_worker(quiet_host, own_worker):
         os.kill(int(f.read()), signal.SIGKILL)
     assert wait_for(NO_CONSTRAINT) == NO_CONSTRAINT
     admin("kill", "-cluster", worker.path)  # its sandboxes, cgroups and records
+
+
+def test_a_closed_request_stays_withdrawn(quiet_host, tmp_path):
+    """After close() (the worker's shutdown), a late call writes nothing,
+    not even to a file that took the fd's number, and sets no timer."""
+    loop = asyncio.new_event_loop()
+    try:
+        latency = CpuLatency(3, loop)
+        its_fd = latency.fd
+        latency.call()
+        assert in_force() == 3 and latency.timer is not None
+        latency.close()
+        assert in_force() == NO_CONSTRAINT and latency.timer is None
+        with open(tmp_path / "taker", "wb") as taker:
+            assert taker.fileno() == its_fd  # the lowest free number: the one it had
+            latency.call()
+            latency.relax()
+        assert (tmp_path / "taker").read_bytes() == b""
+        assert latency.timer is None and not latency.held
+        latency.close()  # twice is fine
+        assert in_force() == NO_CONSTRAINT
+    finally:
+        loop.close()

@@ -57,9 +57,9 @@ CHECKED_HERE = 64 << 10
 
 
 class App:
-    def __init__(self, table, max_body, max_connections, cpu_latency=None):
+    def __init__(self, table, max_body, max_connections):
         self.table = table
-        self.cpu_latency = cpu_latency  # worker.cpu_latency.CpuLatency, or None
+        self.cpu_latency = None  # a worker.cpu_latency.CpuLatency, set by the server
         self.max_body = max_body
         self.max_connections = max_connections
         self.failures = FailureLog()
@@ -104,8 +104,6 @@ class App:
 
     async def handle(self, request):
         started = time.monotonic()
-        if self.cpu_latency is not None:
-            self.cpu_latency.call()
         request_id = uuid.uuid4().hex
         phases = []
         return timed(await self._run(request, request_id, phases), started, phases)
@@ -122,6 +120,8 @@ class App:
                 raise Unavailable("the worker is starting or draining")
             # Before the body is parsed: a 404 needs no parse.
             function = self.table.registry.lookup(name)
+            if self.cpu_latency is not None:
+                self.cpu_latency.call()
             # No body (JSON's whitespace alone: not \v or \f): the event is {}.
             body = request.body if request.body.strip(b" \t\r\n") else b""
             if 0 < len(body) <= CHECKED_HERE:

@@ -107,6 +107,20 @@ def connection_cap(config, open_files):
     return min(left, config.max_connections or left)
 
 
+def wake_latency_request(wake_us, loop):
+    """The worker's CpuLatency for `wake_us` (None: none asked), or None
+    where the kernel offers no such request: said once, and the worker
+    serves on without it."""
+    if wake_us is None:
+        return None
+    try:
+        return CpuLatency(wake_us, loop)
+    except OSError as e:
+        log.warning("cpu_wake_latency_us: cannot ask the kernel to keep idle CPUs quick to wake "
+                    "(%s): they idle as deep as they like", e.strerror)
+        return None
+
+
 async def run(config):
     loop = asyncio.get_running_loop()
     give_back_big_buffers()
@@ -161,14 +175,7 @@ async def run(config):
     # Changes are applied as they come too, not only at the next lookup: a
     # deleted or edited function's idle sandboxes go at once.
     loop.add_reader(registry.inotify.fileno(), registry.drain_changes)
-    cpu_latency = None
-    if config.cpu_wake_latency_us is not None:
-        try:
-            cpu_latency = CpuLatency(config.cpu_wake_latency_us, loop)
-        except OSError as e:
-            log.warning("cpu_wake_latency_us: cannot ask the kernel to keep idle CPUs quick to "
-                        "wake (%s): they idle as deep as they like", e.strerror)
-    app = App(table, limits.request_kb * 1024, max_connections, cpu_latency)
+    app = App(table, limits.request_kb * 1024, max_connections)
     try:
         server = await loop.create_server(lambda: HttpProtocol(app), config.host, config.port,
                                           reuse_address=True, backlog=1024, start_serving=False)
@@ -191,11 +198,12 @@ async def run(config):
         # what start-up made.
         gc.freeze()
         gc.set_threshold(50_000, 50, 1000)
+        app.cpu_latency = wake_latency_request(config.cpu_wake_latency_us, loop)
         app.ready = True
         log.info("ready on http://%s:%d (rootfs %s, cgroups %s, at most %d connections%s)",
                  config.host, config.port, rootfs, manager.root.mode.name, max_connections,
-                 "" if cpu_latency is None else ", idle CPUs within %d us of waking while calls "
-                 "come in" % config.cpu_wake_latency_us)
+                 "" if app.cpu_latency is None else ", idle CPUs within %d us of waking while "
+                 "calls come in" % config.cpu_wake_latency_us)
         await stop.wait()
         log.info("stopping")
     except SandboxError as e:
@@ -209,6 +217,6 @@ async def run(config):
             await network.close()
         loop.remove_reader(registry.inotify.fileno())
         registry.close()
-        if cpu_latency is not None:
-            cpu_latency.close()
+        if app.cpu_latency is not None:
+            app.cpu_latency.close()
     log.info("stopped; every sandbox, cgroup and network removed")
