@@ -213,9 +213,11 @@ def plot(results, path):
                 if not run or not run["samples"]:
                     continue
                 ms = sorted(s * 1e3 for s in run["samples"])
-                # A way keeps its colour in every panel, whichever ways a panel lacks.
+                # A way keeps its colour in every panel, whichever ways a panel lacks;
+                # past the palette's ten colours, dashed lines keep them apart.
                 ax.step(ms, [(i + 1) / len(ms) for i in range(len(ms))], where="post",
-                        color="C%d" % colour, label="%s (p50 %.2f)" % (way, pct(ms, 0.5)))
+                        color="C%d" % (colour % 10), linestyle="-" if colour < 10 else "--",
+                        label="%s (p50 %.2f)" % (way, pct(ms, 0.5)))
             ax.set_xscale("log")
             # Shared axes hide the top row's tick labels; its xlabel would be
             # left naming nothing.  Plain numbers read faster than 10^x.
