@@ -10,8 +10,21 @@ sys.path.insert(0, REPO)
 
 import stalls  # noqa: E402  (next to this file)
 
-WAYS = ("zygote", "hostnet", "egress", "halting", "warm", "warm-halting", "fresh", "chroot",
-        "bwrap", "crun", "runc")
+# Each way, as summary.md explains it.
+WAYS = {
+    "zygote": "our sandbox forked from the zygote (the default worker)",
+    "hostnet": "the same without a network namespace of its own (network_isolation false)",
+    "egress": "the same with egress (ol.yaml egress: true): a veth, an address and NAT",
+    "halting": "zygote without the request that idle CPUs be quick to wake "
+               "(cpu_wake_latency_us null)",
+    "warm": "a call on a live handler of the default worker",
+    "warm-halting": "the same on the halting worker",
+    "fresh": "our sandbox with a fresh interpreter instead of the zygote (zygote false)",
+    "chroot": "a fresh python3 in the rootfs, no namespaces: the floor without a zygote",
+    "bwrap": "bwrap --unshare-all running the handler",
+    "crun": "crun with an OCI bundle of the same rootfs",
+    "runc": "runc with the same bundle",
+}
 PHASES = ("total", "worker", "egress", "wait", "fork", "cgroup", "mounts", "interpreter", "wake",
           "attach", "drop", "load", "handler", "ipc")
 
@@ -65,7 +78,8 @@ def latency_table(results, handler, scenario):
 
 
 def phase_table(results):
-    lines = ["| run | " + " | ".join(PHASES) + " |", "|---|" + "---:|" * len(PHASES)]
+    columns = PHASES[:1] + ("outside",) + PHASES[1:]
+    lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for way, handler, scenario in (("zygote", "hello", "back-to-back"),
                                    ("zygote", "hello", "idle-200ms"),
                                    ("hostnet", "hello", "back-to-back"),
@@ -78,8 +92,13 @@ def phase_table(results):
         if not run or not run.get("timings"):
             continue
         cells = []
-        for phase in PHASES:
-            values = sorted(t[phase] for t in run["timings"] if phase in t)
+        for phase in columns:
+            if phase == "outside":  # the client's time less the worker's total
+                values = sorted(s * 1e3 - t["total"] for s, t in zip(run["samples"],
+                                                                    run["timings"])
+                                if "total" in t)
+            else:
+                values = sorted(t[phase] for t in run["timings"] if phase in t)
             cells.append("%.3f" % values[len(values) // 2] if values else "")
         lines.append("| %s %s %s | %s |" % (way, handler, scenario, " | ".join(cells)))
     return lines
@@ -96,8 +115,11 @@ def targets(results):
     for scenario in ("back-to-back", "idle-200ms"):
         p50, p99 = p("zygote", "hello", scenario, "p50"), p("zygote", "hello", scenario, "p99")
         if p50 is not None:
-            rows.append(("cold hello %s p50" % scenario, "≤ 2 ms", "%.2f ms" % p50, p50 <= 2))
-            rows.append(("cold hello %s p99" % scenario, "≤ 5 ms", "%.2f ms" % p99, p99 <= 5))
+            n = p("zygote", "hello", scenario, "n")
+            rows.append(("cold hello %s p50" % scenario, "≤ 2 ms", "%.2f ms (n=%d)" % (p50, n),
+                         p50 <= 2))
+            rows.append(("cold hello %s p99" % scenario, "≤ 5 ms", "%.2f ms (n=%d)" % (p99, n),
+                         p99 <= 5))
     zp50 = p("zygote", "hello", "back-to-back", "p50")
     for peer in ("bwrap", "crun"):
         peer_p50 = p(peer, "hello", "back-to-back", "p50")
@@ -106,7 +128,8 @@ def targets(results):
             rows.append(("%s p50 / zygote p50" % peer, "≥ 6×", "%.1f×" % ratio, ratio >= 6))
     warm = p("warm", "hello", "back-to-back", "p50")
     if warm is not None:
-        rows.append(("warm call p50", "≤ 0.3 ms", "%.3f ms" % warm, warm <= 0.3))
+        rows.append(("warm call p50", "≤ 0.3 ms", "%.3f ms (n=%d)" % (
+            warm, p("warm", "hello", "back-to-back", "n")), warm <= 0.3))
     tp = results.get("throughput", {})
     if "requests_per_s" in tp:
         errors = tp["non_2xx"] + tp["socket_errors"]
@@ -153,16 +176,22 @@ def markdown(results):
     host = results["host"]
     out = ["# Cold-start benchmark", "",
            "Host: %(cpus)d CPUs (%(cpu)s), Linux %(kernel)s, cgroups %(cgroups)s." % host,
-           "Latencies in ms. Ours (zygote, hostnet, egress, halting, warm, fresh) are HTTP end "
-           "to end from a client on the same host; peers are spawn-to-exit of the tool running "
-           "the same handler on the same rootfs. Idle CPUs are kept quick to wake while calls "
-           "come in (`cpu_wake_latency_us`, 0 by default), and while each peer runs; halting "
-           "and warm-halting are zygote and warm without that request.%s"
-           % (" QUICK RUN: few samples." if results["quick"] else ""),
-           "", "## Targets", "", "| measure | target | measured | |", "|---|---|---|---|"]
+           "Latencies in ms. Ours (zygote, hostnet, egress, halting, warm, warm-halting, "
+           "fresh) are HTTP end to end from a client on the same host; peers (chroot, bwrap, "
+           "crun, runc) are spawn-to-exit of the tool running the same handler on the same "
+           "rootfs. Idle CPUs are kept quick to wake while calls come in "
+           "(`cpu_wake_latency_us`, 0 by default), and while each peer runs.",
+           ""] + ["- %s: %s" % (way, what) for way, what in WAYS.items()] + [
+           "", "## Targets", ""]
+    if results["quick"]:
+        out += ["QUICK RUN: few samples (a p99 of under 100 is their maximum), so each "
+                "verdict is only indicative: run without --quick to judge.", ""]
+    out += ["| measure | target | measured | |", "|---|---|---|---|"]
     for measure, target, measured, met in targets(results):
+        verdict = "met" if met else "**missed**"
         out.append("| %s | %s | %s | %s |" % (measure, target, measured,
-                                             "met" if met else "**missed**"))
+                                             verdict + " (indicative)" if results["quick"]
+                                             else verdict))
     if results.get("stalls"):
         out += ["", "Stalls: the time a spinning process on each vCPU lost while nothing of "
                 "ours ran (`stalls.py`), to the hypervisor or the guest kernel's own work. A "
@@ -182,7 +211,9 @@ def markdown(results):
             out.append("| %s | %.2f | %.2f | %d | %d |" % (run["scenario"], s["p50"], s["p99"],
                                                          s["n"], len(run.get("errors") or [])))
     out += ["", "## Where the time goes (median ms per phase, from Server-Timing)", "",
-            "fork, cgroup and mounts of a pooled shell happen before the request arrives.", ""]
+            "outside: the client's time less the worker's total (HTTP on both sides, "
+            "and the wake-ups of the worker and the client). fork, cgroup and mounts of a "
+            "pooled shell happen before the request arrives.", ""]
     out += phase_table(results)
     tp, churn, mem = results.get("throughput", {}), results.get("churn", {}), results.get("memory", {})
     out += ["", "## Throughput, churn, memory", ""]
@@ -214,10 +245,11 @@ def plot(results, path):
                     continue
                 ms = sorted(s * 1e3 for s in run["samples"])
                 # A way keeps its colour in every panel, whichever ways a panel lacks;
-                # past the palette's ten colours, dashed lines keep them apart.
+                # past the palette's ten colours, a dashed black line.
                 ax.step(ms, [(i + 1) / len(ms) for i in range(len(ms))], where="post",
-                        color="C%d" % (colour % 10), linestyle="-" if colour < 10 else "--",
-                        label="%s (p50 %.2f)" % (way, pct(ms, 0.5)))
+                        color="C%d" % colour if colour < 10 else "black",
+                        linestyle="-" if colour < 10 else "--",
+                        label="%s (p50 %.2f, n=%d)" % (way, pct(ms, 0.5), len(ms)))
             ax.set_xscale("log")
             # Shared axes hide the top row's tick labels; its xlabel would be
             # left naming nothing.  Plain numbers read faster than 10^x.
@@ -226,11 +258,16 @@ def plot(results, path):
             ax.set_title("%s, %s" % (handler, scenario))
             ax.set_xlabel("latency (ms, log scale)")
             ax.set_ylabel("fraction of calls")
+            ax.set_ylim(0, 1.02)
             ax.grid(True, which="both", alpha=0.3)
             # Beside the panel, not on it: no corner of a panel is free of curves.
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle("Cold-start latency CDFs: OpenLambda-in-Python vs. peers, same rootfs")
-    fig.tight_layout()
+    fig.suptitle("Latency CDFs, cold starts and warm calls: OpenLambda-in-Python vs. peers, "
+                 "same rootfs%s" % (" (QUICK RUN: few samples)" if results["quick"] else ""))
+    fig.text(0.01, 0.005, "Ours: HTTP end to end from a client on the same host. Peers (chroot, "
+             "bwrap, crun, runc): from spawning the tool to its exit. Ways: summary.md.",
+             fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(path, dpi=110)
 
 

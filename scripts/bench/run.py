@@ -388,8 +388,7 @@ def main():
         results["runs"].append(dict(way=way, handler=handler, scenario=scenario,
                                     samples=samples, timings=list(timings), **extra))
     try:
-        step(1, total, "starting five workers (zygote, no network namespace, egress, "
-             "idle CPUs halting, no zygote)")
+        step(1, total, "starting five workers: zygote, hostnet, egress, halting, fresh")
         zygote = Cluster(tmp, "zygote", copies, max_sandboxes=copies + 100, pool_size=16)
         clusters.append(zygote)
         fresh = Cluster(tmp, "fresh", n + n_idle, zygote=False, max_sandboxes=copies + 100)
