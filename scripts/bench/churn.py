@@ -94,6 +94,8 @@ def main():
         print(json.dumps(result))
     else:
         print("\n".join(report.churn_lines(result)))
+        print("  (the target is %d/s: %s)" % (report.CHURN_TARGET, "met" if result["per_s"]
+                                              >= report.CHURN_TARGET else "missed"))
 
 
 if __name__ == "__main__":
