@@ -903,19 +903,29 @@ def test_idle_sandboxes_holding_memory_in_files_make_room_not_a_busy_neighbour(o
     got a busy neighbour's call killed at the sandboxes' total.  The worker
     destroys idle ones first, those holding most first, once all hold over
     90% of the total, down to 80%."""
-    w = own_worker(sandboxes_mem_mb=1000, limits={"mem_mb": 200, "scratch_mb": 80})
+    w = own_worker(sandboxes_mem_mb=2000, limits={"mem_mb": 700, "scratch_mb": 320,
+                                                  "fsize_mb": 160})
     filler = ("def handler(event):\n"
+              "    mib = b'x' * (1 << 20)\n"
               "    for path in ('/tmp/a', '/tmp/b', '/dev/shm/a', '/dev/shm/b'):\n"
               "        with open(path, 'wb') as f:\n"
-              "            f.write(b'x' * (event['mb'] << 20))\n"
+              "            for _ in range(event['mb']):\n"
+              "                f.write(mib)\n"
               "    return 'held'\n")
     for i in range(7):
         w.add_function("filler-%d" % i, filler)
     w.add_function("fat", "def handler(event):\n"
                           "    hoard = bytearray(150 << 20)\n"
                           "    return len(hoard)\n")
-    for i in range(7):  # 7 idle sandboxes: 910 MB in files, one of them the most
-        assert w.call("filler-%d" % i, {"mb": 33 if i == 3 else 32})[0] == 200
+    # 7 idle sandboxes holding 1808 MB in files, written 1 MiB at a time:
+    # over 90% of the total whatever else the sandboxes and shells hold (22
+    # MB of memory the watch counts, here), under 100% while that stays
+    # under 190 MB.  One holds 608 of them, so that the others are under 80%
+    # without it while the rest is under 400 MB.  (With a total of 1000 MB,
+    # 910 of them in files and a 32 MB buffer in the handler writing them,
+    # a run once lost a second sandbox as well.)
+    for i in range(7):
+        assert w.call("filler-%d" % i, {"mb": 152 if i == 3 else 50})[0] == 200
 
     def fillers():
         return sorted(s["function"] for s in json.loads(w.request("GET", "/sandboxes")[2])
