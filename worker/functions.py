@@ -444,14 +444,11 @@ class FunctionTable:
                 del self.pending_by_name[function.name]
         channel = Channel(sandbox.channel, (limits.response_kb << 10) + REPLY_OVERHEAD)
         instance = Instance(function, sandbox, channel)
-        channel.on_close = lambda: self._on_channel_closed(instance)
+        # An idle sandbox that died (killed from outside, or its zygote
+        # died) gives its slot back now, not when a call next finds it dead.
+        channel.on_close = lambda: self._retire_if_idle(instance)
         self.instances[sandbox.id] = instance
         return instance
-
-    def _on_channel_closed(self, instance):
-        """An idle sandbox died (killed from outside, or its zygote died):
-        it gives its slot back now, not when a call next finds it dead."""
-        self._retire_if_idle(instance)
 
     def _retire_if_idle(self, instance):
         """Out of its function's idle list and retired, if it is idle there."""
@@ -545,16 +542,17 @@ class FunctionTable:
             return
         idle = [i for i in self.instances.values() if not i.busy]
         sizes = {instance: instance.sandbox.cgroup.held_memory() for instance in idle}
-        freed = []
+        left, destroyed = held, 0
         for instance in sorted(idle, key=sizes.get, reverse=True):
-            if held - sum(freed) <= MEMORY_RELIEVED * limit or sizes[instance] < 1 << 20:
+            if left <= MEMORY_RELIEVED * limit or sizes[instance] < 1 << 20:
                 break  # enough, or what is left holds next to nothing: busy ones hold it
             self._retire_if_idle(instance)
-            freed.append(sizes[instance])
-        if freed:
+            left -= sizes[instance]
+            destroyed += 1
+        if destroyed:
             log.warning("memory: all sandboxes hold %d of their %d MB (sandboxes_mem_mb); "
                         "destroyed %d idle sandbox(es), which held %d MB", held >> 20,
-                        limit >> 20, len(freed), sum(freed) >> 20)
+                        limit >> 20, destroyed, (held - left) >> 20)
 
     async def close(self, drain_seconds=5.0):
         """Let calls in flight finish (for up to `drain_seconds`), then

@@ -444,9 +444,10 @@ class HttpProtocol(asyncio.Protocol):
         budget = max(BODIES_MAX, 2 * self.app.max_body)
         if self.size > SMALL_BODY and self.app.bodies > budget:
             _shed_slow_bodies(self.app, self.loop.time(), budget, self)
-        if self.size > SMALL_BODY and self.app.bodies > budget:
-            self._refuse(503, "Worker.Unavailable", "the worker holds %d MiB of request bodies:"
-                         " try again" % (self.app.bodies >> 20), ((b"Retry-After", b"1"),))
+            if self.app.bodies > budget:
+                self._refuse(503, "Worker.Unavailable", "the worker holds %d MiB of request "
+                             "bodies: try again" % (self.app.bodies >> 20),
+                             ((b"Retry-After", b"1"),))
         self.body.append(chunk)
 
     def _hold(self, size):
