@@ -130,6 +130,13 @@ _HOST = re.compile(r"(?:\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;
 _METHOD = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}) [^ \r\n]+ HTTP/[0-9]\.[0-9]\r?\n")
 
 
+# A version on a request line that is neither 1.0 nor 1.1: llhttp reads
+# 0.9 and 2.0 (on_headers_complete refuses them), and refuses the others
+# (1.2, 3.0) itself, as it refuses a malformed line.
+_VERSION = re.compile(rb" HTTP/((?!1\.[01])[0-9]\.[0-9])\r?\n")
+VERSION_REFUSED = "HTTP/%s is not supported: use HTTP/1.1"
+
+
 def _unknown_method(data):
     """The method of a whole request line in `data` that the parser does
     not know (it refuses those as it refuses bytes that are no HTTP at all),
@@ -331,7 +338,13 @@ class HttpProtocol(asyncio.Protocol):
                 self._fail(early_error(400, "Http.BadRequest", "malformed HTTP request: "
                                        "no request line"))
         except httptools.HttpParserError as e:
-            if not self.closing:  # else we stopped the parser, and the answer is queued
+            if self.closing:  # we stopped the parser, and the answer is queued
+                return
+            version = _VERSION.search(data) if str(e) == "Invalid HTTP version" else None
+            if version:  # HTTP/1.2 or 3.0, say: a version, but none llhttp reads
+                self._fail(early_error(505, "Http.VersionNotSupported",
+                                       VERSION_REFUSED % version.group(1).decode()))
+            else:
                 self._fail(early_error(400, "Http.BadRequest", "malformed HTTP request: %s" % e))
 
     def _head_in(self, data):
@@ -379,8 +392,7 @@ class HttpProtocol(asyncio.Protocol):
         self.body_began = self.body_at = self.loop.time()
         version = self.parser.get_http_version()
         if not version.startswith("1."):  # llhttp reads 0.9 and 2.0 too
-            self._refuse(505, "Http.VersionNotSupported",
-                         "HTTP/%s is not supported: use HTTP/1.1" % version)
+            self._refuse(505, "Http.VersionNotSupported", VERSION_REFUSED % version)
         self.http10 = version == "1.0"
         if self.hosts != 1 and not self.http10:
             # RFC 9112, 3.2: one Host, which a proxy or a virtual host may
