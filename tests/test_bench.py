@@ -56,3 +56,13 @@ def test_a_bench_stopped_with_sigterm_leaves_nothing(tmp_path):
     assert [line for line in open("/proc/self/mountinfo") if "olbench" in line] == []
     assert cluster_leftovers("/nonexistent") == []
     assert subprocess.run(["pgrep", "-f", "olbench-"], capture_output=True).stdout == b""
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    # `churn.py | head -1`: the lines after the first meet a closed pipe.
+    for script in (["scripts/bench/churn.py", "0.3", "2"], ["scripts/bench/stalls.py", "0.2"]):
+        done = subprocess.run(os.path.join(REPO, ".venv/bin/python") + " %s | true"
+                              % " ".join(script), shell=True, cwd=REPO, capture_output=True,
+                              text=True, timeout=60, executable="/bin/bash")
+        assert done.stderr == "", done.stderr
+    assert cluster_leftovers("/nonexistent") == []

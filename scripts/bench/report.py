@@ -10,6 +10,14 @@ sys.path.insert(0, REPO)
 
 import stalls  # noqa: E402  (next to this file)
 
+
+def reader_gone():
+    """Our stdout's reader left (`| head`): stop quietly, as `cat` does.
+    The BrokenPipeError ran every cleanup on its way up."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)
+
+
 # Each way, as summary.md explains it.
 WAYS = {
     "zygote": "our sandbox forked from the zygote (the default worker)",

@@ -510,3 +510,5 @@ if __name__ == "__main__":
         print("\nbench: interrupted; its workers are stopped, and no results were written",
               file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        report.reader_gone()

@@ -105,4 +105,8 @@ if __name__ == "__main__":
     seconds = parser.parse_args().seconds
     if seconds <= 0:
         parser.error("SECONDS must be above 0")
-    print(describe(measure(seconds)))
+    try:
+        print(describe(measure(seconds)))
+    except BrokenPipeError:
+        from report import reader_gone  # report imports this module
+        reader_gone()
