@@ -8,13 +8,27 @@ if [ -d my-cluster ]; then
 else
     ./bin/admin new -cluster my-cluster
 fi
+# The call below goes to this host: not through a proxy the shell names.
+no_proxy="localhost,127.0.0.1${no_proxy:+,$no_proxy}"
+export no_proxy
+# The port its template names (8080 unless `admin setconf` changed it).
+port=$(python3 -c 'import json; print(json.load(open("my-cluster/config/template.json")).get("port", 8080))')
 if ! ./bin/admin workers -cluster=my-cluster; then
-    echo "quickstart: for another port: ./bin/admin setconf -cluster=my-cluster '{\"port\": 8090}'," \
+    # A port above it that nothing listens on, to suggest.
+    free=$(python3 -c '
+import socket, sys
+for port in range(int(sys.argv[1]) + 1, 65536):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    print(port)
+    break' "$port")
+    echo "quickstart: for another port: ./bin/admin setconf -cluster=my-cluster '{\"port\": $free}'," \
          "then make quickstart again" >&2
     exit 1
 fi
-# The port its template names (8080 unless `admin setconf` changed it).
-port=$(python3 -c 'import json; print(json.load(open("my-cluster/config/template.json")).get("port", 8080))')
 mkdir -p my-cluster/registry/hello
 cp -r quickstart/handlers/hello/. my-cluster/registry/hello/
 echo "\$ curl -X POST localhost:$port/runLambda/hello -d '{\"name\": \"Alice\"}'"

@@ -344,6 +344,25 @@ def test_workers_twice_starts_nothing_twice(own_worker):
     assert open(os.path.join(w.path, "workers", str(w.port), "pid")).read().strip() == pid
 
 
+def test_a_proxy_in_the_environment_is_not_asked_for_the_local_pings(tmp_path):
+    d, port = cluster_on_a_free_port(tmp_path)
+    with socket.socket() as dead:  # a proxy that never answers: nothing listens
+        dead.bind(("127.0.0.1", 0))
+        proxy = "http://127.0.0.1:%d" % dead.getsockname()[1]
+        env = dict(os.environ, http_proxy=proxy, HTTP_PROXY=proxy)
+        run = lambda *args: subprocess.run([ADMIN, *map(str, args)], capture_output=True,
+                                           text=True, env=env, timeout=90)
+        try:
+            started = run("workers", "-cluster", d)
+            assert started.returncode == 0, started.stderr
+            status = run("status", "-cluster", d)
+            assert "/status => ready [200 OK]" in status.stdout, status.stdout + status.stderr
+        finally:
+            killed = run("kill", "-cluster", d)
+    assert killed.returncode == 0, killed.stderr
+    assert cluster_leftovers(d) == []
+
+
 def test_several_workers(tmp_path):
     d = str(tmp_path / "multi")
     admin("new", "-cluster", d)
