@@ -51,14 +51,13 @@ class SandboxConfig:
     total_procs: int = None   # all sandboxes together; None: cgroups.default_total_procs
 
 
-# What the worker copies of one sandbox's stdout and stderr into its log;
-# the rest is dropped (_drop_output), so that a flood can fill neither the
-# disk nor the worker's CPU.
-OUTPUT_CAP = 1 << 20
-# Past OUTPUT_CAP, a sandbox's pipe grows to this, and is emptied this much
-# at a time, at most this often (_drop_output): up to 100 MB/s.
+# A sandbox whose output is over its function's budget (OutputBudget) has
+# its pipe grown to this, and emptied in the kernel this much at a time, at
+# most this often (_drop_output): up to 100 MB/s.
 OUTPUT_DROP_CHUNK = 1 << 20
 OUTPUT_DROP_EVERY = 0.01
+# ...until its function's budget has room for this again: one read's worth.
+OUTPUT_RESUME = 64 << 10
 # A longer line is written out in pieces of this size.
 OUTPUT_LINE = 16 << 10
 # A fresh channel's socket buffer (~200 KiB) takes this much in one send.
@@ -85,10 +84,11 @@ ANY_TO_ESCAPE = re.compile("[%s]" % "".join(re.escape(chr(code)) for code in ESC
 
 class OutputBudget:
     """How much of its sandboxes' output each function may put in the log:
-    OUTPUT_CAP per sandbox is not enough, for a function that fails at each
-    call gets a new sandbox each time (one wrote 75 MB/s into the log).  A
-    token bucket per function: bursts of up to BURST bytes, RATE bytes a
-    second on average; what is over is dropped, and the log says how much."""
+    per function, not per sandbox, for a function that fails at each call
+    gets a new sandbox each time (one wrote 75 MB/s into the log), and a
+    warm sandbox that logs a line per call must go on being heard.  A token
+    bucket per function: bursts of up to BURST bytes, RATE bytes a second
+    on average; what is over is dropped, and the log says how much."""
     RATE = 256 << 10
     BURST = 4 << 20
 
@@ -99,9 +99,15 @@ class OutputBudget:
         """`size` more bytes of what take() let through: its escapes."""
         self.buckets[label][0] -= size
 
-    def take(self, label, size):
-        """(whether `size` bytes of the function's may be written now, a line
-        to write first about what was or is dropped, or None)."""
+    def has_room(self, label, size):
+        return self._bucket(label)[0] >= size
+
+    def dropped(self, label, size):
+        """`size` bytes of the function's were dropped without a take()."""
+        self._bucket(label)[2] += size
+
+    def _bucket(self, label):
+        """The function's bucket, refilled up to now."""
         now = time.monotonic()
         bucket = self.buckets.get(label)
         if bucket is None:
@@ -110,6 +116,12 @@ class OutputBudget:
             bucket = self.buckets[label] = [self.BURST, now, 0]
         bucket[0] = min(self.BURST, bucket[0] + (now - bucket[1]) * self.RATE)
         bucket[1] = now
+        return bucket
+
+    def take(self, label, size):
+        """(whether `size` bytes of the function's may be written now, a line
+        to write first about what was or is dropped, or None)."""
+        bucket = self._bucket(label)
         if size > bucket[0]:
             bucket[2] += size
             if bucket[2] == size:  # the first of a run
@@ -186,7 +198,7 @@ class Sandbox:
         self.output_fd = None       # read end of its stdout/stderr pipe
         self.output_seen = 0
         self.output_partial = b""   # a line not finished yet
-        self.output_capped = False
+        self.output_dropping = False  # over its function's budget: _drop_output
         self.exited = asyncio.get_running_loop().create_future()  # -> description
         self.ready_deadline = None  # the timer of READY_DEADLINE while it starts
 
@@ -513,12 +525,23 @@ class SandboxManager:
         if sandbox.output_fd is not None:
             self._close_output(sandbox)
 
+    def _start_dropping(self, sandbox):
+        sandbox.output_dropping = True
+        # Its unfinished line would run into what comes after the drop.
+        self.output_budget.dropped(sandbox.label or "-", len(sandbox.output_partial))
+        sandbox.output_partial = b""
+        try:  # fewer, larger drops
+            fcntl.fcntl(sandbox.output_fd, fcntl.F_SETPIPE_SZ, OUTPUT_DROP_CHUNK)
+        except OSError:
+            pass  # over fs.pipe-max-size: drop 64 KiB at a time
+
     def _drop_output(self, sandbox):
-        """Past its cap, what a sandbox writes is dropped: moved from its pipe
-        to /dev/null in the kernel, a MiB at most every OUTPUT_DROP_EVERY s.
-        Four floods woke the worker for each 64 KiB they wrote, and took 0.8
-        of its CPU; a handler that writes faster than this drains now waits
-        for its pipe, on its own time."""
+        """While its function is over budget, what a sandbox writes is moved
+        from its pipe to /dev/null in the kernel, a MiB at most every
+        OUTPUT_DROP_EVERY s.  Four floods read in Python woke the worker for
+        each 64 KiB they wrote, and took 0.8 of its CPU; a handler that
+        writes faster than this drains now waits for its pipe, on its own
+        time."""
         try:
             moved = os.splice(sandbox.output_fd, self.devnull, OUTPUT_DROP_CHUNK,
                               flags=os.SPLICE_F_NONBLOCK)
@@ -527,6 +550,8 @@ class SandboxManager:
         if not moved:  # its writers are gone
             self._close_output(sandbox)
             return
+        sandbox.output_seen += moved
+        self.output_budget.dropped(sandbox.label or "-", moved)
         loop = asyncio.get_running_loop()
         loop.remove_reader(sandbox.output_fd)
         loop.call_later(OUTPUT_DROP_EVERY, self._watch_output_again, sandbox)
@@ -543,10 +568,14 @@ class SandboxManager:
 
     def _on_output(self, sandbox):
         """Copy a sandbox's output into the log, a line at a time, each line
-        prefixed with the function and the sandbox, up to OUTPUT_CAP."""
-        if sandbox.output_capped:
-            self._drop_output(sandbox)
-            return
+        prefixed with the function and the sandbox, within its function's
+        budget (OutputBudget)."""
+        label = sandbox.label or "-"
+        if sandbox.output_dropping:
+            if not self.output_budget.has_room(label, OUTPUT_RESUME):
+                self._drop_output(sandbox)
+                return
+            sandbox.output_dropping = False
         try:
             data = os.read(sandbox.output_fd, 1 << 16)
         except BlockingIOError:
@@ -554,17 +583,7 @@ class SandboxManager:
         if not data:
             self._close_output(sandbox)
             data = b"\n" if sandbox.output_partial else b""
-        before = sandbox.output_seen
         sandbox.output_seen += len(data)
-        if before < OUTPUT_CAP:
-            data = data[:OUTPUT_CAP - before]
-        elif sandbox.output_fd is not None:  # (else the end: its last line, if any, is written)
-            sandbox.output_capped = True
-            data = b"\n[output over %d bytes: the rest is dropped]\n" % OUTPUT_CAP
-            try:  # fewer, larger drops (_drop_output)
-                fcntl.fcntl(sandbox.output_fd, fcntl.F_SETPIPE_SZ, OUTPUT_DROP_CHUNK)
-            except OSError:
-                pass  # over fs.pipe-max-size: drop 64 KiB at a time
         lines = (sandbox.output_partial + data).split(b"\n")
         partial = lines.pop()
         while len(partial) >= OUTPUT_LINE:
@@ -572,7 +591,6 @@ class SandboxManager:
             partial = partial[OUTPUT_LINE:]
         sandbox.output_partial = partial
         if lines:
-            label = sandbox.label or "-"
             prefix = ("[%s %s] " % (label, sandbox.id)).encode()
             # What it costs the log, prefixes and escapes included (empty
             # lines cost nothing of their own); but taken from the budget
@@ -584,6 +602,8 @@ class SandboxManager:
             if allowed:
                 out = b"".join(prefix + escape_line(line) + b"\n" for line in lines)
                 self.output_budget.charge(label, len(out) - size)
+            elif sandbox.output_fd is not None:  # (else it has ended: nothing more to drop)
+                self._start_dropping(sandbox)
             out = (prefix + notice + b"\n" if notice else b"") + out
             if out:
                 os.write(self.config.log_fd, out)

@@ -49,7 +49,7 @@ def test_fork_bomb_stops_at_pids_max_and_a_neighbour_answers_meanwhile(worker):
     assert status == 200 and made < 32 and refused > 0
 
 
-def test_output_flood_is_capped_and_never_blocks(worker):
+def test_output_flood_is_held_to_its_budget_and_never_blocks(worker):
     worker.add_function("flood", "import sys\n"
                                  "def handler(event):\n"
                                  "    chunk = 'y' * 65535 + '\\n'\n"
@@ -62,8 +62,46 @@ def test_output_flood_is_capped_and_never_blocks(worker):
     assert time.monotonic() - start < 20  # the worker drained it as it came
     log = os.path.join(worker.path, "logs", "worker-%d.log" % worker.port)
     time.sleep(0.5)
-    assert os.path.getsize(log) < 5 << 20  # capped at 1 MiB per sandbox
-    assert "the rest is dropped" in open(log, errors="replace").read()
+    # The function's burst (4 MiB) and its rate's share while it flooded.
+    assert os.path.getsize(log) < 6 << 20
+    assert "[output of this function over 256 KiB/s: dropped from here]" in open(
+        log, errors="replace").read()
+
+
+def test_a_warm_sandbox_logging_a_line_a_call_goes_on_being_heard(worker):
+    """Past 1 MiB in all (a line of 1 KiB a call), within its budget."""
+    worker.add_function("chatty", "import itertools\n"
+                                  "counter = itertools.count()\n"
+                                  "def handler(event):\n"
+                                  "    print('call %05d ' % next(counter) + 'c' * 1000)\n"
+                                  "    return 'ok'\n")
+    for _ in range(1200):
+        assert worker.call("chatty", {})[0] == 200
+    time.sleep(0.5)
+    log = os.path.join(worker.path, "logs", "worker-%d.log" % worker.port)
+    with open(log, "rb") as f:
+        calls = [line.split()[3] for line in f if line.startswith(b"[chatty sb-")]
+    assert calls == [b"%05d" % i for i in range(1200)]
+
+
+def test_output_after_a_flood_is_logged_again_with_what_was_dropped(worker):
+    worker.add_function("burst", "import os\n"
+                                 "def handler(event):\n"
+                                 "    if event.get('flood'):\n"
+                                 "        os.write(1, (b'b' * 1023 + b'\\n') * (20 << 10))\n"
+                                 "    print('after the flood')\n"
+                                 "    return 'ok'\n")
+    assert worker.call("burst", {"flood": True})[0] == 200  # 20 MiB: over the burst
+    time.sleep(0.6)  # the budget earns 150 KiB meanwhile
+    assert worker.call("burst", {})[0] == 200  # the same sandbox, warm
+    time.sleep(0.5)
+    log = os.path.join(worker.path, "logs", "worker-%d.log" % worker.port)
+    with open(log, "rb") as f:
+        mine = [line.split(b"] ", 1)[1] for line in f if line.startswith(b"[burst sb-")]
+    assert mine[-1] == b"after the flood\n", mine[-3:]
+    dropped = int(mine[-2].split()[0][1:])  # "[N bytes of output were dropped]"
+    assert mine[-2].endswith(b" bytes of output were dropped]\n")
+    assert 16 << 20 <= dropped <= 21 << 20
 
 
 def test_a_function_that_floods_from_a_new_sandbox_each_call_is_held_to_a_rate(worker):
