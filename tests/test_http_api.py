@@ -166,6 +166,25 @@ def test_unknown_function_is_404(worker):
     assert body["requestId"] == headers["x-request-id"]
 
 
+def test_a_broken_symbolic_link_in_the_registry_says_what_it_is(worker):
+    dangling, loop = os.path.join(worker.registry, "dang"), os.path.join(worker.registry, "loop1")
+    os.symlink("/nonexistent", dangling)
+    os.symlink("loop2", loop)
+    os.symlink("loop1", os.path.join(worker.registry, "loop2"))
+    try:
+        status, _, body = worker.call("dang", {})
+        assert status == 404 and body["errorMessage"] == (
+            "function 'dang' is a symbolic link to '/nonexistent', which is no directory")
+        status, _, body = worker.call("loop1", {})
+        assert status == 500 and body["errorType"] == "Runtime.ConfigError", body
+        assert body["errorMessage"] == ("function 'loop1': its directory cannot be read: "
+                                        "Too many levels of symbolic links")
+    finally:
+        for name in ("dang", "loop1", "loop2"):
+            os.unlink(os.path.join(worker.registry, name))
+    assert worker.call("hello", {"name": "L"})[::2] == (200, "Hello, L!")
+
+
 @pytest.mark.parametrize("name", ["..", ".hidden", "-dash", "a%2Fb", "%2e%2e", "%2E%2E%2Fetc",
                                   "x" * 129])
 def test_bad_function_names_are_404_saying_so(worker, name):

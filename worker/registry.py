@@ -101,7 +101,10 @@ class Registry:
             with os.scandir(path) as it:  # one directory read answers all we ask
                 entries = list(it)
         except (FileNotFoundError, NotADirectoryError):
-            raise NotFound("no function named %r" % name) from None
+            raise NotFound(_not_a_function(name, path)) from None
+        except OSError as e:  # a loop of symbolic links, say
+            raise InitFailed("function %r: its directory cannot be read: %s"
+                             % (name, e.strerror), "Runtime.ConfigError") from None
         if not any(e.name in ENTRY_FILES and e.is_file() for e in entries):
             raise InitFailed("function %r has no entry file: expected lambda_func.py with "
                              "handler(event) or f.py with f(event)" % name,
@@ -320,6 +323,15 @@ def _directories(top, most):
 # then quote back to any caller), never a FIFO or a device (which would
 # block the worker's loop, or fill its memory), and never more than this.
 CONFIG_MAX = 64 << 10
+
+
+def _not_a_function(name, path):
+    """Why `name` is not found: `ls` may show a link by that name."""
+    try:
+        target = os.readlink(path)
+    except OSError:  # no link, or gone meanwhile
+        return "no function named %r" % name
+    return "function %r is a symbolic link to %r, which is no directory" % (name, target)
 
 
 def _read_own_file(path, limit):
