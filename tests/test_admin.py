@@ -455,7 +455,9 @@ def wait_until_ready(port, proc=None):
         time.sleep(0.05)
 
 
-def test_worker_exec_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
+# SIGHUP: its terminal closed (an ssh session ended, say).
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_worker_exec_runs_in_the_foreground_and_stops_on_ctrl_c_or_a_hangup(tmp_path, sig):
     d, port = cluster_on_a_free_port(tmp_path)
     shutil.copytree(os.path.join(REPO, "quickstart/handlers/hello"), d / "registry" / "hello")
     proc = worker_exec(d)
@@ -466,7 +468,7 @@ def test_worker_exec_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
         # Recorded as a background worker is: `status` lists it.
         assert "localhost:%d/status => ready [200 OK]" % port in admin("status", "-cluster", d).stdout
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=15)
     assert proc.returncode == 0, out
     assert "stopped" in out and "Traceback" not in out

@@ -1,6 +1,6 @@
 """A worker's life: check the rootfs, bind the port, start the zygote, serve,
-and on SIGTERM or SIGINT, or once its registry is deleted, drain and remove
-every sandbox and cgroup."""
+and on SIGTERM, SIGINT or SIGHUP, or once its registry is deleted, drain
+and remove every sandbox and cgroup."""
 import asyncio
 import ctypes
 import gc
@@ -182,7 +182,9 @@ async def run(config):
     except OSError as e:
         raise StartError("listen on %s:%d: %s" % (config.host, config.port, e.strerror)) from None
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too: a worker-exec's terminal closed.  Its default would end
+    # the worker with nothing cleaned up.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     if config.favor_cgroup_moves:
         log.info(favor_moves())
