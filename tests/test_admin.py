@@ -363,6 +363,30 @@ def test_a_proxy_in_the_environment_is_not_asked_for_the_local_pings(tmp_path):
     assert cluster_leftovers(d) == []
 
 
+def test_status_says_a_stopped_worker_runs_but_does_not_answer(own_worker):
+    w = own_worker()
+    pid = worker_pid(w)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        done = admin("status", "-cluster", w.path, check=False, timeout=30)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "/status => running (pid %d) but not answering (timed out)" % pid in done.stdout, \
+        done.stdout
+    assert done.returncode == 1 and done.stderr == "admin: 1 of 1 worker(s) not answering\n"
+
+
+def test_the_commands_that_find_workers_need_root(own_worker):
+    w = own_worker()
+    for command in ("status", "kill", "workers"):
+        done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                               "/usr/bin/python3", ADMIN, command, "-cluster", w.path],
+                              capture_output=True, text=True, timeout=30)
+        assert (done.returncode, done.stdout) == (1, ""), done
+        assert done.stderr.startswith("admin: %s: run as root (" % command), done.stderr
+    assert w.call("hello", {"name": "still"})[2] == "Hello, still!"
+
+
 def test_several_workers(tmp_path):
     d = str(tmp_path / "multi")
     admin("new", "-cluster", d)
