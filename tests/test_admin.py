@@ -703,6 +703,8 @@ def test_ol_yaml_is_read_only_as_a_file_of_its_own(worker, tmp_path):
     # Below what the shell holds: not a platform error naming host cgroups.
     ("limits:\n  mem_mb: 1\n", "limits.mem_mb must be at least 16, not 1"),
     ("limits:\n  memory: 5\n", "unknown limits"),
+    ("limits: {nofile: 64, nofile: 128}\n", "'nofile' is given twice (line 1, column 22)"),
+    ("limits:\n  mem_mb: 64\nlimits:\n  mem_mb: 128\n", "'limits' is given twice (line 3, column 1)"),
     ("limits:\n  request_kb: 5\n", "unknown limits"),
     ("flavour: mint\n", "expected only `limits:` and `egress:`"),
     ("limits: [1\n", "not valid YAML: expected ',' or ']'"),

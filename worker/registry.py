@@ -362,11 +362,13 @@ MAX_NESTING = 32
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """SafeLoader without anchors and aliases, and nesting at most
-    MAX_NESTING deep.  An alias makes a value its anchor's: 441 bytes of
-    anchors, each aliasing the one before ten times, make a value of 10^8
-    strings, whose repr (in an error message) stalled the worker for 14 s
-    and went to the caller as 722 MB.  ol.yaml needs neither."""
+    """SafeLoader without anchors and aliases, nesting at most MAX_NESTING
+    deep, and with each key of a mapping once.  An alias makes a value its
+    anchor's: 441 bytes of anchors, each aliasing the one before ten times,
+    make a value of 10^8 strings, whose repr (in an error message) stalled
+    the worker for 14 s and went to the caller as 722 MB.  ol.yaml needs
+    neither.  A key given twice PyYAML would take the last of, silently:
+    YAML forbids it, and one of the two is a mistake."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -385,6 +387,19 @@ class ConfigLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node)  # kept: SafeLoader reuses it
+            try:
+                if key in seen:
+                    raise Refused(problem="%s is given twice" % shown(key),
+                                  problem_mark=key_node.start_mark)
+                seen.add(key)
+            except TypeError:  # unhashable: SafeLoader refuses it
+                pass
+        return super().construct_mapping(node, deep)
 
 
 def _yaml_problem(error):
