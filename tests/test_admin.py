@@ -97,8 +97,13 @@ def test_new_makes_the_layout_and_refuses_an_existing_dir(tmp_path):
     assert (d / "registry" / "mine").is_dir()  # untouched
     other = tmp_path / "file"
     other.write_text("keep me")
-    assert admin("new", "-cluster", other, check=False).returncode == 1
+    done = admin("new", "-cluster", other, check=False)
+    assert done.returncode == 1 and "already exists (as a file, not a cluster)" in done.stderr
     assert other.read_text() == "keep me"
+    # The command it suggests can be pasted, spaces and all.
+    spaced = tmp_path / "sp ace"
+    line = admin("new", "-cluster", spaced).stdout.splitlines()[-1]
+    assert line.endswith(" workers -cluster='%s'" % spaced), line
     # A typo in a parent's name makes no tree of directories.
     done = admin("new", "-cluster", tmp_path / "typo" / "c", check=False)
     assert done.returncode == 1 and "its parent directory %s does not exist" % (

@@ -175,8 +175,9 @@ class Cluster:
             # in a path must not make a tree of directories somewhere.
             os.mkdir(self.path)
         except FileExistsError:
-            raise ClusterError("cluster %s already exists; nothing was changed" % self.path
-                               ) from None
+            raise ClusterError("cluster %s already exists%s; nothing was changed" % (
+                self.path, "" if os.path.isdir(self.path) else " (as a file, not a cluster)")
+                ) from None
         except FileNotFoundError:
             raise ClusterError("create cluster %s: its parent directory %s does not exist"
                                % (self.path, os.path.dirname(self.path))) from None
