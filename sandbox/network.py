@@ -487,10 +487,8 @@ def remove_leftovers(ipr, port, backend, flows):
     entries its sandboxes opened (through `flows`, if any).  In that order:
     a veth left without the bridge, or the bridge without the rules, would
     have what a namespace sends routed out as it is."""
-    prefix = "olv%d-" % port
-    for link in ipr.get_links():  # every link of the host: at start and stop only
-        if link.get_attr("IFLA_IFNAME", "").startswith(prefix):
-            _delete_link(ipr, link["index"], link.get_attr("IFLA_IFNAME"))
+    for link in _veths(ipr, port):
+        _delete_link(ipr, link["index"], link.get_attr("IFLA_IFNAME"))
     try:
         _delete_link(ipr, socket.if_nametoindex(nat.bridge_name(port)), nat.bridge_name(port))
     except OSError:
@@ -502,6 +500,28 @@ def remove_leftovers(ipr, port, backend, flows):
         pass  # the tool refused; the next start or kill tries again
     if flows is not None:
         flows.forget_marked(nat.worker_mark(port))
+
+
+def _veths(ipr, port):
+    """The veths of a worker on `port` (every link of the host is listed:
+    at start and stop only)."""
+    prefix = "olv%d-" % port
+    return [link for link in ipr.get_links()
+            if link.get_attr("IFLA_IFNAME", "").startswith(prefix)]
+
+
+def _left_by(ipr, port, backend):
+    """What remove_leftovers finds of a worker on `port`, in words."""
+    veths = len(_veths(ipr, port))
+    found = ["%d veth(s)" % veths] if veths else []
+    if os.path.exists("/sys/class/net/" + nat.bridge_name(port)):
+        found.append("the bridge " + nat.bridge_name(port))
+    try:
+        if backend is not None and backend.installed(nat.worker_tag(port)):
+            found.append("its %s rules" % backend.name)
+    except nat.NatError:
+        pass  # remove_leftovers tries anyway
+    return found
 
 
 def _delete_link(ipr, index, name):
@@ -524,9 +544,12 @@ def cleanup(ports):
                 if lock is None:
                     continue
                 try:
+                    found = _left_by(ipr, port, backend)
                     remove_leftovers(ipr, port, backend, flows)
                 finally:
                     filelock.release(network_lock(port), lock)
+                print("removed the egress network the worker on port %d left: %s" % (
+                    port, ", ".join(found + ["its conntrack entries"])))
     finally:
         flows.close()
 

@@ -484,8 +484,11 @@ def test_a_sigkilled_workers_network_is_removed_by_kill(own_worker):
     while os.path.exists("/proc/%d" % pid) and open("/proc/%d/stat" % pid).read().split()[2] != "Z":
         time.sleep(0.05)
     assert "olbr%d" % w.port in network_leftovers(w.port)  # it had no chance to clean up
-    admin("kill", "-cluster=" + w.path)
+    said = admin("kill", "-cluster=" + w.path).stdout
     assert settled_leftovers(w.port) == []
+    assert ("removed the egress network the worker on port %d left: " % w.port) in said, said
+    assert "the bridge olbr%d, its %s rules, its conntrack entries" % (
+        w.port, nat.detect().name) in said, said
 
 
 def test_a_host_without_nat_tool_is_refused_at_start_and_left_unchanged(monkeypatch):
