@@ -4,6 +4,7 @@ in this process."""
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import http.client
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 import socket
 import threading
 import time
+import weakref
 
 import pytest
 import uvloop
@@ -962,3 +964,40 @@ def test_a_client_that_stops_reading_for_good_is_cut_off(local_server):
         while not protocol.transport.is_closing() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert protocol.transport.is_closing()
+
+
+def test_a_closed_connection_is_freed_without_the_cycle_collector():
+    """The worker collects cycles almost never (server.py): whatever a
+    connection holds (its body too) must go when it closes."""
+    loop = uvloop.new_event_loop()
+    app = StubApp()
+    alive = []  # weak references to every connection's protocol
+    app.max_connections = 100
+
+    def protocol():
+        alive.append(weakref.ref(HttpProtocol(app, idle_timeout=1, header_timeout=0.5,
+                                              body_timeout=0.5)))
+        return alive[-1]()
+    server = loop.run_until_complete(loop.create_server(protocol, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever)
+    gc.disable()
+    try:
+        thread.start()
+        raw_exchange(port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw_exchange(port, b"NOT HTTP\r\n\r\n")
+        for request in (b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n" + b"b" * 500,
+                        b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"):  # the client leaves first
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(request)
+                time.sleep(0.1)
+        deadline = time.monotonic() + 2 * StubApp.SLOW
+        while any(ref() is not None for ref in alive) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(alive) == 4 and [ref() for ref in alive] == [None] * 4
+    finally:
+        gc.enable()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        server.close()
+        loop.close()

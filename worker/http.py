@@ -277,6 +277,10 @@ class HttpProtocol(asyncio.Protocol):
         self._release(self.holding)
         if self.timer is not None:
             self.timer.cancel()
+        # The parser refers back to us (its callbacks): a cycle, which only
+        # a full collection would free, and the worker runs one almost never
+        # (server.py).  Every closed connection stayed, with what it held.
+        self.parser = None
 
     def pause_writing(self):
         # Answers pile up unread (a client pipelining and never reading):
