@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -1001,3 +1003,37 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector():
         thread.join()
         server.close()
         loop.close()
+
+
+FLOOD = """
+import socket, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+def read():
+    while s.recv(1 << 20):
+        pass
+reader = threading.Thread(target=read)
+reader.start()
+s.sendall(b"GET /status HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n" * 200000)
+s.shutdown(socket.SHUT_WR)
+reader.join()
+"""
+
+
+def test_a_client_pipelining_without_end_does_not_keep_others_waiting(worker):
+    """Answers it gets at once (/status) come SERVE_AT_ONCE a turn of the
+    loop: a call on another connection is answered while it goes on (it
+    waited for all of its 300,000 requests, 6.4 s)."""
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(worker.port)])
+    try:
+        time.sleep(0.3)  # well into it
+        calls = 0
+        while flood.poll() is None and calls < 5:  # each on a connection of its own
+            status, _, body = parse_answer(raw_exchange(
+                worker.port, b"POST /run/hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                             b"Content-Length: 2\r\n\r\n{}", timeout=30))
+            assert (status, body) == (200, b'"Hello, world!"')
+            calls += 1
+        assert calls == 5, "the flood ended before the other connection got an answer"
+    finally:
+        flood.kill()
+        flood.wait()
