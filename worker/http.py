@@ -245,8 +245,12 @@ class HttpProtocol(asyncio.Protocol):
         self.upgraded = False  # the client asked to switch protocols (Connection: upgrade)
         self.held = None       # an upgrade request whose body comes after it
         self.held_length = 0
-        self.served = 0        # requests answered in this turn of the loop (SERVE_AT_ONCE)
-        self.deferred = False  # the rest of the queue waits for the next turn
+        # Requests answered since the loop last called us (each of its
+        # callbacks, data_received, _finish, resume_writing, _new_turn,
+        # starts a turn), up to SERVE_AT_ONCE; then the rest of the queue
+        # waits for _new_turn, soon.
+        self.served = 0
+        self.deferred = False
         self._reset()
 
     def _reset(self):
@@ -307,6 +311,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport.pause_reading()
 
     def resume_writing(self):
+        self.served = 0
         self.write_paused = False
         self.app.unread.discard(self)
         self.since = self.loop.time()  # the client's deadlines start again
@@ -315,6 +320,7 @@ class HttpProtocol(asyncio.Protocol):
         self._next()
 
     def data_received(self, data):
+        self.served = 0
         if self.upgraded:
             self._collect_held_body(data)
             return
@@ -633,10 +639,9 @@ class HttpProtocol(asyncio.Protocol):
                 if not self.deferred:  # the others' turn first
                     self.deferred = True
                     self.transport.pause_reading()
+                    self.loop.call_soon(self._new_turn)
                 break
             self.served += 1
-            if self.served == 1:
-                self.loop.call_soon(self._new_turn)
             item = self.queue.popleft()
             if isinstance(item, Response):  # an error, the last answer (see _fail)
                 self._send(item, False, with_body=not self.head)
@@ -648,8 +653,6 @@ class HttpProtocol(asyncio.Protocol):
 
     def _new_turn(self):
         self.served = 0
-        if not self.deferred:
-            return
         self.deferred = False
         self._next()
         if not (self.deferred or self.busy or self.write_paused or self.transport.is_closing()):
@@ -677,6 +680,7 @@ class HttpProtocol(asyncio.Protocol):
         task.add_done_callback(functools.partial(self._finish, request))
 
     def _finish(self, request, task):
+        self.served = 0
         self.busy = False
         if task.cancelled():
             self.transport.close()
