@@ -3,6 +3,7 @@ it: Upgrade requests, Date, versions, Expect and keep-alive, against a
 real worker."""
 import email.utils
 import json
+import os
 import socket
 import time
 
@@ -294,3 +295,42 @@ def test_a_functions_exception_is_never_taken_for_the_clients_fault(worker):
     status, headers, error = worker.call("posesunmarshal", {})
     assert (status, headers["x-function-error"]) == (500, "Unhandled")
     assert error["errorMessage"] == "internal failure"
+
+
+def _worker_rss_kb(w):
+    with open(os.path.join(w.path, "workers", str(w.port), "pid")) as f:
+        pid = int(f.read())
+    with open("/proc/%d/status" % pid) as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_body_of_tiny_chunks_costs_the_worker_its_bytes_not_an_object_each(worker):
+    # A million chunks of 2 bytes: 2 MB, held while the call waits for its end.
+    before = _worker_rss_kb(worker)
+    with socket.create_connection(("127.0.0.1", worker.port)) as s:
+        s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                  b"Connection: close\r\n\r\n" + b"2\r\n  \r\n" * 1_000_000)
+        time.sleep(0.5)
+        grown = _worker_rss_kb(worker) - before
+        s.sendall(b"0\r\n\r\n")
+        status, _, _ = parse_answer(read_to_close(s))
+    assert status == 200  # the whole body came: 2 MB of spaces, JSON whitespace: {}
+    assert grown < 16 << 10, grown  # a list of its chunks took 55 MB
+
+
+def test_a_chunk_extension_without_end_is_refused_not_read_for_a_minute(worker):
+    with socket.create_connection(("127.0.0.1", worker.port)) as s:
+        s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2;")
+        s.settimeout(0.01)
+        sent, answer = 0, b""
+        while not answer and sent < 1 << 30:
+            try:
+                s.sendall(b"a" * 65536)
+                sent += 65536
+                answer = s.recv(65536)
+            except (socket.timeout, BlockingIOError):
+                pass
+    status, headers, body = parse_answer(answer)
+    assert status == 413 and json.loads(body)["errorMessage"].startswith(
+        "request body over %d bytes with its chunked framing" % (8 * (6144 << 10) + (64 << 10)))
+    assert sent < 64 << 20
