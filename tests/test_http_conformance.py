@@ -80,6 +80,10 @@ def test_a_version_other_than_1_0_and_1_1_is_505(worker):
         assert error["errorType"] == "Http.VersionNotSupported"
         assert error["errorMessage"] == ("HTTP/%s is not supported: use HTTP/1.1"
                                          % version.decode())
+    # HTTP/2 with prior knowledge (curl --http2-prior-knowledge): its preface.
+    status, _, body = parse_answer(raw_exchange(worker.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
+    assert (status, json.loads(body)["errorMessage"]) == (
+        505, "HTTP/2.0 is not supported: use HTTP/1.1")
 
 
 def test_expect_100_continue_is_ignored_on_http_1_0(worker):

@@ -375,8 +375,11 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError as e:
             if self.closing:  # we stopped the parser, and the answer is queued
                 return
-            version = _VERSION.search(data) if str(e) == "Invalid HTTP version" else None
-            if version:  # HTTP/1.2 or 3.0, say: a version, but none llhttp reads
+            # llhttp stops at HTTP/2's preface ("PRI * HTTP/2.0"), and refuses
+            # the versions it does not read.
+            version = _VERSION.search(data) if str(e) in (
+                "Pause on PRI/Upgrade", "Invalid HTTP version") else None
+            if version:  # HTTP/2 with prior knowledge, HTTP/1.2, 3.0...
                 self._fail(early_error(505, "Http.VersionNotSupported",
                                        VERSION_REFUSED % version.group(1).decode()))
             else:
