@@ -525,9 +525,12 @@ class HttpProtocol(asyncio.Protocol):
         # (RFC 9112, 6.1), so that nothing after it can be smuggled in.
         keep_alive = self.parser.should_keep_alive() and not upgrade and not (
             self.http10 and "transfer-encoding" in self.headers)
+        # Its buffer goes now: a connection kept alive would hold it until
+        # its next request.
+        body, self.body = bytes(self.body), bytearray()
         request = Request("GET" if self.head else self.parser.get_method().decode(),
-                          _path(self.url), self.headers, bytes(self.body),
-                          keep_alive, self.head, self.http10)
+                          _path(self.url), self.headers, body, keep_alive, self.head,
+                          self.http10)
         if upgrade and self.length:
             self.held = request  # its body is still to come, after the upgrade point
             self.held_length = self.length
