@@ -20,6 +20,7 @@ import pytest
 import uvloop
 
 from conftest import Worker
+from worker.heap import GiveBack
 from worker.http import HttpProtocol, Response
 
 
@@ -683,6 +684,7 @@ class StubApp:
         self.bodies = 0
         self.uploading = set()
         self.shedding = None
+        self.give_back = GiveBack()
 
     def handle_now(self, request):
         if request.path == "/slow":
@@ -1037,3 +1039,30 @@ def test_a_client_pipelining_without_end_does_not_keep_others_waiting(worker):
     finally:
         flood.kill()
         flood.wait()
+
+
+def _rss_mb(w):
+    with open(os.path.join(w.path, "workers", str(w.port), "pid")) as f:
+        pid = int(f.read())
+    with open("/proc/%d/status" % pid) as f:
+        return next(int(line.split()[1]) >> 10 for line in f if line.startswith("VmRSS:"))
+
+
+def test_what_a_burst_of_uploads_took_goes_back_to_the_host_once_they_close(worker):
+    before = _rss_mb(worker)
+    uploads = []
+    try:
+        for _ in range(500):  # 60 MB of bodies, none finished
+            s = socket.create_connection(("127.0.0.1", worker.port))
+            s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 6000000\r\n\r\n"
+                      + b" " * 120_000)
+            uploads.append(s)
+        time.sleep(1)
+        held = _rss_mb(worker)
+    finally:
+        for s in uploads:
+            s.close()
+    time.sleep(2.5)  # heap.TRIM_DELAY after the last one closed
+    after = _rss_mb(worker)
+    assert held - before > 40, (before, held)
+    assert after - before < (held - before) / 4, (before, held, after)

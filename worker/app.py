@@ -9,6 +9,7 @@ from sandbox.runtime import proto
 
 from .errors import (BadRequest, Busy, HandlerRaised, MethodNotAllowed, NotFound, Unavailable,
                      WorkerError)
+from .heap import GiveBack
 from .http import Response, json_response
 
 log = logging.getLogger("worker")
@@ -68,6 +69,7 @@ class App:
         self.bodies = 0       # bytes of request bodies held: the same
         self.uploading = set()  # connections that hold some of them: the same
         self.shedding = None  # a timer that cuts off clients not reading (the HTTP layer's)
+        self.give_back = GiveBack()  # what closed connections let go (the HTTP layer's)
         self.ready = False
 
     def handle_now(self, request):

@@ -202,6 +202,7 @@ def _shed_unread(app, now):
         if now - protocol.paused_at >= UNREAD_GRACE:
             protocol.cut_off()
             app.unread.discard(protocol)
+            app.give_back.note(held[protocol], protocol.loop)
             total -= held[protocol]
     return total
 
@@ -218,7 +219,8 @@ class HttpProtocol(asyncio.Protocol):
     `unread`, the set of connections whose answers wait for their client
     to read them, which this class keeps (see UNREAD_MAX), and `shedding`,
     its timer for them; and `bodies`, the bytes of request bodies held
-    (see BODIES_MAX), and `uploading`, the connections that hold them.
+    (see BODIES_MAX), and `uploading`, the connections that hold them; and
+    `give_back` (worker.heap.GiveBack), told what closed connections let go.
 
     Requests on one connection are answered one at a time, in order: a
     client that pipelines them gets its answers in the order it asked, and
@@ -295,6 +297,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc):
         self.app.connections -= 1
         self.app.unread.discard(self)
+        self.app.give_back.note(self.holding, self.loop)
         self._release(self.holding)
         if self.timer is not None:
             self.timer.cancel()

@@ -2,7 +2,6 @@
 and on SIGTERM, SIGINT or SIGHUP, or once its registry is deleted, drain
 and remove every sandbox and cgroup."""
 import asyncio
-import ctypes
 import gc
 import logging
 import os
@@ -20,6 +19,7 @@ from .cluster import Cluster
 from .config import EGRESS_ADDRESSES, ConfigError, check_nofile_within
 from .cpu_latency import CpuLatency
 from .functions import FunctionTable
+from .heap import give_back_big_buffers
 from .http import HttpProtocol
 from .registry import Registry
 
@@ -72,24 +72,6 @@ def reserve_fds(count):
     finally:
         os.close(fd)
     return hard
-
-
-# glibc's mallopt: the size from which an allocation gets pages of its own.
-M_MMAP_THRESHOLD = -3
-
-
-def give_back_big_buffers():
-    """glibc serves an allocation over its mmap threshold (128 KiB) with
-    pages of its own and returns them when it is freed; but each such
-    block freed raises the threshold to its size (up to 32 MiB), and big
-    buffers then come from its heap, whose memory stays with the process
-    when they are freed.  A burst of 6 MiB answers left the worker at
-    896 MB after every connection had closed.  A fixed threshold keeps it
-    where it is.  (A no-op where the C library has no mallopt.)"""
-    try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 256 << 10)
-    except (OSError, AttributeError):
-        pass
 
 
 def connection_cap(config, open_files):
