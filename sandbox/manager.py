@@ -19,6 +19,8 @@ import logging
 import os
 import re
 import socket
+import struct
+import termios
 import time
 from dataclasses import dataclass
 
@@ -51,13 +53,14 @@ class SandboxConfig:
     total_procs: int = None   # all sandboxes together; None: cgroups.default_total_procs
 
 
+# What the worker reads of a sandbox's output at a time.
+OUTPUT_READ = 64 << 10
 # A sandbox whose output is over its function's budget (OutputBudget) has
 # its pipe grown to this, and emptied in the kernel this much at a time, at
-# most this often (_drop_output): up to 100 MB/s.
+# most this often (_drop_output): up to 100 MB/s; until the budget has room
+# again for what waits in its pipe (_waiting_cost).
 OUTPUT_DROP_CHUNK = 1 << 20
 OUTPUT_DROP_EVERY = 0.01
-# ...until its function's budget has room for this again: one read's worth.
-OUTPUT_RESUME = 64 << 10
 # A longer line is written out in pieces of this size.
 OUTPUT_LINE = 16 << 10
 # A fresh channel's socket buffer (~200 KiB) takes this much in one send.
@@ -118,13 +121,16 @@ class OutputBudget:
         bucket[1] = now
         return bucket
 
-    def take(self, label, size):
+    def take(self, label, size, written=None):
         """(whether `size` bytes of the function's may be written now, a line
-        to write first about what was or is dropped, or None)."""
+        to write first about what was or is dropped, or None).  `written`:
+        what of them the function wrote (not the prefixes), which is what a
+        count of dropped bytes says; all of them by default."""
         bucket = self._bucket(label)
         if size > bucket[0]:
-            bucket[2] += size
-            if bucket[2] == size:  # the first of a run
+            first = not bucket[2]  # of a run
+            bucket[2] += size if written is None else written
+            if first:
                 return False, b"[output of this function over %d KiB/s: dropped from here]" \
                     % (self.RATE >> 10)
             return False, None
@@ -199,6 +205,7 @@ class Sandbox:
         self.output_seen = 0
         self.output_partial = b""   # a line not finished yet
         self.output_dropping = False  # over its function's budget: _drop_output
+        self.output_cost = 1.0      # what a byte of its output costs the budget, prefixes included
         self.exited = asyncio.get_running_loop().create_future()  # -> description
         self.ready_deadline = None  # the timer of READY_DEADLINE while it starts
 
@@ -525,8 +532,9 @@ class SandboxManager:
         if sandbox.output_fd is not None:
             self._close_output(sandbox)
 
-    def _start_dropping(self, sandbox):
+    def _start_dropping(self, sandbox, cost, written):
         sandbox.output_dropping = True
+        sandbox.output_cost = cost / written  # of the read refused
         # Its unfinished line would run into what comes after the drop.
         self.output_budget.dropped(sandbox.label or "-", len(sandbox.output_partial))
         sandbox.output_partial = b""
@@ -534,6 +542,21 @@ class SandboxManager:
             fcntl.fcntl(sandbox.output_fd, fcntl.F_SETPIPE_SZ, OUTPUT_DROP_CHUNK)
         except OSError:
             pass  # over fs.pipe-max-size: drop 64 KiB at a time
+
+    def _waiting_cost(self, sandbox):
+        """What reading its pipe would cost its function's budget now, at
+        the cost per byte of the read it last refused; at most a burst,
+        which the budget can always have again.  Read again only once the
+        budget has as much: resumed at a fixed 64 KiB, each read was
+        refused anew (a flood of short lines costs ten times its bytes with
+        their prefixes), and the flood was read and split in Python, at 88%
+        of a CPU.  A line after the flood costs little, and is read soon."""
+        try:
+            waiting = struct.unpack("i", fcntl.ioctl(sandbox.output_fd, termios.FIONREAD,
+                                                     b"\0" * 4))[0]
+        except OSError:
+            waiting = OUTPUT_READ
+        return min(min(waiting, OUTPUT_READ) * sandbox.output_cost, OutputBudget.BURST)
 
     def _drop_output(self, sandbox):
         """While its function is over budget, what a sandbox writes is moved
@@ -572,12 +595,12 @@ class SandboxManager:
         budget (OutputBudget)."""
         label = sandbox.label or "-"
         if sandbox.output_dropping:
-            if not self.output_budget.has_room(label, OUTPUT_RESUME):
+            if not self.output_budget.has_room(label, self._waiting_cost(sandbox)):
                 self._drop_output(sandbox)
                 return
             sandbox.output_dropping = False
         try:
-            data = os.read(sandbox.output_fd, 1 << 16)
+            data = os.read(sandbox.output_fd, OUTPUT_READ)
         except BlockingIOError:
             return
         if not data:
@@ -597,13 +620,14 @@ class SandboxManager:
             # before anything is escaped, so that output the budget drops
             # costs the worker no escaping, and the escapes after.
             size = sum(len(prefix) + len(line) + 1 for line in lines)
-            allowed, notice = self.output_budget.take(label, size)
+            written = size - len(prefix) * len(lines)
+            allowed, notice = self.output_budget.take(label, size, written)
             out = b""
             if allowed:
                 out = b"".join(prefix + escape_line(line) + b"\n" for line in lines)
                 self.output_budget.charge(label, len(out) - size)
             elif sandbox.output_fd is not None:  # (else it has ended: nothing more to drop)
-                self._start_dropping(sandbox)
+                self._start_dropping(sandbox, size, written)
             out = (prefix + notice + b"\n" if notice else b"") + out
             if out:
                 os.write(self.config.log_fd, out)
