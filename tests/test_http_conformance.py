@@ -338,3 +338,22 @@ def test_a_chunk_extension_without_end_is_refused_not_read_for_a_minute(worker):
     assert status == 413 and json.loads(body)["errorMessage"].startswith(
         "request body over %d bytes with its chunked framing" % (8 * (6144 << 10) + (64 << 10)))
     assert sent < 64 << 20
+
+
+def test_requests_pipelined_after_a_body_are_not_counted_as_its_framing(own_worker):
+    w = own_worker(limits={"request_kb": 1})  # the framing limit: 8 x 1 KiB + 64 KiB
+    pipelined = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 7000  # 231 KB
+    event = b'{"name": "P", "pad": "%s"}' % (b"p" * 900)
+    for head, body in ((b"Content-Length: %d\r\n" % len(event), event),
+                       (b"Transfer-Encoding: chunked\r\n",
+                        b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))):
+        with socket.create_connection(("127.0.0.1", w.port)) as s:
+            s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n" + body[:100])
+            time.sleep(0.2)  # the body has begun
+            s.sendall(body[100:] + pipelined + b"GET /status HTTP/1.1\r\nHost: x\r\n"
+                      b"Connection: close\r\n\r\n")
+            s.settimeout(30)
+            answers = read_to_close(s)
+        status, _, rest = parse_answer(answers)
+        assert status == 200 and rest.startswith(b'"Hello, P!"'), (head, rest[:300])
+        assert answers.count(b"HTTP/1.1 200 OK\r\n") == 7002, head

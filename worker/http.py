@@ -275,7 +275,7 @@ class HttpProtocol(asyncio.Protocol):
         # body budget counted.
         self.body = bytearray()
         self.size = 0
-        self.body_fed = 0     # bytes read since the body began, its framing included
+        self.body_fed = 0     # bytes read of a chunked body, its framing included
         self.length = None    # Content-Length, when the request gives one
 
     def connection_made(self, transport):
@@ -341,19 +341,14 @@ class HttpProtocol(asyncio.Protocol):
             if self.dropped > DISCARD_LIMIT:
                 self.transport.close()
             return
-        if self.phase == "body":
-            self.body_fed += len(data)
-            if self.body_fed > FRAMING_MAX * self.app.max_body + SMALL_BODY:
-                self._fail(early_error(413, "Http.RequestTooLarge", "request body over %d "
-                                       "bytes with its chunked framing (%d times "
-                                       "limits.request_kb)" % (FRAMING_MAX * self.app.max_body
-                                                               + SMALL_BODY, FRAMING_MAX)))
-                return
         if self.phase == "head":  # all of the chunk is that head's, unless the head ends in it
             self.head_fed += len(data)
         self.began_here = False
+        in_body = self.phase == "body"
         try:
             self.parser.feed_data(data)
+            if in_body and self.phase == "body" and self.length is None and not self.closing:
+                self._check_framing(len(data))  # all of it the body's
             if self.phase == "head":  # httptools buffers an unfinished header out of sight
                 if self.began_here:
                     self.head_fed = self._head_in(data)
@@ -387,6 +382,16 @@ class HttpProtocol(asyncio.Protocol):
                                        VERSION_REFUSED % version.group(1).decode()))
             else:
                 self._fail(early_error(400, "Http.BadRequest", "malformed HTTP request: %s" % e))
+
+    def _check_framing(self, size):
+        """`size` more bytes read, all of a chunked body's (it began before
+        them and has not ended in them), framing included."""
+        self.body_fed += size
+        limit = FRAMING_MAX * self.app.max_body + SMALL_BODY
+        if self.body_fed > limit:
+            self._fail(early_error(413, "Http.RequestTooLarge", "request body over %d bytes "
+                                   "with its chunked framing (%d times limits.request_kb)"
+                                   % (limit, FRAMING_MAX)))
 
     def _head_in(self, data):
         """Bytes of an unfinished head that began in `data`, a chunk that may
