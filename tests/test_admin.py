@@ -703,6 +703,15 @@ def test_ol_yaml_is_read_only_as_a_file_of_its_own(worker, tmp_path):
     assert worker.call("linkyaml", {})[::2] == (200, 1)
 
 
+def test_ol_yaml_merge_keys_are_read_and_overridden_by_the_keys_beside_them(worker):
+    d = worker.add_function("merged", "import resource\n"
+                                      "def handler(event):\n"
+                                      "    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n")
+    with open(os.path.join(d, "ol.yaml"), "w") as f:
+        f.write("limits: {<<: {nofile: 64, mem_mb: 64}, nofile: 80}\n")
+    assert worker.call("merged", {})[::2] == (200, 80)
+
+
 @pytest.mark.parametrize("text,words", [
     ("limits:\n  mem_mb: -1\n", "limits.mem_mb"),
     # Below what the shell holds: not a platform error naming host cgroups.

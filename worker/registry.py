@@ -391,6 +391,8 @@ class ConfigLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<`: what it brings in, the keys given here override
             key = self.construct_object(key_node)  # kept: SafeLoader reuses it
             try:
                 if key in seen:
