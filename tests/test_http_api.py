@@ -653,6 +653,23 @@ def test_ambiguous_body_framing_is_400_and_closed(worker, framing, fault):
     assert json.loads(body)["errorMessage"] == "malformed HTTP request: " + fault
 
 
+def test_expect_100_continue_behind_pipelined_answers_comes_once_they_have_gone(worker):
+    # 40 answers made at once: more than a turn of the loop gives one connection.
+    body = b'{"name": "later"}'
+    with socket.create_connection(("127.0.0.1", worker.port)) as s:
+        s.settimeout(5)
+        s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 40 +
+                  b"POST /run/hello HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        seen = b""
+        while b"HTTP/1.1 100 Continue\r\n\r\n" not in seen:
+            seen += s.recv(65536)  # a timeout here: the 100 never came
+        assert seen.count(b"HTTP/1.1 200 OK\r\n") == 40  # after the answers before it
+        s.sendall(body)
+        rest = seen.split(b"HTTP/1.1 100 Continue\r\n\r\n", 1)[1] + read_to_close(s)
+    assert parse_answer(rest)[::2] == (200, b'"Hello, later!"')
+
+
 def test_expect_100_continue_is_honoured_and_others_are_417(worker):
     body = b'{"name": "patient"}'
     with socket.create_connection(("127.0.0.1", worker.port)) as s:

@@ -276,6 +276,7 @@ class HttpProtocol(asyncio.Protocol):
         self.body = bytearray()
         self.size = 0
         self.body_fed = 0     # bytes read of a chunked body, its framing included
+        self.continue_due = False  # a 100 Continue to send once earlier answers have gone
         self.length = None    # Content-Length, when the request gives one
 
     def connection_made(self, transport):
@@ -473,13 +474,19 @@ class HttpProtocol(asyncio.Protocol):
         self.length = int(length) if length.isdigit() else None
         if self.length is not None and self.length > self.app.max_body:
             self._refuse_too_large()
-        if expect and not self.http10 and not self.busy and not self.queue:
-            # The client waits for this before it sends the body.  Answers go
-            # out in order, so not while earlier ones are due: then the client
-            # sends the body after a wait of its own (1 s for curl).  An
-            # HTTP/1.0 client knows no interim answers (RFC 9110, 10.1.1).
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # The client waits for this before it sends the body.  Answers go
+        # out in order, so not while earlier ones are due: then once they
+        # have gone (_next), unless the body has begun.  An HTTP/1.0 client
+        # knows no interim answers (RFC 9110, 10.1.1).
+        self.continue_due = bool(expect) and not self.http10
+        self._send_continue()
         self.since = self.loop.time()
+
+    def _send_continue(self):
+        if self.continue_due and not self.busy and not self.queue and not self.size \
+                and self.phase == "body" and not self.closing:
+            self.continue_due = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _check_target(self):
         """The target forms a server must take, and refusals for those it
@@ -681,6 +688,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._serve(item)
         if not self.busy:
             self.since = self.loop.time()
+            self._send_continue()
 
     def _new_turn(self):
         self.served = 0
