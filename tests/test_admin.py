@@ -102,6 +102,8 @@ def test_new_makes_the_layout_and_refuses_an_existing_dir(tmp_path):
     assert other.read_text() == "keep me"
     # The command it suggests can be pasted, spaces and all.
     spaced = tmp_path / "sp ace"
+    missing = admin("status", "-cluster", spaced, check=False).stderr
+    assert missing.endswith("(create one with: admin new -cluster '%s')\n" % spaced), missing
     line = admin("new", "-cluster", spaced).stdout.splitlines()[-1]
     assert line.endswith(" workers -cluster='%s'" % spaced), line
     # A typo in a parent's name makes no tree of directories.

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 
 import sandbox.filelock as filelock
@@ -202,7 +203,7 @@ class Cluster:
             raise ClusterError("%s is not a cluster: it is not a directory" % self.path)
         if not os.path.isdir(self.path):
             raise ClusterError("no cluster at %s (create one with: admin new -cluster %s)"
-                               % (self.path, self.path))
+                               % (self.path, shlex.quote(self.path)))
         # Its records of workers are enough for `kill` and `status` to find
         # them when the template was deleted.
         if not os.path.isfile(self.template) and not os.path.isdir(self.workers_dir):
