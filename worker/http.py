@@ -62,11 +62,13 @@ SMALL_BODY = 64 << 10
 # 6 MiB of 6 MiB + 1 and stopped refused every body over SMALL_BODY for
 # BODY_TIMEOUT, and again as soon as they reconnected.
 SLOW_BODY = 1 << 20  # bytes a second
-# Bytes read for a body, its chunked framing included, per byte of
-# limits.request_kb: chunks of 1 byte take 6.  A chunk extension's length
-# has no limit of llhttp's: one stream of "2;aaaa..." had the worker read
-# 58 GB in the 60 s of BODY_TIMEOUT, at 25% of a CPU.
-FRAMING_MAX = 8
+# Bytes of chunked framing a body may take per byte of its own, plus
+# SMALL_BODY: chunks of 1 byte take 5.  The length of a chunk extension or
+# of a trailer field has no limit of llhttp's: one stream of "2;aaaa..." had
+# the worker read 58 GB in the 60 s of BODY_TIMEOUT, at 25% of a CPU, and
+# httptools gathers a trailer's value at a cost that grows with its square
+# (47 MiB held the loop for 1.5 s).
+FRAMING_PER_BYTE = 6
 # Requests answered at once (/status, errors...) that one connection gets
 # in a turn of the event loop; the rest of its queue waits for the next
 # turn, and it is not read meanwhile.  A client pipelining 300,000 GET
@@ -388,11 +390,10 @@ class HttpProtocol(asyncio.Protocol):
         """`size` more bytes read, all of a chunked body's (it began before
         them and has not ended in them), framing included."""
         self.body_fed += size
-        limit = FRAMING_MAX * self.app.max_body + SMALL_BODY
-        if self.body_fed > limit:
-            self._fail(early_error(413, "Http.RequestTooLarge", "request body over %d bytes "
-                                   "with its chunked framing (%d times limits.request_kb)"
-                                   % (limit, FRAMING_MAX)))
+        if self.body_fed - self.size > FRAMING_PER_BYTE * self.size + SMALL_BODY:
+            self._fail(early_error(413, "Http.RequestTooLarge", "chunked framing (chunk "
+                                   "extensions, trailer fields) of %d bytes for a body of %d"
+                                   % (self.body_fed - self.size, self.size)))
 
     def _head_in(self, data):
         """Bytes of an unfinished head that began in `data`, a chunk that may
