@@ -322,18 +322,26 @@ def test_a_body_of_tiny_chunks_costs_the_worker_its_bytes_not_an_object_each(wor
     assert grown < 16 << 10, grown  # a list of its chunks took 55 MB
 
 
-def test_a_chunk_extension_without_end_is_refused_not_read_for_a_minute(worker):
-    with socket.create_connection(("127.0.0.1", worker.port)) as s:
-        s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2;")
+def _endless(port, start, most):
+    """(the answer, bytes sent) of `start`, then "a" without end, until an
+    answer comes or `most` bytes are sent."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(start)
         s.settimeout(0.01)
         sent, answer = 0, b""
-        while not answer and sent < 1 << 30:
+        while not answer and sent < most:
             try:
                 s.sendall(b"a" * 65536)
                 sent += 65536
                 answer = s.recv(65536)
             except (socket.timeout, BlockingIOError):
                 pass
+    return answer, sent
+
+
+def test_a_chunk_extension_without_end_is_refused_not_read_for_a_minute(worker):
+    answer, sent = _endless(worker.port, b"POST /run/hello HTTP/1.1\r\nHost: x\r\n"
+                                         b"Transfer-Encoding: chunked\r\n\r\n2;", 1 << 30)
     status, headers, body = parse_answer(answer)
     assert status == 413 and json.loads(body)["errorMessage"].startswith(
         "chunked framing (chunk extensions, trailer fields) of "), body
@@ -341,23 +349,14 @@ def test_a_chunk_extension_without_end_is_refused_not_read_for_a_minute(worker):
 
 
 def test_a_trailer_field_without_end_is_refused_not_gathered(worker):
-    with socket.create_connection(("127.0.0.1", worker.port)) as s:
-        s.sendall(b"POST /run/hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                  b"2\r\n{}\r\n0\r\nX-T: ")
-        s.settimeout(0.01)
-        sent, answer = 0, b""
-        while not answer and sent < 64 << 20:
-            try:
-                s.sendall(b"a" * 65536)
-                sent += 65536
-                answer = s.recv(65536)
-            except (socket.timeout, BlockingIOError):
-                pass
+    answer, sent = _endless(worker.port, b"POST /run/hello HTTP/1.1\r\nHost: x\r\n"
+                                         b"Transfer-Encoding: chunked\r\n\r\n"
+                                         b"2\r\n{}\r\n0\r\nX-T: ", 64 << 20)
     assert parse_answer(answer)[0] == 413 and sent < 1 << 20, sent
 
 
 def test_requests_pipelined_after_a_body_are_not_counted_as_its_framing(own_worker):
-    w = own_worker(limits={"request_kb": 1})  # the framing limit: 8 x 1 KiB + 64 KiB
+    w = own_worker(limits={"request_kb": 1})  # a body of 1 KB: framing up to 6 x it + 64 KiB
     pipelined = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 7000  # 231 KB
     event = b'{"name": "P", "pad": "%s"}' % (b"p" * 900)
     for head, body in ((b"Content-Length: %d\r\n" % len(event), event),

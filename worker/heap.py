@@ -15,14 +15,10 @@ TRIM_AFTER = 32 << 20
 TRIM_DELAY = 1.0
 
 
-def _libc():
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
-
-
-LIBC = _libc()
+try:
+    LIBC = ctypes.CDLL(None)
+except OSError:
+    LIBC = None
 
 
 def give_back_big_buffers():

@@ -565,7 +565,7 @@ class HttpProtocol(asyncio.Protocol):
                 return  # answered, and the request let go (_fail)
         if self.size >= self.held_length:
             request, self.held = self.held, None
-            request.body = bytes(self.body)
+            request.body, self.body = bytes(self.body), bytearray()  # as on_message_complete
             self.phase = "idle"
             self.queue.append(request)
             self._next()
